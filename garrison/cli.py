@@ -1,0 +1,420 @@
+"""The `garrison` command: a thin click layer over the library's operations.
+
+Administrative commands act on the local state folder (file permissions are the
+authority), whether or not the daemon runs. A long operation is a job in the catalog:
+the daemon's runner takes it when the daemon runs, otherwise this process runs it in the
+foreground; either way the command shows its progress until it ends (`--detach` returns
+at once). Errors map to exit codes in one place, `main()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from garrison import __version__
+from garrison.config import Config, load_config, settings_help
+from garrison.errors import GarrisonError, InvalidRequest, JobFailed, exit_code_for
+from garrison.jobs.kinds import JOB_KINDS
+from garrison.jobs.store import Job, JobStore
+from garrison.paths import StateLayout
+from garrison.policies.keys import KeyStore
+from garrison.policies.scopes import ROLE_DESCRIPTIONS, ROLES
+from garrison.store.catalog import Catalog
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- configuration -------------------------------------------------------------
+def config_options(func: F) -> F:
+    """--config and --state-dir on every command, so they work before or after it."""
+    func = click.option("--state-dir", "state_dir", default=None, metavar="DIR",
+                        help="State folder (env GARRISON_STATE_DIR).")(func)
+    func = click.option("--config", "config_file", default=None, metavar="FILE",
+                        type=click.Path(dir_okay=False),
+                        help="TOML configuration (default /etc/garrison/garrison.toml if present).")(func)
+    return func
+
+
+def _loader(ctx: click.Context, config_file: str | None, state_dir: str | None,
+            listen: str | None = None) -> Callable[[], Config]:
+    root = ctx.find_root().obj or {}
+    file_ = config_file or root.get("config_file")
+    overrides = {"state_dir": state_dir or root.get("state_dir"), "listen": listen}
+    return lambda: load_config(file_, overrides=overrides)
+
+
+def _open(ctx: click.Context, config_file: str | None, state_dir: str | None) -> tuple[Config, Catalog]:
+    config = _loader(ctx, config_file, state_dir)()
+    layout = StateLayout(config.state_path)
+    layout.ensure()
+    return config, Catalog(layout.catalog)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="garrison")
+@click.option("--config", "config_file", default=None, metavar="FILE", help="TOML configuration file.")
+@click.option("--state-dir", "state_dir", default=None, metavar="DIR", help="State folder.")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, state_dir: str | None) -> None:
+    """Garrison: an on-premises LLM appliance."""
+    ctx.obj = {"config_file": config_file, "state_dir": state_dir}
+
+
+# -- daemon --------------------------------------------------------------------
+@cli.command()
+@config_options
+@click.option("--listen", default=None, metavar="HOST:PORT", help="Address to listen on (env GARRISON_LISTEN).")
+@click.pass_context
+def serve(ctx: click.Context, config_file: str | None, state_dir: str | None, listen: str | None) -> None:
+    """Run the daemon: the HTTP API, and the job runner unless run_jobs is false."""
+    from garrison.daemon.lifecycle import serve as run_serve
+
+    sys.exit(run_serve(_loader(ctx, config_file, state_dir, listen)))
+
+
+@cli.command()
+@config_options
+@click.pass_context
+def worker(ctx: click.Context, config_file: str | None, state_dir: str | None) -> None:
+    """Run the job runner alone (the garrison-worker systemd unit)."""
+    from garrison.daemon.lifecycle import run_worker
+
+    sys.exit(run_worker(_loader(ctx, config_file, state_dir)))
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Show and check the configuration."""
+
+
+@config_group.command("show")
+@config_options
+@click.pass_context
+def config_show(ctx: click.Context, config_file: str | None, state_dir: str | None) -> None:
+    """Print the effective configuration and where it came from."""
+    config = _loader(ctx, config_file, state_dir)()
+    _echo_json({"source": config.source, **config.as_dict()})
+
+
+@config_group.command("check")
+@config_options
+@click.pass_context
+def config_check(ctx: click.Context, config_file: str | None, state_dir: str | None) -> None:
+    """Validate the configuration; exit 2 naming the bad key."""
+    config = _loader(ctx, config_file, state_dir)()
+    click.echo(f"configuration ok ({config.source})")
+
+
+@config_group.command("keys")
+def config_keys() -> None:
+    """List every setting with its environment variable."""
+    click.echo(settings_help())
+
+
+# -- keys ------------------------------------------------------------------------
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [v for v in value.split(",") if v.strip()]
+
+
+@cli.group()
+def keys() -> None:
+    """API keys: create (shown once), list, revoke."""
+
+
+@keys.command("create")
+@config_options
+@click.option("--role", required=True, type=click.Choice(list(ROLES)),
+              help="; ".join(f"{r}: {d}" for r, d in ROLE_DESCRIPTIONS.items()))
+@click.option("--name", default="", help="A label to recognise the key by.")
+@click.option("--models", default=None, metavar="M,...", help="Only these models (default: all).")
+@click.option("--datasets", default=None, metavar="D,...", help="Only these datasets (default: all).")
+@click.option("--expires", default=None, metavar="WHEN", help="30d, 12h, 90m or an ISO date.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def keys_create(ctx: click.Context, config_file: str | None, state_dir: str | None, role: str, name: str,
+                models: str | None, datasets: str | None, expires: str | None, as_json: bool) -> None:
+    """Create a key and print it once; only its hash is stored."""
+    _, catalog = _open(ctx, config_file, state_dir)
+    record, secret = KeyStore(catalog).create(role, name=name, models=_names(models),
+                                              datasets=_names(datasets), expires=expires)
+    if as_json:
+        _echo_json({**record.to_json(), "key": secret})
+        return
+    click.echo(secret)
+    click.echo(f"id {record.id}, role {record.role}; store the key now: it is not shown again.", err=True)
+
+
+@keys.command("list")
+@config_options
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def keys_list(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
+    """List keys (never their secrets)."""
+    _, catalog = _open(ctx, config_file, state_dir)
+    records = KeyStore(catalog).list()
+    if as_json:
+        _echo_json([r.to_json() for r in records])
+        return
+    click.echo(f"{'ID':22} {'ROLE':9} {'STATUS':8} {'PREFIX':14} {'EXPIRES':19} NAME")
+    for r in records:
+        click.echo(f"{r.id:22} {r.role:9} {r.status():8} {r.display_prefix:14} {_when(r.expires_at):19} "
+                   f"{r.name}")
+
+
+@keys.command("revoke")
+@config_options
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx: click.Context, config_file: str | None, state_dir: str | None, key_id: str) -> None:
+    """Revoke a key at once (the daemon checks the catalog on every request)."""
+    _, catalog = _open(ctx, config_file, state_dir)
+    record = KeyStore(catalog).revoke(key_id)
+    click.echo(f"{record.id} revoked")
+
+
+# -- jobs ------------------------------------------------------------------------
+class JobProgress:
+    """A progress bar for one job, fed by catalog snapshots."""
+
+    def __init__(self, job: Job, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, desc=f"{job.kind} {job.id}", unit="%", disable=not enabled,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}",
+                        file=sys.stderr, dynamic_ncols=True)
+        self.state = ""
+
+    def update(self, job: Job) -> None:
+        target = round(job.progress * 100, 1)
+        if target > self.bar.n:
+            self.bar.update(target - self.bar.n)
+        postfix = f"{job.state} {job.progress_message}".strip()
+        if job.state != self.state or postfix != self.bar.postfix:
+            self.bar.set_postfix_str(postfix)
+            self.state = job.state
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _follow(config: Config, catalog: Catalog, job: Job, *, show_bar: bool = True) -> Job:
+    """Show a job's progress until it ends, running it here when no daemon runs."""
+    from garrison.daemon.lifecycle import running_daemon
+    from garrison.jobs.runner import JobRunner, RunnerSettings
+
+    store = JobStore(catalog)
+    progress = JobProgress(job, enabled=show_bar and sys.stderr.isatty())
+    try:
+        if running_daemon(StateLayout(config.state_path)) is not None:
+            while not job.terminal:
+                progress.update(job)
+                time.sleep(0.25)
+                job = store.get(job.id)
+        else:
+            settings = RunnerSettings(concurrency=1, poll_s=min(config.job_poll_s, 0.25),
+                                      heartbeat_s=config.job_heartbeat_s,
+                                      stale_after_s=config.job_stale_after_s,
+                                      shutdown_grace_s=config.shutdown_grace_s)
+            runner = JobRunner(store, lambda: settings)
+            job = asyncio.run(runner.run_until_done(job.id, on_update=progress.update))
+        progress.update(job)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo(f"\ninterrupted; job {job.id} keeps its checkpoint: `garrison jobs watch {job.id}`"
+                   " resumes it", err=True)
+        sys.exit(130)
+    finally:
+        progress.close()
+    return job
+
+
+def _finish(job: Job, as_json: bool) -> None:
+    if as_json:
+        _echo_json(job.to_json())
+    else:
+        click.echo(f"{job.id} {job.state}" + (f": {json.dumps(job.result)}" if job.result else ""))
+    if job.state == "failed":
+        raise JobFailed(f"job {job.id} failed: [{job.error_code}] {job.error_message}",
+                        code=job.error_code or "job_failed")
+    if job.state == "cancelled":
+        sys.exit(1)
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"parameter {pair!r} is not KEY=VALUE", param="param")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def submit_job(ctx: click.Context, config_file: str | None, state_dir: str | None, kind: str,
+               params: dict[str, Any], *, detach: bool, as_json: bool,
+               max_attempts: int | None = None) -> None:
+    """Queue a job and follow it: the shared path of every long-running command."""
+    config, catalog = _open(ctx, config_file, state_dir)
+    store = JobStore(catalog)
+    job = store.create(kind, params, max_attempts=max_attempts, created_by="cli",
+                       default_max_attempts=config.job_max_attempts,
+                       default_timeout_s=config.job_timeout_s)
+    if detach:
+        _echo_json(job.to_json()) if as_json else click.echo(job.id)
+        return
+    _finish(_follow(config, catalog, job), as_json)
+
+
+@cli.group()
+def jobs() -> None:
+    """Jobs: list, show, watch (progress bar), cancel, submit."""
+
+
+@jobs.command("list")
+@config_options
+@click.option("--state", default=None, type=click.Choice(["queued", "running", "succeeded", "failed",
+                                                           "cancelled"]))
+@click.option("--kind", default=None)
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def jobs_list(ctx: click.Context, config_file: str | None, state_dir: str | None, state: str | None,
+              kind: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    _, catalog = _open(ctx, config_file, state_dir)
+    found = JobStore(catalog).list(state=state, kind=kind, limit=limit)
+    if as_json:
+        _echo_json([j.to_json() for j in found])
+        return
+    click.echo(f"{'ID':25} {'KIND':12} {'STATE':10} {'PROGRESS':>8} {'TRIES':>5} CREATED")
+    for j in found:
+        click.echo(f"{j.id:25} {j.kind:12} {j.state:10} {j.progress * 100:7.0f}% "
+                   f"{j.attempts:>2}/{j.max_attempts:<2} {_when(j.created_at)}")
+
+
+@jobs.command("show")
+@config_options
+@click.argument("job_id")
+@click.option("--events", "with_events", is_flag=True, help="Include the job's events.")
+@click.pass_context
+def jobs_show(ctx: click.Context, config_file: str | None, state_dir: str | None, job_id: str,
+              with_events: bool) -> None:
+    """Show one job as JSON."""
+    _, catalog = _open(ctx, config_file, state_dir)
+    store = JobStore(catalog)
+    data = store.get(job_id).to_json()
+    if with_events:
+        data["events"] = [e.to_json() for e in store.events(job_id)]
+    _echo_json(data)
+
+
+@jobs.command("watch")
+@config_options
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def jobs_watch(ctx: click.Context, config_file: str | None, state_dir: str | None, job_id: str,
+               as_json: bool) -> None:
+    """Follow a job with a progress bar until it ends (runs it here if no daemon runs)."""
+    config, catalog = _open(ctx, config_file, state_dir)
+    job = JobStore(catalog).get(job_id)
+    _finish(_follow(config, catalog, job), as_json)
+
+
+@jobs.command("cancel")
+@config_options
+@click.argument("job_id")
+@click.pass_context
+def jobs_cancel(ctx: click.Context, config_file: str | None, state_dir: str | None, job_id: str) -> None:
+    """Cancel a job: at once if queued, at its next check if running (keeping its checkpoint)."""
+    _, catalog = _open(ctx, config_file, state_dir)
+    job = JobStore(catalog).request_cancel(job_id, actor="cli")
+    click.echo(f"{job.id} {'cancelled' if job.state == 'cancelled' else 'cancel requested'}")
+
+
+@jobs.command("submit")
+@config_options
+@click.argument("kind", type=click.Choice(sorted(JOB_KINDS)))
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A job parameter.")
+@click.option("--max-attempts", type=int, default=None)
+@click.option("--detach", is_flag=True, help="Queue and return at once.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def jobs_submit(ctx: click.Context, config_file: str | None, state_dir: str | None, kind: str,
+                params: tuple[str, ...], max_attempts: int | None, detach: bool, as_json: bool) -> None:
+    """Queue a job of a built-in kind and follow it."""
+    submit_job(ctx, config_file, state_dir, kind, _parse_params(params), detach=detach, as_json=as_json,
+               max_attempts=max_attempts)
+
+
+@cli.command()
+@config_options
+@click.option("--steps", default=20, show_default=True)
+@click.option("--step-s", default=0.1, show_default=True)
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def selftest(ctx: click.Context, config_file: str | None, state_dir: str | None, steps: int,
+             step_s: float, detach: bool, as_json: bool) -> None:
+    """Run the built-in self-test job: proves catalog, runner and workers on this machine."""
+    submit_job(ctx, config_file, state_dir, "selftest", {"steps": steps, "step_s": step_s},
+               detach=detach, as_json=as_json)
+
+
+# -- audit -------------------------------------------------------------------------
+@cli.command("audit")
+@config_options
+@click.option("--limit", default=50, show_default=True)
+@click.pass_context
+def audit(ctx: click.Context, config_file: str | None, state_dir: str | None, limit: int) -> None:
+    """Show the latest audit entries and verify the hash chain (exit 8 if broken)."""
+    from garrison.errors import IntegrityError
+    from garrison.policies.audit import verify_audit
+
+    _, catalog = _open(ctx, config_file, state_dir)
+    rows = catalog.query("SELECT * FROM audit ORDER BY seq")
+    for r in rows[-limit:]:
+        click.echo(f"{r['seq']:6} {_when(r['at'])} {r['actor']:24} {r['action']:16} {r['resource']:24} "
+                   f"{r['outcome']}")
+    intact, broken = verify_audit(rows)
+    if not intact:
+        raise IntegrityError(f"audit chain broken at entry {broken}", code="audit_chain_broken")
+    click.echo(f"chain intact ({len(rows)} entries)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="garrison", standalone_mode=False)
+    except GarrisonError as exc:
+        click.echo(f"garrison: error [{exc.code}]: {exc.message}", err=True)
+        sys.exit(exit_code_for(exc))
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Garrison's configuration: one typed, documented table of settings.
+
+Each setting is one row of `SETTINGS`; the TOML loader, the `GARRISON_<KEY>`
+environment overrides, the CLI flags and `garrison config --help` all read that table,
+so a new setting is one row. Precedence, lowest first: built-in default, the TOML file,
+the environment, command-line flags. Every value is validated at start; a bad one is a
+`ConfigError` (exit code 2) naming the key and where the value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from garrison.errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/garrison/garrison.toml")
+ENV_PREFIX = "GARRISON_"
+DEFAULT_PORT = 8477
+
+
+def _default_state_dir() -> str:
+    # systemd's StateDirectory= sets $STATE_DIRECTORY; otherwise a private folder in
+    # the user's home, so a developer install never needs root.
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "garrison")
+
+
+def _parse_listen(value: Any) -> str:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT, for example 127.0.0.1:8477")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number from 0 to 65535")
+    return f"{host}:{int(port)}"
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _bounded(kind: Callable[[Any], Any], low: float, high: float) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        number = kind(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}")
+        return number
+
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _path(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return str(Path(text).expanduser())
+
+
+def _optional_path(value: Any) -> str:
+    text = str(value).strip()
+    return str(Path(text).expanduser()) if text else ""
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    parse: Callable[[Any], Any]
+    default: Callable[[], Any]
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("state_dir", _path, _default_state_dir,
+            "Folder for the catalog, vault, models and inbox (systemd: StateDirectory)."),
+    Setting("listen", _parse_listen, lambda: f"127.0.0.1:{DEFAULT_PORT}",
+            "HOST:PORT the daemon listens on; loopback by default."),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), lambda: "info",
+            "Lowest level of log lines written to stderr."),
+    Setting("master_key_file", _optional_path, lambda: "",
+            "Root-only file holding the master key; $CREDENTIALS_DIRECTORY/master.key wins."),
+    Setting("shutdown_grace_s", _bounded(float, 0, 3600), lambda: 20.0,
+            "Seconds in-flight requests and workers get to finish after SIGTERM."),
+    Setting("max_request_mb", _bounded(float, 0.01, 1_048_576), lambda: 8.0,
+            "Largest JSON request body accepted, in MiB (uploads stream separately)."),
+    Setting("job_concurrency", _bounded(int, 1, 64), lambda: 1,
+            "Worker subprocesses the job runner runs at once."),
+    Setting("job_poll_s", _bounded(float, 0.01, 60), lambda: 0.25,
+            "How often the job runner looks for queued jobs and cancellations."),
+    Setting("job_timeout_s", _bounded(float, 1, 30 * 86400), lambda: 86400.0,
+            "Default wall-clock limit of one job attempt."),
+    Setting("job_max_attempts", _bounded(int, 1, 100), lambda: 3,
+            "Default attempts of a job before it is marked failed."),
+    Setting("job_heartbeat_s", _bounded(float, 0.05, 600), lambda: 2.0,
+            "How often a worker records that it is alive."),
+    Setting("job_stale_after_s", _bounded(float, 0.5, 86400), lambda: 30.0,
+            "A running job whose heartbeat is older than this is orphaned."),
+    Setting("allow_remote", _parse_bool, lambda: False,
+            "Allow listening on a non-loopback address (expose on the LAN)."),
+    Setting("run_jobs", _parse_bool, lambda: True,
+            "Whether `garrison serve` also runs the job runner (false when garrison-worker runs it)."),
+)
+
+SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str
+    listen: str
+    log_level: str
+    master_key_file: str
+    shutdown_grace_s: float
+    max_request_mb: float
+    job_concurrency: int
+    job_poll_s: float
+    job_timeout_s: float
+    job_max_attempts: int
+    job_heartbeat_s: float
+    job_stale_after_s: float
+    allow_remote: bool
+    run_jobs: bool
+    source: str = field(default="defaults", compare=False)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def base_url(self) -> str:
+        host = self.host
+        if host in {"0.0.0.0", ""}:
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+
+
+def _config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if env.get("GARRISON_CONFIG"):
+        return Path(env["GARRISON_CONFIG"])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist", code="config_not_found") from None
+    except PermissionError:
+        raise ConfigError(f"configuration file {path} is not readable", code="config_unreadable") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", code="config_syntax") from None
+    # Accept both a flat file and one with a [garrison] table.
+    if isinstance(data.get("garrison"), dict):
+        data = {**{k: v for k, v in data.items() if k != "garrison"}, **data["garrison"]}
+    return data
+
+
+def load_config(config_file: str | None = None, *, overrides: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from defaults, the TOML file, the environment and flags."""
+    env = os.environ if env is None else env
+    path = _config_file(config_file, env)
+    raw: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        for key, value in _read_toml(path).items():
+            if key not in SETTINGS_BY_KEY:
+                known = ", ".join(sorted(SETTINGS_BY_KEY))
+                raise ConfigError(f"unknown key {key!r} in {path} (known keys: {known})",
+                                  code="config_unknown_key", param=key)
+            raw[key] = (value, str(path))
+    for setting in SETTINGS:
+        name = ENV_PREFIX + setting.key.upper()
+        if name in env:
+            raw[setting.key] = (env[name], f"environment variable {name}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = (value, f"command-line flag --{key.replace('_', '-')}")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.key in raw:
+            value, origin = raw[setting.key]
+            try:
+                values[setting.key] = setting.parse(value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"invalid value {value!r} for key {setting.key!r} in {origin}: {exc}",
+                                  code="config_invalid_value", param=setting.key) from None
+        else:
+            values[setting.key] = setting.parse(setting.default())
+    config = Config(**values, source=str(path) if path else "defaults")
+    if not config.allow_remote and config.host not in {"127.0.0.1", "localhost", "::1"} \
+            and not config.host.startswith("127."):
+        raise ConfigError(
+            f"invalid value {config.listen!r} for key 'listen': not a loopback address; "
+            "set allow_remote = true to expose Garrison beyond this machine",
+            code="config_invalid_value", param="listen")
+    return config
+
+
+def settings_help() -> str:
+    """One line per setting, for `--help` and the operator guide."""
+    return "\n".join(f"{s.key} ({ENV_PREFIX}{s.key.upper()}): {s.doc}" for s in SETTINGS)

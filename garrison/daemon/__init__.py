@@ -1,0 +1,1 @@
+"""The daemon: aiohttp app factory, routes, middlewares, lifecycle under systemd."""

@@ -1,0 +1,62 @@
+"""API keys over HTTP: the same operations as `garrison keys`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from garrison.daemon.http import json_response, principal, read_json
+from garrison.daemon.routing import Route
+from garrison.daemon.state import STATE
+from garrison.errors import InvalidRequest
+
+
+def _str_list(body: dict[str, object], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"'{name}' must be a list of names", param=name)
+    return list(value)
+
+
+async def list_keys(request: web.Request) -> web.StreamResponse:
+    records = await asyncio.to_thread(request.app[STATE].keys.list)
+    return json_response({"object": "list", "data": [r.to_json() for r in records]})
+
+
+async def create_key(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    role = body.get("role")
+    if not isinstance(role, str):
+        raise InvalidRequest("'role' is required", param="role")
+    name = body.get("name", "")
+    expires = body.get("expires")
+    if not isinstance(name, str) or (expires is not None and not isinstance(expires, str)):
+        raise InvalidRequest("'name' and 'expires' must be strings")
+    record, secret = await asyncio.to_thread(
+        request.app[STATE].keys.create, role, name=name, models=_str_list(body, "models"),
+        datasets=_str_list(body, "datasets"), expires=expires, actor=principal(request).actor)
+    return json_response({**record.to_json(), "key": secret}, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.StreamResponse:
+    record = await asyncio.to_thread(request.app[STATE].keys.revoke, request.match_info["key_id"],
+                                     actor=principal(request).actor)
+    return json_response(record.to_json())
+
+
+ROUTES = (
+    Route("GET", "/v1/garrison/keys", list_keys, "admin", "List API keys (never their secrets).", "keys"),
+    Route("POST", "/v1/garrison/keys", create_key, "admin",
+          "Create a key; the response holds the secret, shown this once.", "keys",
+          body={"type": "object", "required": ["role"],
+                "properties": {"role": {"type": "string"}, "name": {"type": "string"},
+                               "models": {"type": "array", "items": {"type": "string"}},
+                               "datasets": {"type": "array", "items": {"type": "string"}},
+                               "expires": {"type": "string", "description": "30d, 12h or ISO-8601"}}},
+          responses={"201": "created", "400": "invalid role, grant or expiry"}),
+    Route("DELETE", "/v1/garrison/keys/{key_id}", revoke_key, "admin", "Revoke a key.", "keys",
+          responses={"200": "revoked", "404": "no such key"}),
+)

@@ -1,0 +1,54 @@
+"""Probes, metrics and the API description."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from garrison import __version__
+from garrison.daemon.http import json_response
+from garrison.daemon.metrics import METRICS, render_metrics
+from garrison.daemon.routing import Route
+from garrison.daemon.state import STATE
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    """Liveness only: answers while the process serves HTTP; no key needed, no details."""
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    checks = {"catalog": "ok", "accepting": "ok"}
+    try:
+        await request.app.loop.run_in_executor(None, state.catalog.query_one, "SELECT 1")
+    except Exception as exc:
+        checks["catalog"] = f"error: {type(exc).__name__}"
+    if state.shutting_down.is_set():
+        checks["accepting"] = "shutting down"
+    ok = all(v == "ok" for v in checks.values())
+    body = {"status": "ready" if ok else "not_ready", "checks": checks, "version": __version__,
+            "uptime_s": round(time.time() - state.started_at, 3),
+            "job_runner": state.runner is not None}
+    return json_response(body, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    body, content_type = render_metrics(request.app[METRICS])
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    from garrison.daemon.openapi import build_openapi
+
+    return json_response(build_openapi())
+
+
+ROUTES = (
+    Route("GET", "/health", health, None, "Liveness probe (no key).", "system"),
+    Route("GET", "/ready", ready, "read", "Readiness: catalog reachable and not shutting down.", "system",
+          responses={"200": "ready", "503": "not ready"}),
+    Route("GET", "/metrics", metrics, "read", "Prometheus metrics in the text exposition format.", "system"),
+    Route("GET", "/openapi.json", openapi, "read", "This API's OpenAPI 3.1 document.", "system"),
+)

@@ -1,0 +1,41 @@
+"""The aiohttp app factory: tests call `create_app` with their own configuration."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from garrison.config import Config
+from garrison.daemon.metrics import METRICS, make_metrics
+from garrison.daemon.middleware import ROUTE_TABLE, auth_middleware, error_middleware, metrics_middleware
+from garrison.daemon.routes import ROUTES
+from garrison.daemon.state import STATE, DaemonState
+from garrison.jobs.store import JobStore
+from garrison.paths import StateLayout
+from garrison.policies.keys import KeyStore
+from garrison.store.catalog import Catalog
+
+
+def create_app(config: Config, catalog: Catalog | None = None) -> web.Application:
+    if catalog is None:
+        layout = StateLayout(config.state_path)
+        layout.ensure()
+        catalog = Catalog(layout.catalog)
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        client_max_size=int(config.max_request_mb * 1024 * 1024),
+    )
+    jobs = JobStore(catalog)
+    state = DaemonState(config=config, catalog=catalog, keys=KeyStore(catalog), jobs=jobs)
+    app[STATE] = state
+    app[METRICS] = make_metrics(jobs, lambda: len(state.runner.active) if state.runner else 0)
+    table = {}
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+        table[route.key] = route
+    app[ROUTE_TABLE] = table
+
+    async def on_shutdown(app: web.Application) -> None:
+        app[STATE].shutting_down.set()
+
+    app.on_shutdown.append(on_shutdown)
+    return app

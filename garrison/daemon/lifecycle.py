@@ -1,0 +1,223 @@
+"""`garrison serve` and `garrison worker`: start, notify, reload, drain, stop.
+
+SIGTERM: STOPPING=1, stop accepting, let in-flight requests finish within the grace
+period, and tell workers to checkpoint (they go back to the queue and resume on the
+next start). SIGHUP: RELOADING=1, re-read the configuration; a bad file keeps the old
+one and says why in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from aiohttp import web
+
+from garrison.config import Config
+from garrison.daemon.app import create_app
+from garrison.daemon.notify import SystemdNotifier, watchdog_interval_s
+from garrison.daemon.state import STATE, DaemonState
+from garrison.errors import ConfigError, Conflict
+from garrison.jobs.runner import JobRunner, RunnerSettings
+from garrison.jobs.store import JobStore
+from garrison.logs import log_event, set_level, setup_logging
+from garrison.paths import StateLayout
+from garrison.store.catalog import Catalog
+
+log = logging.getLogger("garrison.daemon")
+
+ConfigLoader = Callable[[], Config]
+
+
+@contextlib.contextmanager
+def daemon_lock(layout: StateLayout, info: dict[str, object]) -> Iterator[IO[str]]:
+    """One daemon per state folder; the lock file also tells the CLI where it listens."""
+    layout.ensure()
+    handle = layout.daemon_lock.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise Conflict(f"a Garrison daemon already runs on {layout.root}", code="daemon_running") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(info))
+        handle.flush()
+        yield handle
+    finally:
+        with contextlib.suppress(OSError):
+            handle.seek(0)
+            handle.truncate()
+        handle.close()
+
+
+def running_daemon(layout: StateLayout) -> dict[str, object] | None:
+    """What the daemon on this state folder wrote in its lock, or None if none runs."""
+    try:
+        handle = layout.daemon_lock.open("r")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info: dict[str, object] = json.loads(handle.read() or "{}")
+            except json.JSONDecodeError:
+                info = {}
+            return info
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+def serve(load: ConfigLoader) -> int:
+    config = load()
+    setup_logging(config.log_level)
+    return asyncio.run(_serve(load, config))
+
+
+def _reload(load: ConfigLoader, state: DaemonState, notifier: SystemdNotifier) -> None:
+    notifier.reloading()
+    try:
+        new = load()
+    except ConfigError as exc:
+        log_event(log, "config.reload_failed", level=logging.ERROR, error=exc.message,
+                  kept=state.config.source)
+        notifier.send(READY=1, STATUS=f"reload failed, old configuration kept: {exc.message}"[:200])
+        return
+    for key in ("listen", "state_dir"):
+        if getattr(new, key) != getattr(state.config, key):
+            log_event(log, "config.needs_restart", level=logging.WARNING, key=key)
+    if new.run_jobs != state.config.run_jobs:
+        log_event(log, "config.needs_restart", level=logging.WARNING, key="run_jobs")
+    state.config = new
+    state.reloads += 1
+    set_level(new.log_level)
+    log_event(log, "config.reloaded", source=new.source)
+    notifier.send(READY=1, STATUS=f"serving on {state.config.base_url} (reloaded)")
+
+
+async def _watchdog(notifier: SystemdNotifier, interval: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        notifier.watchdog()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+async def _serve(load: ConfigLoader, config: Config) -> int:
+    started = time.monotonic()
+    layout = StateLayout(config.state_path)
+    notifier = SystemdNotifier()
+    info = {"pid": os.getpid(), "url": config.base_url, "listen": config.listen}
+    with daemon_lock(layout, info):
+        catalog = Catalog(layout.catalog)
+        app = create_app(config, catalog)
+        state = app[STATE]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload, load, state, notifier)
+
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               shutdown_timeout=config.shutdown_grace_s)
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        await site.start()
+
+        job_stop = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+        if config.run_jobs:
+            state.runner = JobRunner(state.jobs, state.runner_settings)
+            tasks.append(asyncio.create_task(state.runner.run(job_stop)))
+        interval = watchdog_interval_s()
+        watchdog_stop = asyncio.Event()
+        if interval:
+            tasks.append(asyncio.create_task(_watchdog(notifier, interval, watchdog_stop)))
+
+        notifier.ready(f"serving on {config.base_url}")
+        log_event(log, "daemon.ready", url=config.base_url, state_dir=str(layout.root),
+                  startup_ms=round((time.monotonic() - started) * 1000, 1), jobs=config.run_jobs,
+                  pid=os.getpid())
+        await stop.wait()
+
+        log_event(log, "daemon.stopping", grace_s=state.config.shutdown_grace_s)
+        notifier.stopping()
+        state.shutting_down.set()
+        job_stop.set()  # workers checkpoint while in-flight requests drain
+        await runner.cleanup()
+        watchdog_stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        catalog.close()
+        log_event(log, "daemon.stopped")
+    return 0
+
+
+def run_worker(load: ConfigLoader) -> int:
+    """`garrison worker`: the job runner alone, for its own systemd unit."""
+    config = load()
+    setup_logging(config.log_level)
+    return asyncio.run(_run_worker(load, config))
+
+
+async def _run_worker(load: ConfigLoader, config: Config) -> int:
+    layout = StateLayout(config.state_path)
+    layout.ensure()
+    catalog = Catalog(layout.catalog)
+    store = JobStore(catalog)
+    current = {"config": config}
+
+    def settings() -> RunnerSettings:
+        c = current["config"]
+        return RunnerSettings(concurrency=c.job_concurrency, poll_s=c.job_poll_s,
+                              heartbeat_s=c.job_heartbeat_s, stale_after_s=c.job_stale_after_s,
+                              shutdown_grace_s=c.shutdown_grace_s)
+
+    notifier = SystemdNotifier()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def reload() -> None:
+        notifier.reloading()
+        try:
+            current["config"] = load()
+            set_level(current["config"].log_level)
+            log_event(log, "config.reloaded", source=current["config"].source)
+        except ConfigError as exc:
+            log_event(log, "config.reload_failed", level=logging.ERROR, error=exc.message)
+        notifier.send(READY=1, STATUS="running jobs")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    runner = JobRunner(store, settings)
+    job_stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(job_stop))
+    watchdog_stop = asyncio.Event()
+    interval = watchdog_interval_s()
+    dog = asyncio.create_task(_watchdog(notifier, interval, watchdog_stop)) if interval else None
+    notifier.ready("running jobs")
+    log_event(log, "worker.ready", state_dir=str(layout.root), pid=os.getpid())
+    await stop.wait()
+    notifier.stopping()
+    job_stop.set()
+    await task
+    watchdog_stop.set()
+    if dog:
+        await dog
+    catalog.close()
+    return 0
+
+
+def state_layout(config: Config) -> StateLayout:
+    return StateLayout(Path(config.state_dir))

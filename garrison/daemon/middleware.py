@@ -1,0 +1,121 @@
+"""Cross-cutting rules, in order: metrics, error mapping, authentication.
+
+`errors` is the single place a `GarrisonError` becomes an HTTP response (OpenAI's error
+shape), and `auth` the single place a route's scope is enforced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from garrison.daemon.http import PRINCIPAL, json_response
+from garrison.daemon.metrics import METRICS
+from garrison.daemon.routing import Route
+from garrison.daemon.state import STATE
+from garrison.errors import GarrisonError, NotFound, RateLimited
+from garrison.logs import log_event
+from garrison.policies.access import authorize
+
+log = logging.getLogger("garrison.http")
+
+ROUTE_TABLE = web.AppKey("route_table", dict[tuple[str, str], Route])
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is not None:
+        return "unmatched"
+    resource = info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _error_response(err: GarrisonError) -> web.Response:
+    headers = {}
+    if isinstance(err, RateLimited):
+        headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+    return json_response(err.to_openai(), status=err.http_status, headers=headers)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = _route_label(request)
+    started = time.perf_counter()
+    status = 500
+    metrics.in_flight.inc()
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    finally:
+        metrics.in_flight.dec()
+        elapsed = time.perf_counter() - started
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.latency.labels(request.method, route).observe(elapsed)
+        if route != "/health":
+            log_event(log, "http.request", method=request.method, route=route, status=status,
+                      ms=round(elapsed * 1000, 1),
+                      key=getattr(request.get(PRINCIPAL), "key_id", "-"))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GarrisonError as err:
+        return _error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status, f"http_{exc.status}")
+        message = {404: f"No route {request.method} {request.path}.",
+                   405: f"Method {request.method} is not allowed on {request.path}.",
+                   413: "Request body too large."}.get(exc.status, exc.reason)
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": code}}
+        return json_response(body, status=exc.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"event": "http.unhandled_error",
+                                                "fields": {"route": _route_label(request)}})
+        body = {"error": {"message": "Internal server error; see the daemon's log.",
+                          "type": "server_error", "param": None, "code": "internal_error"}}
+        return json_response(body, status=500)
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("X-Api-Key") or None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    info = request.match_info
+    route = None
+    if info.http_exception is None and info.route.resource is not None:
+        route = request.app[ROUTE_TABLE].get((info.route.method, info.route.resource.canonical))
+    if route is not None and route.scope is None:
+        return await handler(request)
+    keys = request.app[STATE].keys
+    principal = await asyncio.to_thread(keys.authenticate, _bearer(request))
+    request[PRINCIPAL] = principal
+    if route is None:
+        # Unknown path or method: only a caller with a key learns that it does not exist.
+        if info.http_exception is not None:
+            raise info.http_exception
+        raise NotFound(f"No route {request.method} {request.path}.")
+    authorize(principal, route.scope)
+    return await handler(request)

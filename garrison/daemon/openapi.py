@@ -1,0 +1,61 @@
+"""The OpenAPI 3.1 document, built from the route table (never written by hand)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from garrison import __version__
+from garrison.daemon.routes import ROUTES
+from garrison.policies.scopes import SCOPES
+
+_PARAM = re.compile(r"{(\w+)}")
+
+_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "object", "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": "string"}}}},
+}
+
+
+def build_openapi() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        op: dict[str, Any] = {
+            "operationId": route.handler.__name__,
+            "summary": route.summary,
+            "tags": [route.tag],
+            "responses": {code: {"description": text} for code, text in route.responses.items()},
+        }
+        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for n in _PARAM.findall(route.path)]
+        params += [{"name": n, "in": "query", "required": False, "schema": {"type": t}, "description": d}
+                   for n, t, d in route.query]
+        if params:
+            op["parameters"] = params
+        if route.body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
+        if route.scope is None:
+            op["security"] = []
+        else:
+            op["security"] = [{"bearer": []}]
+            op["x-garrison-scope"] = route.scope
+            op["responses"].setdefault("401", {"description": "missing or invalid key",
+                                               "content": {"application/json": {"schema": _ERROR}}})
+            op["responses"].setdefault("403", {"description": f"key lacks the {route.scope!r} scope",
+                                               "content": {"application/json": {"schema": _ERROR}}})
+        if route.streaming:
+            op["x-garrison-streaming"] = "text/event-stream"
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Garrison", "version": __version__,
+                 "description": "On-premises LLM appliance. Every route but /health needs a key "
+                                "('Authorization: Bearer grs_...') with the scope shown as "
+                                f"x-garrison-scope (scopes: {', '.join(SCOPES)})."},
+        "paths": paths,
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+                       "schemas": {"Error": _ERROR}},
+        "security": [{"bearer": []}],
+    }

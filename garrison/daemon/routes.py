@@ -1,0 +1,8 @@
+"""Every route of the daemon, gathered from the resource modules' tables."""
+
+from __future__ import annotations
+
+from garrison.daemon.api import audit, jobs, keys, system
+from garrison.daemon.routing import Route
+
+ROUTES: tuple[Route, ...] = (*system.ROUTES, *jobs.ROUTES, *keys.ROUTES, *audit.ROUTES)

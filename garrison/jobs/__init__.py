@@ -1,0 +1,1 @@
+"""The job runner: catalog-backed jobs run in worker subprocesses."""

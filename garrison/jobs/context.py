@@ -1,0 +1,71 @@
+"""What a job kind sees of the runner: progress, logs, checkpoints and stop requests.
+
+Kinds call `ctx.check()` between units of work; it raises `StopRequested` when the
+job was cancelled or the worker must shut down, after which the worker records the
+right state. Progress writes are throttled so a tight loop cannot flood the catalog.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from garrison.jobs.store import Job, JobStore
+
+_PROGRESS_EVERY_S = 0.2
+
+
+class StopRequested(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by `check()`; `cancelled` tells a user's cancel from a shutdown."""
+
+    def __init__(self, cancelled: bool) -> None:
+        super().__init__("cancelled" if cancelled else "shutdown")
+        self.cancelled = cancelled
+
+
+class JobContext:
+    def __init__(self, store: JobStore, job: Job, token: str) -> None:
+        self.store = store
+        self.job = job
+        self.token = token
+        self.params = job.params
+        self.attempt = job.attempts
+        self.cancel_event = threading.Event()
+        self.shutdown_event = threading.Event()
+        self._last_progress = 0.0
+
+    @property
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The last checkpoint saved by any earlier attempt (resume from here)."""
+        return self.job.checkpoint
+
+    def check(self) -> None:
+        if self.cancel_event.is_set():
+            raise StopRequested(cancelled=True)
+        if self.shutdown_event.is_set():
+            raise StopRequested(cancelled=False)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.cancel_event.is_set() or self.shutdown_event.is_set()
+
+    def progress(self, done: float, total: float | None = None, message: str = "", *,
+                 force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < _PROGRESS_EVERY_S and (total is None or done < total):
+            return
+        self._last_progress = now
+        fraction = (done / total) if total else 0.0
+        self.store.report_progress(self.job.id, self.token, fraction=fraction, message=message,
+                                   done=done, total=total)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        self.store.save_checkpoint(self.job.id, self.token, state)
+        self.job = self.store.get(self.job.id)
+
+    def log(self, line: str) -> None:
+        self.store.append_log(self.job.id, line)
+
+    def event(self, type_: str, message: str = "", **data: Any) -> None:
+        self.store.add_event(self.job.id, type_, message, data=data)

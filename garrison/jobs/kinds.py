@@ -1,0 +1,109 @@
+"""Job kinds as data: what runs, who may start it, what parameters it takes.
+
+A worker subprocess imports only the entry point of its kind, so a kind that needs
+torch never brings torch into the daemon. A new kind is one row of `JOB_KINDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from garrison.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    doc: str = ""
+
+    def parse(self, value: Any) -> Any:
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise InvalidRequest(f"parameter {self.name!r} must be true or false", param=self.name)
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool):
+                raise InvalidRequest(f"parameter {self.name!r} must be a number", param=self.name)
+            try:
+                number = self.kind(value)
+            except (TypeError, ValueError):
+                raise InvalidRequest(f"parameter {self.name!r} must be a number", param=self.name) from None
+            if self.kind is int and isinstance(value, float) and not value.is_integer():
+                raise InvalidRequest(f"parameter {self.name!r} must be a whole number", param=self.name)
+            if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+                raise InvalidRequest(f"parameter {self.name!r} must be between {self.low:g} and {self.high:g}",
+                                     param=self.name)
+            return number
+        if self.kind is str:
+            if not isinstance(value, str) or len(value) > 4096:
+                raise InvalidRequest(f"parameter {self.name!r} must be a string", param=self.name)
+            return value
+        raise InvalidRequest(f"parameter {self.name!r} has an unsupported type", param=self.name)
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    entry: str  # "module:function", imported only inside the worker subprocess
+    scope: str
+    description: str
+    resumable: bool = False
+    default_timeout_s: float | None = None
+    params: tuple[Param, ...] = field(default_factory=tuple)
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise InvalidRequest("params must be an object", param="params")
+        known = {p.name: p for p in self.params}
+        extra = sorted(set(params) - set(known))
+        if extra:
+            raise InvalidRequest(f"unknown parameter(s) for {self.name}: {', '.join(extra)}",
+                                 param=extra[0], code="unknown_parameter")
+        return {name: (spec.parse(params[name]) if name in params else spec.default)
+                for name, spec in known.items()}
+
+    def load(self) -> Callable[..., dict[str, Any]]:
+        import importlib
+
+        module_name, _, func = self.entry.partition(":")
+        fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module_name), func)
+        return fn
+
+
+JOB_KINDS: dict[str, JobKind] = {
+    kind.name: kind
+    for kind in (
+        JobKind(
+            name="selftest",
+            entry="garrison.jobs.selftest:run",
+            scope="admin",
+            resumable=True,
+            description="Counts steps with a checkpoint after each: proves the runner end to end "
+                        "(progress, cancel, retry, crash recovery) on a new installation.",
+            default_timeout_s=3600,
+            params=(
+                Param("steps", int, 10, 1, 1_000_000, "how many steps to count"),
+                Param("step_s", float, 0.1, 0.0, 60.0, "seconds each step takes"),
+                Param("fail_attempts", int, 0, 0, 100, "raise an error in this many first attempts"),
+                Param("crash_at_step", int, 0, 0, 1_000_000,
+                      "in the first attempt, kill the worker abruptly at this step (0: never)"),
+                Param("ignore_stop", bool, False, doc="never check for stop requests (tests kill paths)"),
+            ),
+        ),
+    )
+}
+
+
+def job_kind(name: str) -> JobKind:
+    try:
+        return JOB_KINDS[name]
+    except KeyError:
+        raise InvalidRequest(f"unknown job kind {name!r}; kinds: {', '.join(sorted(JOB_KINDS))}",
+                             param="kind", code="unknown_job_kind") from None
+

@@ -1,0 +1,73 @@
+"""Where Garrison's files live: the state folder's layout and the installed tools.
+
+One place names every path so the daemon, the CLI and the workers agree on them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The state folder (systemd's StateDirectory) and what lives in it."""
+
+    root: Path
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.db"
+
+    @property
+    def vault(self) -> Path:
+        return self.root / "vault"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def identity(self) -> Path:
+        return self.root / "identity"
+
+    @property
+    def jobs(self) -> Path:
+        """Per-job scratch and checkpoints (encrypted where they hold data)."""
+        return self.root / "jobs"
+
+    @property
+    def daemon_lock(self) -> Path:
+        return self.root / "daemon.lock"
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in (self.vault, self.models, self.inbox, self.identity, self.jobs):
+            sub.mkdir(exist_ok=True, mode=0o700)
+
+
+def converter_dir() -> Path:
+    """llama.cpp's reference converter, installed by install.sh beside the venv.
+
+    install.sh unpacks it from the source distribution of the pinned llama-cpp-python,
+    so conversion always matches the runtime's llama.cpp revision.
+    """
+    override = os.environ.get("GARRISON_CONVERTER_DIR")
+    if override:
+        return Path(override)
+    return Path(sys.prefix) / "share" / "garrison" / "llama.cpp"
+
+
+def cache_dir() -> Path:
+    """Built artifacts that are costly to remake (default base model, test models)."""
+    override = os.environ.get("GARRISON_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "garrison"

@@ -1,0 +1,1 @@
+"""Access policy enforced on the box: keys, roles and scopes, grants, audit."""

@@ -1,0 +1,1 @@
+"""Durable state: the SQLite catalog, its migrations, the encrypted vault, key handling."""
