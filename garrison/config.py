@@ -23,12 +23,13 @@ ENV_PREFIX = "GARRISON_"
 DEFAULT_PORT = 8477
 
 
-def _default_state_dir() -> str:
+def _default_state_dir(env: Mapping[str, str]) -> str:
     # systemd's StateDirectory= sets $STATE_DIRECTORY; otherwise a private folder in
     # the user's home, so a developer install never needs root.
-    if os.environ.get("STATE_DIRECTORY"):
-        return os.environ["STATE_DIRECTORY"].split(":")[0]
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    if env.get("STATE_DIRECTORY"):
+        return env["STATE_DIRECTORY"].split(":")[0]
+    home = env.get("HOME") or str(Path.home())
+    base = env.get("XDG_DATA_HOME") or str(Path(home) / ".local" / "share")
     return str(Path(base) / "garrison")
 
 
@@ -91,38 +92,38 @@ def _optional_path(value: Any) -> str:
 class Setting:
     key: str
     parse: Callable[[Any], Any]
-    default: Callable[[], Any]
+    default: Callable[[Mapping[str, str]], Any]
     doc: str
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("state_dir", _path, _default_state_dir,
             "Folder for the catalog, vault, models and inbox (systemd: StateDirectory)."),
-    Setting("listen", _parse_listen, lambda: f"127.0.0.1:{DEFAULT_PORT}",
+    Setting("listen", _parse_listen, lambda _env: f"127.0.0.1:{DEFAULT_PORT}",
             "HOST:PORT the daemon listens on; loopback by default."),
-    Setting("log_level", _choice("debug", "info", "warning", "error"), lambda: "info",
+    Setting("log_level", _choice("debug", "info", "warning", "error"), lambda _env: "info",
             "Lowest level of log lines written to stderr."),
-    Setting("master_key_file", _optional_path, lambda: "",
+    Setting("master_key_file", _optional_path, lambda _env: "",
             "Root-only file holding the master key; $CREDENTIALS_DIRECTORY/master.key wins."),
-    Setting("shutdown_grace_s", _bounded(float, 0, 3600), lambda: 20.0,
+    Setting("shutdown_grace_s", _bounded(float, 0, 3600), lambda _env: 20.0,
             "Seconds in-flight requests and workers get to finish after SIGTERM."),
-    Setting("max_request_mb", _bounded(float, 0.01, 1_048_576), lambda: 8.0,
+    Setting("max_request_mb", _bounded(float, 0.01, 1_048_576), lambda _env: 8.0,
             "Largest JSON request body accepted, in MiB (uploads stream separately)."),
-    Setting("job_concurrency", _bounded(int, 1, 64), lambda: 1,
+    Setting("job_concurrency", _bounded(int, 1, 64), lambda _env: 1,
             "Worker subprocesses the job runner runs at once."),
-    Setting("job_poll_s", _bounded(float, 0.01, 60), lambda: 0.25,
+    Setting("job_poll_s", _bounded(float, 0.01, 60), lambda _env: 0.25,
             "How often the job runner looks for queued jobs and cancellations."),
-    Setting("job_timeout_s", _bounded(float, 1, 30 * 86400), lambda: 86400.0,
+    Setting("job_timeout_s", _bounded(float, 1, 30 * 86400), lambda _env: 86400.0,
             "Default wall-clock limit of one job attempt."),
-    Setting("job_max_attempts", _bounded(int, 1, 100), lambda: 3,
+    Setting("job_max_attempts", _bounded(int, 1, 100), lambda _env: 3,
             "Default attempts of a job before it is marked failed."),
-    Setting("job_heartbeat_s", _bounded(float, 0.05, 600), lambda: 2.0,
+    Setting("job_heartbeat_s", _bounded(float, 0.05, 600), lambda _env: 2.0,
             "How often a worker records that it is alive."),
-    Setting("job_stale_after_s", _bounded(float, 0.5, 86400), lambda: 30.0,
+    Setting("job_stale_after_s", _bounded(float, 0.5, 86400), lambda _env: 30.0,
             "A running job whose heartbeat is older than this is orphaned."),
-    Setting("allow_remote", _parse_bool, lambda: False,
+    Setting("allow_remote", _parse_bool, lambda _env: False,
             "Allow listening on a non-loopback address (expose on the LAN)."),
-    Setting("run_jobs", _parse_bool, lambda: True,
+    Setting("run_jobs", _parse_bool, lambda _env: True,
             "Whether `garrison serve` also runs the job runner (false when garrison-worker runs it)."),
 )
 
@@ -228,7 +229,7 @@ def load_config(config_file: str | None = None, *, overrides: Mapping[str, Any] 
                 raise ConfigError(f"invalid value {value!r} for key {setting.key!r} in {origin}: {exc}",
                                   code="config_invalid_value", param=setting.key) from None
         else:
-            values[setting.key] = setting.parse(setting.default())
+            values[setting.key] = setting.parse(setting.default(env))
     config = Config(**values, source=str(path) if path else "defaults")
     if not config.allow_remote and config.host not in {"127.0.0.1", "localhost", "::1"} \
             and not config.host.startswith("127."):

@@ -10,7 +10,7 @@ from aiohttp import web
 from garrison.errors import InvalidRequest, PayloadTooLarge
 from garrison.policies.keys import Principal
 
-PRINCIPAL = "garrison.principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def principal(request: web.Request) -> Principal:

@@ -114,6 +114,21 @@ async def _watchdog(notifier: SystemdNotifier, interval: float, stop: asyncio.Ev
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
+async def _drain(runner: web.AppRunner, state: DaemonState) -> None:
+    """Stop accepting, then wait for in-flight requests within the grace period.
+
+    aiohttp's own shutdown stops reading from every connection at once, so a request
+    still receiving its body would be cut off; draining first lets it complete.
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    deadline = time.monotonic() + state.config.shutdown_grace_s
+    while state.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if state.in_flight:
+        log_event(log, "daemon.drain_timeout", level=logging.WARNING, in_flight=state.in_flight)
+
+
 async def _serve(load: ConfigLoader, config: Config) -> int:
     started = time.monotonic()
     layout = StateLayout(config.state_path)
@@ -155,6 +170,7 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         notifier.stopping()
         state.shutting_down.set()
         job_stop.set()  # workers checkpoint while in-flight requests drain
+        await _drain(runner, state)
         await runner.cleanup()
         watchdog_stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)

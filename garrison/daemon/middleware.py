@@ -17,7 +17,7 @@ from garrison.daemon.http import PRINCIPAL, json_response
 from garrison.daemon.metrics import METRICS
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
-from garrison.errors import GarrisonError, NotFound, RateLimited
+from garrison.errors import GarrisonError, NotFound, RateLimited, Unavailable
 from garrison.logs import log_event
 from garrison.policies.access import authorize
 
@@ -44,10 +44,19 @@ def _error_response(err: GarrisonError) -> web.Response:
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[METRICS]
+    state = request.app[STATE]
     route = _route_label(request)
+    if state.shutting_down.is_set():
+        # Arrived on a kept-alive connection after SIGTERM: not in flight, so refuse it.
+        metrics.requests.labels(request.method, route, "503").inc()
+        err = Unavailable("Garrison is shutting down; retry shortly.", code="shutting_down")
+        response = json_response(err.to_openai(), status=503, headers={"Connection": "close",
+                                                                        "Retry-After": "5"})
+        return response
     started = time.perf_counter()
     status = 500
     metrics.in_flight.inc()
+    state.in_flight += 1
     try:
         response = await handler(request)
         status = response.status
@@ -57,6 +66,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         metrics.in_flight.dec()
+        state.in_flight -= 1
         elapsed = time.perf_counter() - started
         metrics.requests.labels(request.method, route, str(status)).inc()
         metrics.latency.labels(request.method, route).observe(elapsed)

@@ -27,6 +27,7 @@ class DaemonState:
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     runner: JobRunner | None = None
     reloads: int = 0
+    in_flight: int = 0
 
     def runner_settings(self) -> RunnerSettings:
         c = self.config

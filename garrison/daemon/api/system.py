@@ -39,6 +39,32 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+HEAVY_MODULES = ("torch", "transformers", "peft", "onnxruntime", "optimum", "sentencepiece")
+
+
+async def system_info(request: web.Request) -> web.StreamResponse:
+    """What an operator asks of a running daemon: versions, memory, and which heavy
+    libraries it has loaded (the serving daemon must never load torch)."""
+    import os
+    import platform
+    import sys
+
+    import psutil
+
+    state = request.app[STATE]
+    proc = psutil.Process()
+    return json_response({
+        "version": __version__, "pid": os.getpid(), "python": platform.python_version(),
+        "uptime_s": round(time.time() - state.started_at, 3),
+        "rss_bytes": proc.memory_info().rss, "threads": proc.num_threads(),
+        "heavy_modules_loaded": [m for m in HEAVY_MODULES if m in sys.modules],
+        "config_source": state.config.source, "config_reloads": state.reloads,
+        "job_runner": state.runner is not None,
+        "workers_active": len(state.runner.active) if state.runner else 0,
+        "catalog_schema_version": state.catalog.schema_version,
+    })
+
+
 async def openapi(request: web.Request) -> web.StreamResponse:
     from garrison.daemon.openapi import build_openapi
 
@@ -50,5 +76,7 @@ ROUTES = (
     Route("GET", "/ready", ready, "read", "Readiness: catalog reachable and not shutting down.", "system",
           responses={"200": "ready", "503": "not ready"}),
     Route("GET", "/metrics", metrics, "read", "Prometheus metrics in the text exposition format.", "system"),
+    Route("GET", "/v1/garrison/system", system_info, "read",
+          "Daemon facts: version, memory, uptime, heavy libraries loaded, job runner.", "system"),
     Route("GET", "/openapi.json", openapi, "read", "This API's OpenAPI 3.1 document.", "system"),
 )

@@ -1,0 +1,157 @@
+"""Shared fixtures: real state folders, a real daemon subprocess, real HTTP on loopback.
+
+Model fixtures (tiny Llama, tiny BERT, GGUF) come from model_fixtures.py and are built
+once per machine into a cache folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from model_fixtures import *  # noqa: F403
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def garrison_env(state_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GARRISON_") and k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}}
+    env.update({"GARRISON_STATE_DIR": str(state_dir), "GARRISON_CONFIG": "/dev/null",
+                "GARRISON_JOB_POLL_S": "0.05", "GARRISON_JOB_HEARTBEAT_S": "0.2",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cli(state_dir: Path, *args: str, env: dict[str, str] | None = None, check: bool = True,
+            timeout: float = 120, input_: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "garrison.cli", *args], capture_output=True, text=True,
+                          env=env or garrison_env(state_dir), timeout=timeout, input=input_)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"garrison {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class Daemon:
+    state_dir: Path
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *extra_args: str, wait: bool = True) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "garrison.cli", "serve", "--listen", f"127.0.0.1:{self.port}", *extra_args],
+            env=self.env, stdout=log, stderr=log)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"daemon not healthy in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def key(self, role: str = "admin") -> str:
+        if role not in self.keys:
+            self.keys[role] = run_cli(self.state_dir, "keys", "create", "--role", role,
+                                      env=self.env).stdout.strip()
+        return self.keys[role]
+
+    def request(self, method: str, path: str, body: Any = None, role: str | None = "admin",
+                key: str | None = None, timeout: float = 30) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if key or role:
+            req.add_header("Authorization", f"Bearer {key or self.key(role or 'admin')}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                status = r.status
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            status = err.code
+        try:
+            return status, json.loads(raw)
+        except json.JSONDecodeError:
+            return status, raw.decode()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_daemon(state_dir: Path, tmp_path: Path) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def make(**env_extra: str) -> Daemon:
+        daemon = Daemon(state_dir, free_port(), garrison_env(state_dir, **env_extra),
+                        tmp_path / f"daemon{len(started)}.log")
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+@pytest.fixture
+def daemon(make_daemon: Any) -> Daemon:
+    started: Daemon = make_daemon().start()
+    return started
