@@ -401,6 +401,9 @@ def audit(ctx: click.Context, config_file: str | None, state_dir: str | None, li
 
 
 def main(argv: list[str] | None = None) -> None:
+    from garrison.policies import network_guard
+
+    network_guard.install()
     try:
         cli.main(args=argv, prog_name="garrison", standalone_mode=False)
     except GarrisonError as exc:

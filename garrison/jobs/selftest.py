@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -30,4 +31,19 @@ def run(ctx: JobContext) -> dict[str, Any]:
         time.sleep(step_s)
         ctx.save_checkpoint({"step": step + 1})
         ctx.progress(step + 1, steps, f"step {step + 1}/{steps}")
-    return {"steps": steps, "resumed_from": start, "attempt": ctx.attempt}
+    result: dict[str, Any] = {"steps": steps, "resumed_from": start, "attempt": ctx.attempt}
+    if ctx.params["probe_address"]:
+        result["network_probe"] = _probe(ctx.params["probe_address"])
+    return result
+
+
+def _probe(address: str) -> str:
+    """Try to reach `address`; the network guard must refuse before any packet leaves."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return "connected"
+    except PermissionError as exc:
+        return f"refused by guard: {exc}"
+    except OSError as exc:
+        return f"failed: {exc}"

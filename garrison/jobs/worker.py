@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SHUTDOWN  # the parent died before prctl took effect
 
     # Nothing a worker does may reach the network (Hugging Face libraries included).
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[name] = "1"
+    from garrison.policies import network_guard
+
+    network_guard.install()
 
     from garrison.errors import GarrisonError
     from garrison.jobs.context import JobContext, StopRequested
