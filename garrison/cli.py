@@ -400,6 +400,55 @@ def audit(ctx: click.Context, config_file: str | None, state_dir: str | None, li
     click.echo(f"chain intact ({len(rows)} entries)")
 
 
+@cli.group("docs", hidden=True)
+def docs_group() -> None:
+    """Generate reference documentation (docs/api.md, docs/cli.md)."""
+
+
+@docs_group.command("api")
+def docs_api() -> None:
+    """Print the HTTP API reference generated from the OpenAPI document."""
+    from garrison.daemon.openapi import build_openapi, render_markdown
+
+    click.echo(render_markdown(build_openapi()), nl=False)
+
+
+def _command_help(command: click.Command, path: list[str]) -> list[str]:
+    ctx = click.Context(command, info_name=" ".join(path), max_content_width=100)
+    lines = [f"## `{' '.join(path)}`", "", "```", command.get_help(ctx), "```", ""]
+    if isinstance(command, click.Group):
+        for name in sorted(command.list_commands(ctx)):
+            sub = command.get_command(ctx, name)
+            if sub is not None and not sub.hidden:
+                lines += _command_help(sub, [*path, name])
+    return lines
+
+
+@docs_group.command("cli")
+def docs_cli() -> None:
+    """Print the CLI reference generated from every command's --help."""
+    lines = ["# The `garrison` command", "",
+             "Generated from `--help` by `garrison docs cli`; do not edit by hand.", ""]
+    click.echo("\n".join(lines + _command_help(cli, ["garrison"])))
+
+
+@docs_group.command("config")
+def docs_config() -> None:
+    """Print the configuration reference generated from the settings table."""
+    from garrison.config import ENV_PREFIX, SETTINGS
+
+    lines = ["# Configuration reference", "",
+             "Generated from the settings table by `garrison docs config`; do not edit by hand.", "",
+             "Garrison reads `/etc/garrison/garrison.toml` (or the file named by `--config` or "
+             "`GARRISON_CONFIG`), then the environment (`GARRISON_<KEY>`), then command-line flags. "
+             "Unknown keys and bad values stop Garrison with exit code 2 and a message naming the key.",
+             "", "| key | environment | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "(see meaning)" if s.key == "state_dir" else repr(s.default({}))
+        lines.append(f"| `{s.key}` | `{ENV_PREFIX}{s.key.upper()}` | `{default}` | {s.doc} |")
+    click.echo("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     from garrison.policies import network_guard
 

@@ -59,3 +59,36 @@ def build_openapi() -> dict[str, Any]:
                        "schemas": {"Error": _ERROR}},
         "security": [{"bearer": []}],
     }
+
+
+def render_markdown(spec: dict[str, Any]) -> str:
+    """docs/api.md: the API reference generated from the spec (a test keeps it current)."""
+    lines = [f"# Garrison HTTP API ({spec['info']['version']})", "",
+             "Generated from `/openapi.json` by `garrison docs api`; do not edit by hand.", "",
+             spec["info"]["description"], "",
+             "Errors use OpenAI's shape: `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` "
+             "with a stable `code`.", "",
+             "| method | path | scope | summary |", "|---|---|---|---|"]
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            scope = op.get("x-garrison-scope", "none")
+            lines.append(f"| {method.upper()} | `{path}` | {scope} | {op['summary']} |")
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            lines += ["", f"## {method.upper()} {path}", "", op["summary"], ""]
+            lines.append(f"Scope: `{op.get('x-garrison-scope', 'none (no key)')}`")
+            params = op.get("parameters", [])
+            if params:
+                lines += ["", "| parameter | in | type | description |", "|---|---|---|---|"]
+                lines += [f"| `{p['name']}` | {p['in']} | {p['schema']['type']} | {p.get('description', '')} |"
+                          for p in params]
+            body = op.get("requestBody")
+            if body:
+                schema = body["content"]["application/json"]["schema"]
+                required = set(schema.get("required", []))
+                lines += ["", "Body (JSON):", "", "| field | type | required |", "|---|---|---|"]
+                lines += [f"| `{name}` | {prop.get('type', 'any')} | {'yes' if name in required else 'no'} |"
+                          for name, prop in schema.get("properties", {}).items()]
+            lines += ["", "Responses: " + ", ".join(f"{code} {r['description']}"
+                                                    for code, r in op["responses"].items())]
+    return "\n".join(lines) + "\n"
