@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from model_fixtures import *  # noqa: F403
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -58,9 +58,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     metrics.in_flight.inc()
     state.in_flight += 1
     try:
-        response = await handler(request)
-        status = response.status
-        return response
+        result = await handler(request)
+        status = result.status
+        return result
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise
@@ -127,5 +127,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if info.http_exception is not None:
             raise info.http_exception
         raise NotFound(f"No route {request.method} {request.path}.")
+    assert route.scope is not None
     authorize(principal, route.scope)
     return await handler(request)

@@ -16,7 +16,7 @@ from garrison.jobs.store import Job, JobStore
 _PROGRESS_EVERY_S = 0.2
 
 
-class StopRequested(Exception):  # noqa: N818 - a signal, not an error
+class StopRequested(Exception):
     """Raised by `check()`; `cancelled` tells a user's cancel from a shutdown."""
 
     def __init__(self, cancelled: bool) -> None:

@@ -9,6 +9,7 @@ a stale worker from an earlier attempt cannot overwrite a newer one.
 
 from __future__ import annotations
 
+import builtins
 import json
 import secrets
 import sqlite3
@@ -68,7 +69,7 @@ class Job:
             "timeout_s": self.timeout_s, "created_at": self.created_at, "updated_at": self.updated_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
             "heartbeat_at": self.heartbeat_at, "cancel_requested": self.cancel_requested,
-            "resumable": self.resumable,
+            "resumable": self.resumable, "run_after": self.run_after,
             "progress": {"fraction": self.progress, "message": self.progress_message,
                          "done": self.progress_done, "total": self.progress_total},
             "log_tail": self.log_tail, "has_checkpoint": self.checkpoint is not None,
@@ -154,7 +155,7 @@ class JobStore:
             raise NotFound(f"no job with id {job_id!r}", code="job_not_found", param="job_id")
         return _job(row)
 
-    def list(self, *, state: str | None = None, kind: str | None = None, limit: int = 100) -> list[Job]:
+    def list(self, *, state: str | None = None, kind: str | None = None, limit: int = 100) -> builtins.list[Job]:
         if state is not None and state not in STATES:
             raise InvalidRequest(f"unknown state {state!r}; states: {', '.join(STATES)}", param="state")
         if kind is not None and kind not in JOB_KINDS:
@@ -170,7 +171,7 @@ class JobStore:
             counts[row["state"]] = row["n"]
         return counts
 
-    def events(self, job_id: str, *, after: int = 0, limit: int = 500) -> list[JobEvent]:
+    def events(self, job_id: str, *, after: int = 0, limit: int = 500) -> builtins.list[JobEvent]:
         rows = self.catalog.query(
             "SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (job_id, after, limit))
@@ -225,7 +226,7 @@ class JobStore:
             conn.execute("UPDATE jobs SET worker_pid=?, updated_at=? WHERE id=? AND worker_token=?",
                          (pid, time.time(), job_id, token))
 
-    def running(self) -> list[Job]:
+    def running(self) -> builtins.list[Job]:
         return [_job(r) for r in self.catalog.query("SELECT * FROM jobs WHERE state = 'running'")]
 
     def queue_depth(self) -> int:

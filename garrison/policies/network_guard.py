@@ -49,9 +49,8 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
         host = address[0] if isinstance(address, tuple) and address else address
         if not _is_local_host(host):
             raise OutboundNetworkRefused(f"Garrison refuses outbound network access (to {host!r})")
-    elif event == "socket.getaddrinfo":
-        if not _is_local_host(args[0]):
-            raise OutboundNetworkRefused(f"Garrison refuses to resolve {args[0]!r}: no network")
+    elif event == "socket.getaddrinfo" and not _is_local_host(args[0]):
+        raise OutboundNetworkRefused(f"Garrison refuses to resolve {args[0]!r}: no network")
 
 
 def install() -> None:

@@ -78,7 +78,7 @@ def test_cancel_running_job_keeps_checkpoint(state_dir: Path) -> None:
         time.sleep(0.05)
     job_id = running[0].id
     assert "cancel requested" in run_cli(state_dir, "jobs", "cancel", job_id).stdout
-    out, err = runner.communicate(timeout=30)
+    _out, err = runner.communicate(timeout=30)
     assert runner.returncode == 1, err
     final = store.get(job_id)
     assert final.state == "cancelled" and final.checkpoint and final.checkpoint["step"] > 0
