@@ -94,7 +94,8 @@ JOB_KINDS: dict[str, JobKind] = {
                 Param("crash_at_step", int, 0, 0, 1_000_000,
                       "in the first attempt, kill the worker abruptly at this step (0: never)"),
                 Param("ignore_stop", bool, False, doc="never check for stop requests (tests kill paths)"),
-                Param("probe_address", str, "", doc="HOST:PORT this job tries to reach, to prove the network guard refuses it"),
+                Param("probe_address", str, "",
+                      doc="HOST:PORT this job tries to reach, to prove the network guard refuses it"),
             ),
         ),
     )
