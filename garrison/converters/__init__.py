@@ -1,0 +1,1 @@
+"""Model conversion: HF -> GGUF (llama.cpp's reference converter), quantization, ONNX."""
