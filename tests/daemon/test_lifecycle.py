@@ -154,3 +154,24 @@ def test_serving_daemon_never_imports_torch(daemon: Daemon) -> None:
     maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()  # type: ignore[union-attr]
     assert "libtorch" not in maps
     print(f"idle daemon RSS {info['rss_bytes'] / 2**20:.1f} MiB")
+
+
+def test_sigterm_checkpoints_running_job_which_resumes_on_next_start(make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon().start()
+    _status, job = daemon.request("POST", "/v1/garrison/jobs",
+                                 {"kind": "selftest", "params": {"steps": 60, "step_s": 0.05}})
+    deadline = time.monotonic() + 20
+    while daemon.request("GET", f"/v1/garrison/jobs/{job['id']}")[1]["progress"]["fraction"] < 0.2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert daemon.stop() == 0
+    catalog = Catalog(daemon.state_dir / "catalog.db")
+    from garrison.jobs.store import JobStore
+
+    parked = JobStore(catalog).get(job["id"])
+    assert parked.state == "queued" and parked.attempts == 0 and parked.checkpoint
+    assert "interrupted by shutdown" in (parked.error_message or "")
+    restarted: Daemon = make_daemon().start()
+    final = restarted.request("GET", f"/v1/garrison/jobs/{job['id']}?wait=60", timeout=90)[1]
+    assert final["state"] == "succeeded" and final["attempts"] == 1
+    assert final["result"]["resumed_from"] >= 12
