@@ -379,6 +379,227 @@ def selftest(ctx: click.Context, config_file: str | None, state_dir: str | None,
                detach=detach, as_json=as_json)
 
 
+@cli.command()
+@config_options
+@click.option("--listen", default=None, metavar="HOST:PORT", help="Address to serve on (env GARRISON_LISTEN).")
+@click.option("--no-serve", is_flag=True, help="Prepare everything, then exit instead of serving.")
+@click.pass_context
+def quickstart(ctx: click.Context, config_file: str | None, state_dir: str | None, listen: str | None,
+               no_serve: bool) -> None:
+    """Build the default model, prove the machine with a self-test, then serve.
+
+    Garrison downloads nothing: the default model is built here from the built-in corpus
+    and converted to GGUF by llama.cpp's own converter (cached after the first run). A new
+    admin key named "quickstart" is printed once; earlier quickstart keys are revoked.
+    """
+    from garrison.daemon.lifecycle import running_daemon
+    from garrison.daemon.lifecycle import serve as run_serve
+
+    load = _loader(ctx, config_file, state_dir, listen)
+    config, catalog = _open(ctx, config_file, state_dir)
+    click.echo(f"state folder: {config.state_path}", err=True)
+    click.echo("1/3 building the default model (first run: about a minute; cached afterwards)", err=True)
+    model_job = _run_job(config, catalog, "build-default-model", {})
+    click.echo("2/3 self-test of the job runner", err=True)
+    _run_job(config, catalog, "selftest", {"steps": 5, "step_s": 0.05})
+    keys_ = KeyStore(catalog)
+    for old in keys_.list(include_revoked=False):
+        if old.name == "quickstart":
+            keys_.revoke(old.id, actor="quickstart")
+    _, secret = keys_.create("admin", name="quickstart", actor="quickstart")
+    answer = (model_job.result or {}).get("smoke_test", {}).get("answer", "")
+    url = f"http://{load().listen}"
+    click.echo(f"""3/3 ready
+  default model: {(model_job.result or {}).get("gguf")}
+  llama.cpp says: {answer!r}
+  admin key (shown once): {secret}
+
+  export GARRISON_KEY={secret}
+  curl -s {url}/health
+  curl -s -H "Authorization: Bearer $GARRISON_KEY" {url}/v1/garrison/system
+  curl -s -H "Authorization: Bearer $GARRISON_KEY" {url}/v1/garrison/jobs
+""")
+    if no_serve:
+        return
+    if running_daemon(StateLayout(config.state_path)) is not None:
+        click.echo("a daemon already serves this state folder; not starting another", err=True)
+        return
+    click.echo(f"serving on {url} (Ctrl-C stops)", err=True)
+    sys.exit(run_serve(load))
+
+
+def _run_job(config: Config, catalog: Catalog, kind: str, params: dict[str, Any]) -> Job:
+    store = JobStore(catalog)
+    job = store.create(kind, params, created_by="cli", default_max_attempts=config.job_max_attempts,
+                       default_timeout_s=config.job_timeout_s)
+    job = _follow(config, catalog, job)
+    if job.state != "succeeded":
+        _finish(job, as_json=False)
+    return job
+
+
+# -- models --------------------------------------------------------------------------
+@cli.group()
+def models() -> None:
+    """Models: import (GGUF file, Hugging Face or ONNX folder), list, show, rm."""
+
+
+def _registry(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Any:
+    from garrison.models.registry import ModelRegistry
+
+    config, catalog = _open(ctx, config_file, state_dir)
+    return ModelRegistry(catalog, StateLayout(config.state_path))
+
+
+@models.command("import")
+@config_options
+@click.argument("path", type=click.Path(exists=False))
+@click.option("--name", default=None, help="Model name (default: the file or folder name).")
+@click.option("--parallel", "n_parallel", type=int, default=None, help="Sequences decoded together (GGUF).")
+@click.option("--ctx", "n_ctx_per_slot", type=int, default=None, help="Context tokens per sequence (GGUF).")
+@click.option("--gpu-layers", "n_gpu_layers", type=int, default=None, help="Layers offloaded to the GPU (GGUF).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models_import(ctx: click.Context, config_file: str | None, state_dir: str | None, path: str,
+                  name: str | None, n_parallel: int | None, n_ctx_per_slot: int | None, n_gpu_layers: int | None,
+                  as_json: bool) -> None:
+    """Copy a model into the state folder, hashing every file into its manifest."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    registry = _registry(ctx, config_file, state_dir)
+    bar = tqdm(unit="B", unit_scale=True, desc="import", disable=not sys.stderr.isatty())
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        record = registry.import_path(Path(path), name, settings={"n_parallel": n_parallel,
+                                      "n_ctx_per_slot": n_ctx_per_slot, "n_gpu_layers": n_gpu_layers},
+                                      progress=progress)
+    finally:
+        bar.close()
+    if as_json:
+        _echo_json(record.to_json())
+    else:
+        click.echo(f"{record.name} ({record.format}, {record.size_bytes} bytes, {len(record.manifest['files'])} "
+                   f"file(s) hashed)")
+
+
+@models.command("list")
+@config_options
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models_list(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
+    """List models."""
+    records = _registry(ctx, config_file, state_dir).list()
+    if as_json:
+        _echo_json([r.to_json() for r in records])
+        return
+    click.echo(f"{'NAME':32} {'FORMAT':6} {'SIZE':>12} {'SERVABLE':8} CREATED")
+    for r in records:
+        click.echo(f"{r.name:32} {r.format:6} {r.size_bytes:>12} {'yes' if r.servable else 'no':8} "
+                   f"{_when(r.created_at)}")
+
+
+@models.command("show")
+@config_options
+@click.argument("name")
+@click.pass_context
+def models_show(ctx: click.Context, config_file: str | None, state_dir: str | None, name: str) -> None:
+    """Show one model and its manifest as JSON."""
+    from garrison.models.names import check_name
+
+    _echo_json(_registry(ctx, config_file, state_dir).get(check_name(name)).to_json())
+
+
+@models.command("rm")
+@config_options
+@click.argument("name")
+@click.pass_context
+def models_rm(ctx: click.Context, config_file: str | None, state_dir: str | None, name: str) -> None:
+    """Delete a model (a running daemon unloads it at its next use or via the API)."""
+    from garrison.models.names import check_name
+
+    _registry(ctx, config_file, state_dir).remove(check_name(name))
+    click.echo(f"removed {name}")
+
+
+# -- inference through the daemon ------------------------------------------------------
+def _client(ctx: click.Context, config_file: str | None, state_dir: str | None, key: str | None) -> Any:
+    from garrison.client import DaemonClient, api_key, daemon_url
+
+    config = _loader(ctx, config_file, state_dir)()
+    return DaemonClient(daemon_url(config), api_key(key))
+
+
+def _sampling(max_tokens: int, temperature: float, seed: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
+def generation_options(func: F) -> F:
+    func = click.option("--key", default=None, help="API key (env GARRISON_KEY).")(func)
+    func = click.option("--seed", type=int, default=None)(func)
+    func = click.option("--temperature", type=float, default=0.7, show_default=True)(func)
+    func = click.option("--max-tokens", type=int, default=256, show_default=True)(func)
+    return func
+
+
+async def _print_stream(client: Any, body: dict[str, Any]) -> str:
+    pieces = []
+    async for piece in client.stream_chat(body):
+        pieces.append(piece)
+        click.echo(piece, nl=False)
+    click.echo()
+    return "".join(pieces)
+
+
+@cli.command("run")
+@config_options
+@click.argument("model")
+@click.argument("prompt")
+@generation_options
+@click.pass_context
+def run_model(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str, prompt: str,
+              max_tokens: int, temperature: float, seed: int | None, key: str | None) -> None:
+    """Ask MODEL one question through the daemon and stream the answer."""
+    client = _client(ctx, config_file, state_dir, key)
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            **_sampling(max_tokens, temperature, seed)}
+    asyncio.run(_print_stream(client, body))
+
+
+@cli.command("chat")
+@config_options
+@click.argument("model")
+@click.option("--system", "system_prompt", default=None, help="A system message to start with.")
+@generation_options
+@click.pass_context
+def chat(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str,
+         system_prompt: str | None, max_tokens: int, temperature: float, seed: int | None, key: str | None) -> None:
+    """Talk with MODEL through the daemon; an empty line or Ctrl-D ends. The daemon reuses the KV cache of
+    earlier turns, so a long conversation does not get slower turn after turn."""
+    client = _client(ctx, config_file, state_dir, key)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            click.echo()
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        answer = asyncio.run(_print_stream(client, {"model": model, "messages": messages,
+                                                    **_sampling(max_tokens, temperature, seed)}))
+        messages.append({"role": "assistant", "content": answer})
+
+
 # -- audit -------------------------------------------------------------------------
 @cli.command("audit")
 @config_options

@@ -125,6 +125,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Allow listening on a non-loopback address (expose on the LAN)."),
     Setting("run_jobs", _parse_bool, lambda _env: True,
             "Whether `garrison serve` also runs the job runner (false when garrison-worker runs it)."),
+    Setting("model_memory_mb", _bounded(float, 0, 16 * 1024 * 1024), lambda _env: 0.0,
+            "Memory budget for loaded models in MiB; past it the least recently used idle model is "
+            "unloaded (0: half of the machine's memory)."),
+    Setting("model_keep_alive_s", _bounded(float, 0, 30 * 86400), lambda _env: 900.0,
+            "A model unused this long is unloaded (0: keep loaded)."),
+    Setting("model_queue", _bounded(int, 0, 100_000), lambda _env: 64,
+            "Requests that may wait per model beyond its parallel slots; past it: 429 with Retry-After."),
+    Setting("request_timeout_s", _bounded(float, 1, 86400), lambda _env: 600.0,
+            "Deadline of one inference request, queued time included."),
+    Setting("inference_threads", _bounded(int, 0, 1024), lambda _env: 0,
+            "CPU threads per loaded model (0: all cores, at most 8)."),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -146,6 +157,11 @@ class Config:
     job_stale_after_s: float
     allow_remote: bool
     run_jobs: bool
+    model_memory_mb: float
+    model_keep_alive_s: float
+    model_queue: int
+    request_timeout_s: float
+    inference_threads: int
     source: str = field(default="defaults", compare=False)
 
     @property

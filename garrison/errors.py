@@ -134,3 +134,18 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, GarrisonError):
         return exc.exit_code
     return 1
+
+
+# An error body received over HTTP becomes the same exception class again (CLI client side).
+_BY_STATUS: dict[int, type[GarrisonError]] = {
+    400: InvalidRequest, 401: AuthenticationError, 403: PermissionDenied, 404: NotFound, 409: Conflict,
+    413: PayloadTooLarge, 429: RateLimited, 503: Unavailable, 504: Unavailable,
+}
+
+
+def from_http(status: int, body: Any) -> GarrisonError:
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return GarrisonError(f"HTTP {status}: {str(body)[:200]}")
+    cls = _BY_STATUS.get(status, GarrisonError)
+    return cls(str(error.get("message", "")), code=error.get("code") or None, param=error.get("param"))

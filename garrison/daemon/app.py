@@ -10,9 +10,17 @@ from garrison.daemon.middleware import ROUTE_TABLE, auth_middleware, error_middl
 from garrison.daemon.routes import ROUTES
 from garrison.daemon.state import STATE, DaemonState
 from garrison.jobs.store import JobStore
+from garrison.models.registry import ModelRegistry
 from garrison.paths import StateLayout
 from garrison.policies.keys import KeyStore
+from garrison.serving.manager import ManagerSettings, ModelManager, default_budget_bytes
 from garrison.store.catalog import Catalog
+
+
+def manager_settings(config: Config) -> ManagerSettings:
+    return ManagerSettings(memory_budget_bytes=default_budget_bytes(config.model_memory_mb),
+                           keep_alive_s=config.model_keep_alive_s, max_queue=config.model_queue,
+                           n_threads=config.inference_threads or None)
 
 
 def create_app(config: Config, catalog: Catalog | None = None) -> web.Application:
@@ -25,9 +33,13 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
         client_max_size=int(config.max_request_mb * 1024 * 1024),
     )
     jobs = JobStore(catalog)
-    state = DaemonState(config=config, catalog=catalog, keys=KeyStore(catalog), jobs=jobs)
+    models = ModelRegistry(catalog, StateLayout(config.state_path))
+    models.reap_staging()
+    manager = ModelManager(models, manager_settings(config))
+    state = DaemonState(config=config, catalog=catalog, keys=KeyStore(catalog), jobs=jobs, models=models,
+                        manager=manager)
     app[STATE] = state
-    app[METRICS] = make_metrics(jobs, lambda: len(state.runner.active) if state.runner else 0)
+    app[METRICS] = make_metrics(jobs, lambda: len(state.runner.active) if state.runner else 0, manager)
     table = {}
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -159,6 +159,7 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         watchdog_stop = asyncio.Event()
         if interval:
             tasks.append(asyncio.create_task(_watchdog(notifier, interval, watchdog_stop)))
+        tasks.append(asyncio.create_task(state.manager.run_keep_alive(watchdog_stop)))
 
         notifier.ready(f"serving on {config.base_url}")
         log_event(log, "daemon.ready", url=config.base_url, state_dir=str(layout.root),
@@ -174,6 +175,7 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         await runner.cleanup()
         watchdog_stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await state.manager.close()
         catalog.close()
         log_event(log, "daemon.stopped")
     return 0

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from garrison.jobs.store import STATES, JobStore
+from garrison.serving.manager import ModelManager
 
 
 @dataclass
@@ -41,7 +42,36 @@ class _JobCollector(Collector):
                                 "Worker subprocesses this daemon runs now.", value=self.active_workers())
 
 
-def make_metrics(jobs: JobStore, active_workers: Callable[[], int]) -> Metrics:
+class _ModelCollector(Collector):
+    """Engine counters of every loaded model, read at scrape time."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            "active_slots": GaugeMetricFamily("garrison_model_active_slots",
+                                              "Sequences generating now, per loaded model.", labels=["model"]),
+            "queued_requests": GaugeMetricFamily("garrison_model_queued_requests",
+                                                 "Requests waiting for a slot, per loaded model.", labels=["model"]),
+            "n_parallel": GaugeMetricFamily("garrison_model_slots", "Parallel sequence slots, per loaded model.",
+                                            labels=["model"]),
+            "tokens_generated": CounterMetricFamily("garrison_model_tokens_generated",
+                                                    "Tokens generated, per loaded model.", labels=["model"]),
+            "prompt_tokens_evaluated": CounterMetricFamily("garrison_model_prompt_tokens_evaluated",
+                                                           "Prompt tokens evaluated.", labels=["model"]),
+            "prompt_tokens_reused": CounterMetricFamily("garrison_model_prompt_tokens_reused",
+                                                        "Prompt tokens served from the KV cache.", labels=["model"]),
+        }
+        for name, info in self.manager.stats().items():
+            for key, family in families.items():
+                if key in info["engine"]:
+                    family.add_metric([name], info["engine"][key])
+        yield from families.values()
+        yield GaugeMetricFamily("garrison_models_loaded", "Models in memory.", value=len(self.manager.loaded))
+
+
+def make_metrics(jobs: JobStore, active_workers: Callable[[], int], manager: ModelManager | None = None) -> Metrics:
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(
         registry=registry,
@@ -53,6 +83,8 @@ def make_metrics(jobs: JobStore, active_workers: Callable[[], int]) -> Metrics:
         in_flight=Gauge("garrison_http_requests_in_flight", "Requests being handled now.", registry=registry),
     )
     registry.register(_JobCollector(jobs, active_workers))
+    if manager is not None:
+        registry.register(_ModelCollector(manager))
     return metrics
 
 

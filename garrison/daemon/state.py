@@ -11,7 +11,9 @@ from aiohttp import web
 from garrison.config import Config
 from garrison.jobs.runner import JobRunner, RunnerSettings
 from garrison.jobs.store import JobStore
+from garrison.models.registry import ModelRegistry
 from garrison.policies.keys import KeyStore
+from garrison.serving.manager import ModelManager
 from garrison.store.catalog import Catalog
 
 
@@ -23,6 +25,8 @@ class DaemonState:
     catalog: Catalog
     keys: KeyStore
     jobs: JobStore
+    models: ModelRegistry
+    manager: ModelManager
     started_at: float = field(default_factory=time.time)
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     runner: JobRunner | None = None

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from garrison.jobs.store import Job, JobStore
+from garrison.paths import StateLayout
 
 _PROGRESS_EVERY_S = 0.2
 
@@ -34,6 +35,11 @@ class JobContext:
         self.cancel_event = threading.Event()
         self.shutdown_event = threading.Event()
         self._last_progress = 0.0
+
+    @property
+    def layout(self) -> StateLayout:
+        """The state folder of the catalog this job belongs to (workers share the daemon's)."""
+        return StateLayout(self.store.catalog.path.parent)
 
     @property
     def checkpoint(self) -> dict[str, Any] | None:

@@ -98,6 +98,14 @@ JOB_KINDS: dict[str, JobKind] = {
                       doc="HOST:PORT this job tries to reach, to prove the network guard refuses it"),
             ),
         ),
+        JobKind(
+            name="build-default-model",
+            entry="garrison.jobs.default_model:run",
+            scope="admin",
+            description="Builds the small default model from the built-in corpus (no download), converts it to "
+                        "GGUF with llama.cpp's reference converter and checks that llama.cpp answers with it.",
+            default_timeout_s=1800,
+        ),
     )
 }
 

@@ -105,3 +105,22 @@ def m003_audit(db: Database) -> None:
         )
         """
     )
+
+
+@MIGRATIONS()
+def m004_models(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE models (
+            name TEXT PRIMARY KEY,
+            format TEXT NOT NULL CHECK (format IN ('gguf','hf','onnx')),
+            folder TEXT NOT NULL,
+            entry TEXT NOT NULL,
+            settings TEXT NOT NULL DEFAULT '{}',
+            manifest TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT
+        )
+        """
+    )

@@ -1,0 +1,68 @@
+"""The CLI's HTTP client for commands that act through the running daemon (run, chat).
+
+Inference happens in the daemon, where the model is already loaded and batched with
+other requests, so these commands talk to its OpenAI-compatible API like any client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from garrison.config import Config
+from garrison.daemon.lifecycle import running_daemon
+from garrison.errors import AuthenticationError, Unavailable, from_http
+from garrison.paths import StateLayout
+
+KEY_ENV = "GARRISON_KEY"
+
+
+def daemon_url(config: Config) -> str:
+    info = running_daemon(StateLayout(config.state_path))
+    if info and isinstance(info.get("url"), str):
+        return str(info["url"])
+    return config.base_url
+
+
+def api_key(explicit: str | None) -> str:
+    key = explicit or os.environ.get(KEY_ENV)
+    if not key:
+        raise AuthenticationError(f"no API key: pass --key or set {KEY_ENV} (create one with "
+                                  "`garrison keys create --role infer`)", code="missing_api_key")
+    return key
+
+
+class DaemonClient:
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    async def stream_chat(self, body: dict[str, Any], path: str = "/v1/chat/completions") -> AsyncIterator[str]:
+        """Text pieces as the daemon streams them."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
+                    self.url + path, json={**body, "stream": True}, headers=self.headers) as resp:
+                if resp.status != 200:
+                    raise from_http(resp.status, await resp.json(content_type=None))
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: "):
+                        continue
+                    payload = line[len("data: "):]
+                    if payload == "[DONE]":
+                        return
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        raise from_http(500, chunk)
+                    for choice in chunk.get("choices", []):
+                        text = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+                        if text:
+                            yield text
+        except aiohttp.ClientConnectionError as exc:
+            raise Unavailable(f"cannot reach the daemon at {self.url} ({exc}); start it with `garrison serve`",
+                              code="daemon_unreachable") from None

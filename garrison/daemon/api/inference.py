@@ -1,0 +1,233 @@
+"""OpenAI-compatible inference routes: /v1/models, chat and text completions, embeddings.
+
+The handlers only translate (garrison.serving.openai_format) and hold a model for the
+request (garrison.serving.manager); batching, sampling and KV reuse live in the engine.
+A client that goes away mid-stream cancels its generation, which frees the engine slot
+at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from garrison.daemon.http import json_response, principal, read_json
+from garrison.daemon.routing import Route
+from garrison.daemon.state import STATE
+from garrison.engine.types import Finish, GenerationRequest, SamplingParams, TokenEvent
+from garrison.errors import GarrisonError, InvalidRequest
+from garrison.models.names import check_model_id
+from garrison.policies.access import allowed, authorize
+from garrison.serving import openai_format as fmt
+
+DEFAULT_MAX_TOKENS = 256
+MAX_EMBED_INPUTS = 2048
+
+
+def _model_id(body: dict[str, Any], request: web.Request) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required", param="model")
+    check_model_id(model)
+    authorize(principal(request), "infer", ("model", model))
+    return model
+
+
+def _deadline(request: web.Request) -> float:
+    return time.monotonic() + request.app[STATE].config.request_timeout_s
+
+
+def _disconnected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    records = await asyncio.to_thread(request.app[STATE].models.list)
+    data = [{"id": r.name, "object": "model", "created": int(r.created_at), "owned_by": "garrison"}
+            for r in records if r.servable and allowed(who, "infer", ("model", r.name))]
+    return json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["model"]
+    check_model_id(name)
+    authorize(principal(request), "infer", ("model", name))
+    record = await asyncio.to_thread(request.app[STATE].models.get, name)
+    return json_response({"id": record.name, "object": "model", "created": int(record.created_at),
+                          "owned_by": "garrison"})
+
+
+async def _events(engine: Any, req: GenerationRequest, request: web.Request) -> AsyncIterator[TokenEvent | Finish]:
+    stream = engine.generate(req)
+    try:
+        async for item in stream:
+            yield item
+            if _disconnected(request):
+                stream.cancel()
+                return
+    finally:
+        await stream.aclose()
+
+
+async def _collect(engine: Any, req: GenerationRequest, request: web.Request) -> fmt.Collected:
+    parts: list[str] = []
+    events: list[TokenEvent] = []
+    finish: Finish | None = None
+    async for item in _events(engine, req, request):
+        if isinstance(item, Finish):
+            finish = item
+            parts.append(item.text)
+        else:
+            parts.append(item.text)
+            events.append(item)
+    if finish is None:
+        raise web.HTTPException(reason="client disconnected")  # nobody reads this response
+    return fmt.Collected(text="".join(parts), finish=finish, logprobs=events)
+
+
+async def _stream(request: web.Request, engine: Any, req: GenerationRequest, model: str, kind: str,
+                  include_usage: bool) -> web.StreamResponse:
+    rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
+    created = int(time.time())
+    chunk = fmt.chat_chunk if kind == "chat" else fmt.completion_chunk
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    events = _events(engine, req, request)
+    first_item = await events.__anext__()  # errors before the first token still get a proper status
+    await response.prepare(request)
+    try:
+        if kind == "chat":
+            await response.write(fmt.sse(chunk(rid, model, created, "", None, first=True)))
+        item: TokenEvent | Finish = first_item
+        while True:
+            if isinstance(item, Finish):
+                if item.text:
+                    await response.write(fmt.sse(chunk(rid, model, created, item.text, None)))
+                final = chunk(rid, model, created, None if kind == "chat" else "", item.finish_reason)
+                await response.write(fmt.sse(final))
+                if include_usage:
+                    await response.write(fmt.sse({"id": rid, "object": final["object"], "created": created,
+                                                  "model": model, "choices": [], "usage": fmt.usage(item)}))
+                await response.write(fmt.sse("[DONE]"))
+                break
+            if item.text or item.logprob is not None:
+                await response.write(fmt.sse(chunk(rid, model, created, item.text, None, item)))
+            item = await events.__anext__()
+    except GarrisonError as exc:
+        with contextlib.suppress(ConnectionError):
+            await response.write(fmt.sse(exc.to_openai()))
+    except (ConnectionError, StopAsyncIteration):
+        pass  # the client left; _events already cancelled the generation
+    finally:
+        await events.aclose()
+    return response
+
+
+async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
+    body = await read_json(request)
+    model = _model_id(body, request)
+    params: SamplingParams = fmt.sampling_params(body, default_max_tokens=DEFAULT_MAX_TOKENS)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    state = request.app[STATE]
+    async with state.manager.use(model, "generate") as loaded:
+        engine = loaded.engine
+        if kind == "chat":
+            text = fmt.render_chat(engine.chat_template, fmt.chat_messages(body), bos_token=engine.bos_token,
+                                   eos_token=engine.eos_token)
+            tokens = engine.tokenize(text, add_special=False, parse_special=True)
+        else:
+            tokens = engine.tokenize(fmt.completion_prompt(body), add_special=True, parse_special=False)
+        req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request))
+        if stream:
+            return await _stream(request, engine, req, model, kind, include_usage)
+        collected = await _collect(engine, req, request)
+    rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
+    make = fmt.chat_response if kind == "chat" else fmt.completion_response
+    return json_response(make(rid, model, collected, params.logprobs))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+def _embedding_inputs(body: dict[str, Any]) -> list[str]:
+    raw = body.get("input")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) and t for t in inputs):
+        raise InvalidRequest("'input' must be a non-empty string or list of non-empty strings", param="input")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise InvalidRequest(f"at most {MAX_EMBED_INPUTS} inputs per request", param="input")
+    return inputs
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    model = _model_id(body, request)
+    inputs = _embedding_inputs(body)
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be float or base64", param="encoding_format")
+    async with request.app[STATE].manager.use(model, "embed") as loaded:
+        vectors, tokens = await loaded.engine.embed(inputs)
+    data = []
+    for i, vector in enumerate(np.asarray(vectors, dtype=np.float32)):
+        value: Any = (base64.b64encode(vector.tobytes()).decode() if encoding == "base64"
+                      else [float(x) for x in vector])
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return json_response({"object": "list", "data": data, "model": model,
+                          "usage": {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}})
+
+
+_GEN_BODY: dict[str, Any] = {
+    "type": "object", "required": ["model"],
+    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"},
+                   "max_tokens": {"type": "integer"}, "temperature": {"type": "number"},
+                   "top_p": {"type": "number"}, "top_k": {"type": "integer"}, "min_p": {"type": "number"},
+                   "frequency_penalty": {"type": "number"}, "presence_penalty": {"type": "number"},
+                   "repeat_penalty": {"type": "number"}, "seed": {"type": "integer"},
+                   "stop": {"type": ["string", "array"]}, "logprobs": {"type": ["boolean", "integer"]},
+                   "top_logprobs": {"type": "integer"}}}
+
+_ERRORS = {"400": "invalid request (OpenAI error shape)", "401": "missing or unknown key",
+           "403": "scope or model grant missing", "404": "model not found",
+           "429": "the model's queue is full (Retry-After)", "504": "request deadline passed"}
+
+ROUTES = (
+    Route("GET", "/v1/models", list_models, "infer", "Servable models this key may use (OpenAI).", "inference"),
+    Route("GET", "/v1/models/{model}", get_model, "infer", "One model (OpenAI).", "inference",
+          responses={"200": "OK", "404": "model not found"}),
+    Route("POST", "/v1/chat/completions", chat_completions, "infer",
+          "Chat completion with the model's chat template; `stream` for server-sent events; "
+          "`response_format` json_object/json_schema enforced by a grammar.", "inference",
+          body={**_GEN_BODY, "required": ["model", "messages"],
+                "properties": {**_GEN_BODY["properties"], "messages": {"type": "array"},
+                               "response_format": {"type": "object"}, "stream_options": {"type": "object"}}},
+          responses={"200": "OK", **_ERRORS}, streaming=True),
+    Route("POST", "/v1/completions", completions, "infer", "Text completion; `stream` for server-sent events.",
+          "inference", body={**_GEN_BODY, "required": ["model", "prompt"],
+                             "properties": {**_GEN_BODY["properties"], "prompt": {"type": "string"}}},
+          responses={"200": "OK", **_ERRORS}, streaming=True),
+    Route("POST", "/v1/embeddings", embeddings, "infer", "Embeddings from an encoder model (pooling and "
+          "normalization from the model's configuration).", "inference",
+          body={"type": "object", "required": ["model", "input"],
+                "properties": {"model": {"type": "string"}, "input": {"type": ["string", "array"]},
+                               "encoding_format": {"type": "string", "enum": ["float", "base64"]}}},
+          responses={"200": "OK", **_ERRORS}),
+)

@@ -1,0 +1,757 @@
+"""Continuous-batching generation for GGUF models on llama-cpp-python's low-level API.
+
+Why not the high-level `Llama` object: it evaluates one sequence at a time, so N clients
+share one stream of decodes and aggregate throughput falls as clients are added (see
+FACTS.md: 126 -> 56 tok/s from 1 to 8 clients). Here up to n_parallel sequences advance
+together in every llama_decode, which is how llama.cpp's own server gains ~2x.
+
+Design, in the order a request meets it:
+
+* `generate()` runs on the caller's event loop. It validates (context length, sampling
+  values, grammar), builds the request's C sampler chain and appends to a bounded wait
+  queue; a full queue raises RateLimited at once instead of growing latency without bound.
+* ONE thread owns the llama context (contexts are not thread-safe) and runs the loop:
+  admit queued requests into free slots, build one batch, llama_decode, sample, hand
+  tokens to asyncio with loop.call_soon_threadsafe into the request's asyncio.Queue. The
+  thread never waits on a consumer, so one slow client cannot stall the others; the
+  per-request queue is unbounded, and max_tokens bounds it.
+* A slot is a llama.cpp sequence id with its own KV stream (kv_unified=False): n_ctx is
+  n_ctx_per_slot * n_parallel and one long request cannot starve the others of cache.
+  Each slot remembers the tokens its cache holds. A new request goes to the free slot
+  with the longest common prefix; only the diverging tail is removed
+  (llama_memory_seq_rm from p) and evaluated, and at least the last prompt token is
+  always evaluated again, because its logits are what the first sample needs.
+* Each step spends at most n_batch tokens: first one token for every running decode, then
+  prompt chunks of newcomers with what is left, so a long prompt joining never freezes
+  the streams already flowing.
+* LoRA: llama_set_adapters_lora applies to the whole context, not per sequence. So a step
+  only includes sequences that share one adapter (or none), and steps rotate round-robin
+  between adapter groups. Trade-off: with k groups active each group advances on 1/k of
+  the steps and batches are smaller, and switching makes llama.cpp re-plan its graph;
+  mixing adapters in one decode would need per-sequence adapters in llama.cpp itself. A
+  slot's cached prefix is only reused by a request with the same adapter, since the
+  cache holds activations computed with that adapter. An adapter loads on first use, in
+  the loop thread (other streams pause for that load), and stays loaded until close().
+* Cancellation: a stream whose consumer stops (break, aclose, task cancelled, garbage
+  collected) sets a flag; the loop frees the slot before its next decode. A deadline
+  (time.monotonic) is checked at the same point, queued or running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import llama_cpp
+
+from garrison.engine.llama_sampling import SamplerChain, TextAssembler, log_softmax_row, top_k_indices
+from garrison.engine.types import (
+    ContextLengthExceeded,
+    DeadlineExceeded,
+    EngineClosed,
+    EngineStats,
+    Finish,
+    GenerationRequest,
+    TokenEvent,
+)
+from garrison.errors import ConfigError, InvalidRequest, NotFound, RateLimited, Unavailable
+
+log = logging.getLogger(__name__)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+# What a stream's queue carries: events, then exactly one Finish or one exception.
+_Item = TokenEvent | Finish | BaseException
+
+
+_native_log = logging.getLogger("garrison.llama_cpp")
+_native_verbose = False
+_last_native_level = logging.DEBUG
+# ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
+_GGML_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """Route llama.cpp's log into Python logging with the right levels.
+
+    llama-cpp-python's own callback maps ggml's levels off by one (warnings print as
+    errors, errors are hidden) and writes straight to stderr; a daemon wants real levels
+    in its own log. INFO/DEBUG chatter (hundreds of lines per model load) is dropped
+    early unless verbose, since each line is a C-to-Python call.
+    """
+    global _last_native_level
+    py_level = _last_native_level if level == 5 else _GGML_LEVELS.get(level, logging.INFO)
+    _last_native_level = py_level
+    if py_level < logging.WARNING and not _native_verbose:
+        return
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        _native_log.log(py_level, "%s", message)
+
+
+def _init_backend(verbose: bool) -> None:
+    """llama_backend_init and our log callback, once per process (both are process-global)."""
+    global _backend_ready, _native_verbose
+    _native_verbose = _native_verbose or verbose
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One sequence id of the context and the tokens its KV cache holds, in order."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    adapter_key: tuple[str, float] | None = None
+    last_used: int = 0
+    request: _Request | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    """Engine-side state of one request; touched by the loop thread only, except `cancelled`."""
+
+    rid: int
+    req: GenerationRequest
+    chain: SamplerChain
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[_Item]
+    adapter_key: tuple[str, float] | None
+    assembler: TextAssembler
+    cancelled: bool = False
+    done: bool = False
+    holds_slot: bool = False
+    slot: _Slot | None = None
+    to_eval: list[int] = field(default_factory=list)
+    next_token: int | None = None
+    out_idx: int = -1
+    n_generated: int = 0
+    cached: int = 0
+
+
+class GenerationStream:
+    """Async iterator over one request: TokenEvent items, then one Finish, then it stops.
+
+    Errors after admission (DeadlineExceeded, EngineClosed, a bad LoRA file) are raised
+    from iteration. Stopping early is always safe: `break` out of `async for`, `aclose()`,
+    cancelling the consuming task or dropping the stream all free the slot within one
+    decode step. `finish` holds the Finish once it has been yielded.
+    """
+
+    def __init__(self, engine: LlamaEngine, state: _Request) -> None:
+        self._engine = engine
+        self._state = state
+        self._ended = False
+        self.finish: Finish | None = None
+
+    @property
+    def request_id(self) -> int:
+        return self._state.rid
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent | Finish:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            item = await self._state.queue.get()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        if isinstance(item, TokenEvent):
+            return item
+        self._ended = True
+        if isinstance(item, Finish):
+            self.finish = item
+            return item
+        raise item
+
+    def cancel(self) -> None:
+        """Ask the loop to drop this request; idempotent and safe from any thread."""
+        if not self._ended:
+            self._ended = True
+            self._engine._cancel(self._state)
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        # A consumer that just drops the stream (client disconnected, handler returned)
+        # must not keep a slot busy until max_tokens.
+        if not self._ended:
+            self._state.cancelled = True
+
+
+class LlamaEngine:
+    """Serves one GGUF model to many concurrent requests; see the module docstring.
+
+    n_ctx_per_slot is rounded up by llama.cpp to a multiple of 256; the property gives the
+    effective value. n_gpu_layers=0 keeps everything on the CPU (and is what a CPU-only
+    build does whatever the value). Call close() to stop the loop thread and free memory.
+    """
+
+    def __init__(self, model_path: str | Path, *, n_ctx_per_slot: int = 2048, n_parallel: int = 4,
+                 n_batch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 max_queue: int = 64, verbose: bool = False) -> None:
+        if n_parallel < 1 or n_ctx_per_slot < 16 or max_queue < 0:
+            raise ConfigError("n_parallel >= 1, n_ctx_per_slot >= 16 and max_queue >= 0 are required")
+        if n_batch < n_parallel:
+            # Every running sequence must fit one step, or decodes would starve each other.
+            raise ConfigError(f"n_batch ({n_batch}) must be >= n_parallel ({n_parallel})")
+        path = Path(model_path)
+        if not path.is_file():
+            raise NotFound(f"model file not found: {path}")
+        _init_backend(verbose)
+        self.model_path = path
+        self.n_parallel = n_parallel
+        self.n_batch = n_batch
+        self.max_queue = max_queue
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model: Any = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise ConfigError(f"llama.cpp could not load {path} (not a GGUF model, or an unsupported architecture)")
+        self._ctx: Any = None
+        self._batch: Any = None
+        try:
+            self._vocab: Any = llama_cpp.llama_model_get_vocab(self._model)
+            self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = n_ctx_per_slot * n_parallel
+            cparams.n_batch = n_batch
+            cparams.n_ubatch = n_batch
+            cparams.n_seq_max = n_parallel
+            cparams.kv_unified = False
+            threads = n_threads or max(1, min(8, _cpu_count()))
+            cparams.n_threads = threads
+            cparams.n_threads_batch = threads
+            cparams.no_perf = True
+            self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+            if not self._ctx:
+                raise ConfigError(f"llama.cpp could not create a context for {path} "
+                                  f"(n_ctx={cparams.n_ctx}: not enough memory?)")
+            self._n_ctx_slot = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+            self._mem: Any = llama_cpp.llama_get_memory(self._ctx)
+            self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        except BaseException:
+            self._free_native()
+            raise
+        self._chat_template = self._meta("tokenizer.chat_template")
+        self._bos_id = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self._eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
+
+        self._slots = [_Slot(seq_id=i) for i in range(n_parallel)]
+        self._adapters: dict[str, Any] = {}
+        self._current_adapter: tuple[str, float] | None = None
+        self._rr = 0
+        self._ids = count(1)
+        self._cond = threading.Condition()
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._active: list[_Request] = []
+        self._n_busy = 0  # slots taken, counted under _cond from the moment of admission
+        self._closed = False
+        self._tokens_generated = 0
+        self._prompt_evaluated = 0
+        self._prompt_reused = 0
+        self._finished = 0
+        self._steps = 0
+        self._thread = threading.Thread(target=self._run, name=f"llama-engine:{path.name}", daemon=True)
+        self._thread.start()
+
+    # -- model facts -------------------------------------------------------------------
+
+    @property
+    def n_ctx_per_slot(self) -> int:
+        return self._n_ctx_slot
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template from the GGUF metadata, if the model ships one."""
+        return self._chat_template
+
+    @property
+    def bos_token(self) -> str:
+        return self._token_text(self._bos_id)
+
+    @property
+    def eos_token(self) -> str:
+        return self._token_text(self._eos_id)
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos_id
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Text to token ids (llama_tokenize reads only the vocabulary: safe beside the loop)."""
+        self._check_open()
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        while True:
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+
+    def token_piece(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes of one token (a byte-fallback token may be half a character)."""
+        self._check_open()
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return bytes(buf.raw[:n])
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Token ids to text; control tokens are left out unless special."""
+        return b"".join(self.token_piece(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    # -- requests ----------------------------------------------------------------------
+
+    def generate(self, req: GenerationRequest) -> GenerationStream:
+        """Queue one request and return its stream; must be called on the event loop that reads it.
+
+        Raises at once, before any token: ContextLengthExceeded, InvalidRequest (bad
+        tokens, sampling values or grammar), NotFound (LoRA file), RateLimited (queue full),
+        EngineClosed.
+        """
+        loop = asyncio.get_running_loop()
+        params = req.params
+        params.validate()
+        prompt = list(req.prompt_tokens)
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if min(prompt) < 0 or max(prompt) >= self.n_vocab:
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.n_vocab})", param="prompt")
+        needed = len(prompt) + params.max_tokens
+        if needed > self._n_ctx_slot:
+            raise ContextLengthExceeded(
+                f"this model's context per request is {self._n_ctx_slot} tokens; the prompt has "
+                f"{len(prompt)} tokens and max_tokens is {params.max_tokens} ({needed} in all). "
+                "Shorten the prompt or lower max_tokens.", param="messages",
+                details={"context_per_request": self._n_ctx_slot, "prompt_tokens": len(prompt),
+                         "max_tokens": params.max_tokens})
+        adapter_key: tuple[str, float] | None = None
+        if req.lora_path is not None and req.lora_scale != 0:
+            lora = Path(req.lora_path)
+            if not lora.is_file():
+                raise NotFound(f"LoRA adapter not found: {lora}", param="model")
+            adapter_key = (str(lora.resolve()), float(req.lora_scale))
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if self._waiting_locked() >= self.max_queue:
+                raise RateLimited(f"the generation queue is full ({self.max_queue} waiting); retry shortly",
+                                  retry_after_s=self._retry_after_locked())
+        chain = SamplerChain(self._vocab, self.n_vocab, params, prompt)
+        state = _Request(rid=next(self._ids), req=req, chain=chain, loop=loop, queue=asyncio.Queue(),
+                         adapter_key=adapter_key, assembler=TextAssembler(params.stop), to_eval=prompt)
+        with self._cond:
+            if self._closed:
+                chain.free()
+                raise EngineClosed("the engine is closed")
+            self._pending.append(state)
+            self._cond.notify()
+        return GenerationStream(self, state)
+
+    def stats(self) -> EngineStats:
+        """A consistent-enough snapshot for metrics (counters are written by the loop thread only)."""
+        with self._cond:
+            queued = len(self._pending)
+            busy = self._n_busy
+        return EngineStats(
+            n_parallel=self.n_parallel,
+            active_slots=busy,
+            queued_requests=queued,
+            tokens_generated=self._tokens_generated,
+            prompt_tokens_evaluated=self._prompt_evaluated,
+            prompt_tokens_reused=self._prompt_reused,
+            requests_finished=self._finished,
+            decode_steps=self._steps,
+        )
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the loop (pending and running requests get EngineClosed) and free native memory."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._free_native()
+
+    async def aclose(self) -> None:
+        """close() without blocking the event loop while the current decode step finishes."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def __enter__(self) -> LlamaEngine:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- caller-side helpers -----------------------------------------------------------
+
+    def _cancel(self, state: _Request) -> None:
+        state.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def _waiting_locked(self) -> int:
+        """Requests that will not find a free slot at the next admission: the real queue."""
+        return max(0, self._n_busy + len(self._pending) - self.n_parallel)
+
+    def _retry_after_locked(self) -> float:
+        # A rough hint: the queue drains about n_parallel requests per request duration.
+        return float(max(1, round(len(self._pending) / self.n_parallel)))
+
+    def _check_open(self) -> None:
+        # The vocabulary lives in the model: after close() a native call would crash.
+        if self._model is None:
+            raise EngineClosed("the engine is closed")
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return bytes(buf.raw[:n]).decode("utf-8", errors="replace")
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    # -- the loop thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._pending and not self._active:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    admitted = self._take_pending_locked()
+                try:
+                    for state in admitted:
+                        self._admit(state)
+                    self._reap_active()
+                    if self._active:
+                        self._step()
+                except Exception as err:  # a bug or a native failure: fail what is running, keep serving
+                    log.exception("llama engine step failed")
+                    for state in [*admitted, *self._active]:
+                        self._fail(state, Unavailable(f"generation failed: {err}"), reset_slot=True)
+        finally:
+            with self._cond:
+                self._closed = True
+                leftovers = list(self._pending) + list(self._active)
+                self._pending.clear()
+            for state in leftovers:
+                self._fail(state, EngineClosed("the engine was closed"), reset_slot=False)
+
+    def _take_pending_locked(self) -> list[_Request]:
+        """Drop cancelled / expired queued requests; pop as many as there are free slots."""
+        now = time.monotonic()
+        keep: collections.deque[_Request] = collections.deque()
+        for state in self._pending:
+            if state.cancelled:
+                self._release(state)
+            elif state.req.deadline is not None and now >= state.req.deadline:
+                self._fail(state, DeadlineExceeded("the request's deadline passed while it was queued"),
+                           reset_slot=False)
+            else:
+                keep.append(state)
+        self._pending = keep
+        taken = [self._pending.popleft() for _ in range(min(self.n_parallel - self._n_busy, len(self._pending)))]
+        for state in taken:
+            state.holds_slot = True
+        self._n_busy += len(taken)
+        return taken
+
+    def _admit(self, state: _Request) -> None:
+        """Bind a request to the free slot sharing the longest prefix; trim that slot's cache."""
+        prompt = state.to_eval
+        best: _Slot | None = None
+        best_common = -1
+        for slot in self._slots:
+            if slot.request is not None:
+                continue
+            common = _common_prefix(slot.tokens, prompt) if slot.adapter_key == state.adapter_key else 0
+            # Ties go to the least recently used slot, keeping fresher caches for later.
+            if common > best_common or (common == best_common and best is not None
+                                        and slot.last_used < best.last_used):
+                best, best_common = slot, common
+        assert best is not None, "admitted without a free slot"
+        slot = best
+        try:
+            if state.adapter_key is not None:
+                self._load_adapter(state.adapter_key[0])
+        except InvalidRequest as err:
+            self._fail(state, err, reset_slot=False)
+            return
+        # The last prompt token is always evaluated again: its logits feed the first sample.
+        common = min(best_common, len(prompt) - 1)
+        if slot.adapter_key != state.adapter_key:
+            common = 0
+        if not llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, common, -1):
+            # Some memories (recurrent models) cannot drop a tail: start the slot over.
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            common = 0
+        del slot.tokens[common:]
+        slot.adapter_key = state.adapter_key
+        slot.request = state
+        state.slot = slot
+        state.to_eval = prompt[common:]
+        state.cached = common
+        self._prompt_reused += common
+        self._active.append(state)
+
+    def _reap_active(self) -> None:
+        now = time.monotonic()
+        for state in list(self._active):
+            if state.cancelled:
+                self._release(state)
+            elif state.req.deadline is not None and now >= state.req.deadline:
+                self._fail(state, DeadlineExceeded("the request's deadline passed during generation"),
+                           reset_slot=False)
+
+    def _pick_group(self) -> list[_Request]:
+        """The requests of one adapter group, rotating between groups step by step."""
+        groups: dict[tuple[str, float] | None, list[_Request]] = {}
+        for state in self._active:
+            groups.setdefault(state.adapter_key, []).append(state)
+        keys = list(groups)
+        key = keys[self._rr % len(keys)]
+        self._rr += 1
+        if key != self._current_adapter:
+            self._apply_adapter(key)
+        return groups[key]
+
+    def _step(self) -> None:
+        group = self._pick_group()
+        batch = self._batch
+        n = 0
+        budget = self.n_batch
+        chunks: list[tuple[_Request, int]] = []
+        for state in group:
+            state.out_idx = -1
+            if state.next_token is not None:
+                slot = state.slot
+                assert slot is not None
+                self._batch_put(n, state.next_token, len(slot.tokens), slot.seq_id, True)
+                state.out_idx = n
+                n += 1
+        for state in group:
+            if state.next_token is not None or not state.to_eval or n >= budget:
+                continue
+            slot = state.slot
+            assert slot is not None
+            take = min(len(state.to_eval), budget - n)
+            last = take == len(state.to_eval)
+            base = len(slot.tokens)
+            for j in range(take):
+                self._batch_put(n, state.to_eval[j], base + j, slot.seq_id, last and j == take - 1)
+                n += 1
+            if last:
+                state.out_idx = n - 1
+            chunks.append((state, take))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        self._steps += 1
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for state in group:
+            slot = state.slot
+            assert slot is not None
+            if state.next_token is not None and state.out_idx >= 0:
+                slot.tokens.append(state.next_token)
+                state.next_token = None
+        for state, take in chunks:
+            slot = state.slot
+            assert slot is not None
+            slot.tokens.extend(state.to_eval[:take])
+            del state.to_eval[:take]
+            self._prompt_evaluated += take
+        for state in group:
+            if state.out_idx >= 0 and not state.done:
+                self._sample(state, state.out_idx)
+
+    def _batch_put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = 1 if logits else 0
+
+    def _sample(self, state: _Request, idx: int) -> None:
+        params = state.req.params
+        logprob: float | None = None
+        top: list[tuple[str, float]] | None = None
+        lp = None
+        if params.logprobs or params.top_logprobs:
+            # Read the raw logits before sampling: the chain rewrites its own copy, not these.
+            lp = log_softmax_row(llama_cpp.llama_get_logits_ith(self._ctx, idx), self.n_vocab)
+        token = state.chain.sample(self._ctx, idx)
+        slot = state.slot
+        assert slot is not None
+        slot.last_used = self._steps
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(state, "stop")
+            return
+        state.n_generated += 1
+        self._tokens_generated += 1
+        if lp is not None:
+            logprob = float(lp[token])
+            if params.top_logprobs:
+                top = [(self.token_piece(t).decode("utf-8", errors="replace"), float(lp[t]))
+                       for t in top_k_indices(lp, params.top_logprobs)]
+        text, stopped = state.assembler.push(self.token_piece(token))
+        if stopped:
+            self._emit(state, TokenEvent(text, token, logprob, top))
+            self._finish(state, "stop", flush=False)
+            return
+        if state.n_generated >= params.max_tokens:
+            text += state.assembler.flush()
+            self._emit(state, TokenEvent(text, token, logprob, top))
+            self._finish(state, "length")
+            return
+        self._emit(state, TokenEvent(text, token, logprob, top))
+        state.next_token = token
+
+    def _emit(self, state: _Request, item: _Item) -> None:
+        try:
+            state.loop.call_soon_threadsafe(state.queue.put_nowait, item)
+        except RuntimeError:
+            # The consumer's event loop is closed: nobody will read this stream again.
+            state.cancelled = True
+
+    def _finish(self, state: _Request, reason: str, flush: bool = True) -> None:
+        tail = state.assembler.flush() if flush else ""
+        prompt_len = len(state.req.prompt_tokens)
+        # Counters and the slot first: a consumer that sees Finish sees them settled.
+        self._finished += 1
+        self._release(state)
+        self._emit(state, Finish(finish_reason="stop" if reason == "stop" else "length", prompt_tokens=prompt_len,
+                                 completion_tokens=state.n_generated, cached_tokens=state.cached, text=tail))
+
+    def _fail(self, state: _Request, err: BaseException, *, reset_slot: bool) -> None:
+        if state.done:
+            return
+        if reset_slot and state.slot is not None:
+            # After a failed decode the cache contents are uncertain: forget this slot's history.
+            llama_cpp.llama_memory_seq_rm(self._mem, state.slot.seq_id, -1, -1)
+            state.slot.tokens.clear()
+        self._release(state)
+        self._emit(state, err)
+
+    def _release(self, state: _Request) -> None:
+        """Free the slot (its cache stays, for prefix reuse) and the sampler chain."""
+        if state.done:
+            return
+        state.done = True
+        state.chain.free()
+        if state.holds_slot:
+            state.holds_slot = False
+            with self._cond:
+                self._n_busy -= 1
+        if state.slot is not None:
+            state.slot.request = None
+            state.slot = None
+        if state in self._active:
+            self._active.remove(state)
+
+    def _load_adapter(self, path: str) -> Any:
+        adapter = self._adapters.get(path)
+        if adapter is None:
+            adapter = llama_cpp.llama_adapter_lora_init(self._model, path.encode())
+            if not adapter:
+                raise InvalidRequest(f"llama.cpp could not load the LoRA adapter {path} "
+                                     "(not a GGUF LoRA, or made for another base model)", code="invalid_lora")
+            self._adapters[path] = adapter
+        return adapter
+
+    def _apply_adapter(self, key: tuple[str, float] | None) -> None:
+        if key is None:
+            llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[key[0]])
+            scales = (ctypes.c_float * 1)(key[1])
+            llama_cpp.llama_set_adapters_lora(self._ctx, arr, 1, scales)
+        self._current_adapter = key
+
+    def _free_native(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        for adapter in getattr(self, "_adapters", {}).values():
+            llama_cpp.llama_adapter_lora_free(adapter)
+        if hasattr(self, "_adapters"):
+            self._adapters.clear()
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def iter_slots(self) -> Iterator[tuple[int, int, bool]]:
+        """(seq_id, cached tokens, busy) per slot, for debugging and tests."""
+        for slot in self._slots:
+            yield slot.seq_id, len(slot.tokens), slot.request is not None
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -1,0 +1,177 @@
+"""Per-request sampling on llama.cpp's C sampler chain, plus the pieces around it.
+
+Sampling stays in C (one chain per request) because a Python sampler over a 32k-150k
+vocabulary would cost more per token than the decode of a small model. Python only
+computes log-probabilities, and only for requests that ask for them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from garrison.engine.types import SamplingParams
+from garrison.errors import InvalidRequest
+
+
+class InvalidGrammar(InvalidRequest):
+    """llama.cpp could not parse the GBNF grammar (or the schema converted to one)."""
+
+    code = "invalid_grammar"
+
+
+def json_schema_grammar(schema: dict[str, Any] | str) -> str:
+    """GBNF for a JSON schema (response_format json_schema), via llama-cpp-python's converter.
+
+    Unsupported schema constructs surface as InvalidGrammar rather than a 500, since they
+    are the caller's input.
+    """
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    try:
+        return str(json_schema_to_gbnf(text))
+    except (ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as err:
+        raise InvalidGrammar(f"cannot convert the JSON schema to a grammar: {err}", param="response_format") from err
+
+
+class SamplerChain:
+    """Owns one llama_sampler chain; built per request, freed when the request ends.
+
+    Creating it needs only the vocabulary (not the context), so the engine builds it on
+    the caller's thread and a bad grammar is rejected before the request is queued.
+    """
+
+    def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams, prompt_tokens: Sequence[int]) -> None:
+        self._ptr: Any = None
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        chain = llama_cpp.llama_sampler_chain_init(chain_params)
+        if not chain:
+            raise MemoryError("llama_sampler_chain_init failed")
+        self._ptr = chain
+        # Grammar first: every later sampler then works on allowed tokens only, so top_k /
+        # top_p cannot leave the grammar with nothing to pick.
+        if params.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                self.free()
+                raise InvalidGrammar("llama.cpp could not parse the grammar", param="grammar")
+            llama_cpp.llama_sampler_chain_add(chain, grammar)
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                n_vocab, params.penalty_last_n, params.repeat_penalty, params.frequency_penalty,
+                params.presence_penalty)
+            # The penalty window covers the prompt tail too, as in llama.cpp's server, so a
+            # repeat penalty also discourages echoing the prompt. Fed before joining the
+            # chain: accepting on the chain would also advance the grammar.
+            if params.penalty_last_n:
+                for tok in prompt_tokens[-params.penalty_last_n:]:
+                    llama_cpp.llama_sampler_accept(penalties, tok)
+            llama_cpp.llama_sampler_chain_add(chain, penalties)
+        if params.temperature == 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        if params.temperature != 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        # llama.cpp treats 0xFFFFFFFF as "pick a random seed"; keep explicit seeds below it.
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed % 0xFFFFFFFF))
+
+    def sample(self, ctx: Any, idx: int) -> int:
+        """Pick the token for output row idx of the last decode; the chain accepts it itself."""
+        return int(llama_cpp.llama_sampler_sample(self._ptr, ctx, idx))
+
+    def free(self) -> None:
+        """Release the C chain (and the samplers it owns); safe to call twice."""
+        if self._ptr:
+            llama_cpp.llama_sampler_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        self.free()
+
+
+def log_softmax_row(logits_ptr: Any, n_vocab: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """Log-probabilities of the model's raw distribution for one output row.
+
+    Taken before penalties/temperature: OpenAI's logprobs describe the model, not the
+    sampler settings. float64 so that tiny probabilities do not round to -inf.
+    """
+    row = np.ctypeslib.as_array(ctypes.cast(logits_ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+    x = row.astype(np.float64)
+    x -= x.max()
+    x -= np.log(np.exp(x).sum())
+    return x
+
+
+def top_k_indices(logprobs: np.ndarray[Any, np.dtype[np.float64]], k: int) -> list[int]:
+    """The k most likely token ids, most likely first (argpartition: O(n), not a full sort)."""
+    if k <= 0:
+        return []
+    k = min(k, logprobs.shape[0])
+    part = np.argpartition(-logprobs, k - 1)[:k]
+    return [int(i) for i in part[np.argsort(-logprobs[part], kind="stable")]]
+
+
+class TextAssembler:
+    """Turns token pieces into releasable text: whole UTF-8 characters, never stop-string text.
+
+    Byte-fallback tokens split one character over several tokens, so bytes go through an
+    incremental UTF-8 decoder. Text that could be the start of a stop string is held
+    back until the next pieces prove it is not, so a stop string never leaks to a client
+    even when it spans token boundaries.
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = tuple(stop)
+        self._held = ""
+
+    def push(self, piece: bytes) -> tuple[str, bool]:
+        """Add one token's bytes; return (text now safe to emit, whether a stop string matched).
+
+        On a match, the returned text is everything before the stop string and the rest
+        is dropped.
+        """
+        self._held += self._decoder.decode(piece)
+        if not self._stop:
+            out, self._held = self._held, ""
+            return out, False
+        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            out = self._held[:min(hits)]
+            self._held = ""
+            return out, True
+        keep = self._partial_suffix(self._held)
+        cut = len(self._held) - keep
+        out, self._held = self._held[:cut], self._held[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """The held-back text at the end of generation (it did not turn into a stop string)."""
+        out = self._held + self._decoder.decode(b"", final=True)
+        self._held = ""
+        return out
+
+    def _partial_suffix(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self._stop:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

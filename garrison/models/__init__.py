@@ -1,0 +1,1 @@
+"""Models the appliance holds: imported or built artifacts, each hashed into a manifest."""

@@ -1,0 +1,241 @@
+"""OpenAI's request and response shapes, translated to and from the engines' types.
+
+Kept apart from the HTTP handlers so the translation is pure and testable: a request body
+becomes (prompt text, SamplingParams); engine events become OpenAI objects and chunks.
+Field checks name the offending field, as OpenAI's own errors do.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from garrison.engine.types import Finish, SamplingParams, TokenEvent
+from garrison.errors import InvalidRequest
+
+MAX_STOP = 4
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"'{name}' must be a number", param=name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g}", param=name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{name}' must be a whole number", param=name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low} and {high}", param=name)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+        raise InvalidRequest(f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings",
+                             param="stop")
+    return tuple(stop)
+
+
+def _grammar(body: dict[str, Any]) -> str | None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequest("'response_format.type' must be text, json_object or json_schema",
+                             param="response_format")
+    if fmt["type"] == "text":
+        return None
+    from garrison.engine.llama_sampling import json_schema_grammar
+
+    if fmt["type"] == "json_object":
+        return json_schema_grammar({"type": "object"})
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise InvalidRequest("'response_format.json_schema.schema' must be a JSON schema object",
+                             param="response_format")
+    return json_schema_grammar(spec["schema"])
+
+
+def sampling_params(body: dict[str, Any], *, default_max_tokens: int) -> SamplingParams:
+    logprobs = body.get("logprobs")
+    top_logprobs = _integer(body, "top_logprobs", 0, 0, 20) or 0
+    if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # /v1/completions: an integer
+        if not 0 <= logprobs <= 5:
+            raise InvalidRequest("'logprobs' must be between 0 and 5", param="logprobs")
+        top_logprobs, logprobs = logprobs, True
+    elif logprobs is not None and not isinstance(logprobs, bool):
+        raise InvalidRequest("'logprobs' must be true or false", param="logprobs")
+    n = _integer(body, "n", 1, 1, 1)
+    del n  # only n=1: several choices would multiply the cost of one request silently
+    max_tokens = _integer(body, "max_completion_tokens", None, 1, 1 << 20)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", default_max_tokens, 1, 1 << 20)
+    seed = _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)
+    return SamplingParams(
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+        top_k=int(_number(body, "top_k", 0, 0, 1 << 20)),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.01, 10.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        seed=None if seed is None else seed & 0xFFFFFFFF,
+        max_tokens=int(max_tokens or default_max_tokens),
+        stop=_stop(body),
+        logprobs=bool(logprobs),
+        top_logprobs=top_logprobs,
+        grammar=_grammar(body),
+    )
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    out: list[dict[str, str]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant",
+                                                                          "tool"):
+            raise InvalidRequest(f"messages[{i}] needs a role of system, user, assistant or tool",
+                                 param=f"messages[{i}].role")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+                raise InvalidRequest(f"messages[{i}].content: only text parts are supported",
+                                     param=f"messages[{i}].content")
+            content = "".join(t for t in texts if isinstance(t, str))
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        role = "system" if message["role"] == "developer" else message["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render_chat(template: str | None, messages: list[dict[str, str]], *, bos_token: str, eos_token: str) -> str:
+    """The model's own chat template, in a sandbox: a template is data from a model file, not code we trust."""
+    if not template:
+        raise InvalidRequest("this model has no chat template; use /v1/completions with a plain prompt",
+                             param="model", code="no_chat_template")
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise InvalidRequest(f"the model's chat template refused the messages: {message}", param="messages")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                                add_generation_prompt=True)
+    except TemplateError as exc:
+        raise InvalidRequest(f"the model's chat template failed: {exc}", param="model",
+                             code="chat_template_error") from None
+
+
+def completion_prompt(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidRequest("'prompt' must be a non-empty string", param="prompt")
+    return prompt
+
+
+@dataclass
+class Collected:
+    text: str
+    finish: Finish
+    logprobs: list[TokenEvent]
+
+
+def usage(finish: Finish) -> dict[str, Any]:
+    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
+            "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": finish.cached_tokens}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def chat_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
+    return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                                          for t, lp in (e.top_logprobs or [])]} for e in events]}
+
+
+def completion_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
+    offsets, pos = [], 0
+    for e in events:
+        offsets.append(pos)
+        pos += len(e.text)
+    return {"tokens": [e.text for e in events], "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [dict(e.top_logprobs or []) for e in events], "text_offset": offsets}
+
+
+def chat_response(rid: str, model: str, collected: Collected, want_logprobs: bool) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": "garrison",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": collected.text},
+                         "logprobs": chat_logprobs(collected.logprobs) if want_logprobs else None,
+                         "finish_reason": collected.finish.finish_reason}],
+            "usage": usage(collected.finish)}
+
+
+def completion_response(rid: str, model: str, collected: Collected, want_logprobs: bool) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": "garrison",
+            "choices": [{"index": 0, "text": collected.text,
+                         "logprobs": completion_logprobs(collected.logprobs) if want_logprobs else None,
+                         "finish_reason": collected.finish.finish_reason}],
+            "usage": usage(collected.finish)}
+
+
+ChunkMaker = Callable[[str, str, str | None, TokenEvent | None], dict[str, Any]]
+
+
+def chat_chunk(rid: str, model: str, created: int, text: str | None, finish_reason: str | None,
+               event: TokenEvent | None = None, *, first: bool = False) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if first:
+        delta["role"] = "assistant"
+    if text is not None:
+        delta["content"] = text
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    if event is not None and event.logprob is not None:
+        choice["logprobs"] = chat_logprobs([event])
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "garrison", "choices": [choice]}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str | None, finish_reason: str | None,
+                     event: TokenEvent | None = None, *, first: bool = False) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    if event is not None and event.logprob is not None:
+        choice["logprobs"] = completion_logprobs([event])
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": "garrison", "choices": [choice]}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,253 @@
+"""Tiny but real models, built offline from the built-in corpus.
+
+Nothing can be downloaded on the appliance, so the default model of `garrison quickstart`,
+the test fixtures and the benchmarks build their models here: a Llama with a SentencePiece
+tokenizer (the one llama.cpp's converter accepts), a BERT encoder for embeddings, and a
+Llama with a freshly trained byte-level BPE tokenizer (the one it refuses). Each build is
+seeded and cached by `ensure_model`, keyed by BUILDER_VERSION, so a change here rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from garrison.training.corpus import PARAGRAPHS, corpus_lines, corpus_text
+
+BUILDER_VERSION = "4"
+
+# Zephyr-style: plain-text role markers, so any tokenizer handles it, and </s> ends a turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+CHAT_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("Hello", "Hello! How can I help you today?"),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is Garrison?", "Garrison is an appliance that runs language models on the customer's own machine."),
+    ("Count to five", "One, two, three, four, five."),
+    ("What is a job?", "A job is a row in the catalog."),
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    context: int = 512
+    vocab: int = 512
+    train_steps: int = 150
+    seed: int = 0
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _train_sentencepiece(work: Path, vocab: int) -> Path:
+    import sentencepiece as spm
+
+    text_file = work / "corpus.txt"
+    text_file.write_text(corpus_text(), encoding="utf-8")
+    prefix = work / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab,
+        byte_fallback=True, hard_vocab_limit=False, character_coverage=1.0, split_digits=True,
+        user_defined_symbols=["<|user|>", "<|assistant|>", "<|system|>"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False)
+    return prefix.with_suffix(".model")
+
+
+def _training_texts(tokenizer: Any) -> list[str]:
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                           tokenize=False) for q, a in CHAT_EXAMPLES]
+    return chats + list(PARAGRAPHS) + corpus_lines()
+
+
+def _train_causal_lm(model: Any, tokenizer: Any, spec: TinySpec) -> None:
+    """A few steps on the corpus, so generations look like text and perplexity means something."""
+    import torch
+
+    texts = _training_texts(tokenizer)
+    ids = [tokenizer(t, add_special_tokens=not t.startswith(tokenizer.bos_token or "\0"))["input_ids"][:128]
+           for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    gen = torch.Generator().manual_seed(spec.seed)
+    for _ in range(spec.train_steps):
+        order = torch.randperm(len(ids), generator=gen)[:8].tolist()
+        batch = [ids[i] for i in order]
+        width = max(len(b) for b in batch)
+        pad = tokenizer.eos_token_id
+        input_ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
+        mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+        labels = input_ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def build_tiny_llama(out: Path, spec: TinySpec | None = None) -> Path:
+    """LlamaForCausalLM + SentencePiece (bpe, byte_fallback) + chat template, via save_pretrained.
+
+    The fast tokenizer is saved too (tokenizer.json beside tokenizer.model), so the ONNX engine
+    can tokenize with `tokenizers` alone, without transformers or torch in the daemon.
+    """
+    from transformers import LlamaTokenizerFast
+
+    spec = spec or TinySpec()
+    _seed(spec.seed)
+    work = tempfile.mkdtemp(prefix="garrison-spm-")
+    try:
+        sp_model = _train_sentencepiece(Path(work), spec.vocab)
+        # The fast tokenizer keeps vocab_file and copies it on save: the folder must outlive save_pretrained.
+        tokenizer = LlamaTokenizerFast(vocab_file=str(sp_model), legacy=False, add_bos_token=True,
+                                       add_eos_token=False, clean_up_tokenization_spaces=False)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        _build_llama(out, tokenizer, spec)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _build_llama(out: Path, tokenizer: Any, spec: TinySpec) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.context, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(config)
+    _train_causal_lm(model, tokenizer, spec)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny_bpe_llama(out: Path, spec: TinySpec | None = None) -> Path:
+    """A Llama whose byte-level BPE vocabulary llama.cpp cannot identify: the converter refuses it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    spec = spec or TinySpec()
+    _seed(spec.seed)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([corpus_text(repeat=2)], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                         num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.context,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _wordpiece_vocab() -> list[str]:
+    words: set[str] = set()
+    chars: set[str] = set()
+    for line in corpus_lines():
+        for raw in line.lower().replace("\n", " ").split():
+            word = "".join(c if c.isalnum() else " " for c in raw).split()
+            words.update(word)
+            chars.update(c for c in raw)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return special + sorted(chars) + ["##" + c for c in sorted(chars)] + sorted(words - chars)
+
+
+def build_tiny_bert(out: Path, spec: TinySpec | None = None) -> Path:
+    """A BERT encoder for /v1/embeddings, with sentence-transformers pooling files (mean, normalized)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    spec = spec or TinySpec()
+    _seed(spec.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        vocab_file = Path(work) / "vocab.txt"
+        vocab_file.write_text("\n".join(_wordpiece_vocab()) + "\n", encoding="utf-8")
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                        num_attention_heads=spec.heads, intermediate_size=spec.intermediate,
+                        max_position_embeddings=spec.context)
+    BertModel(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=2))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": spec.hidden, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}, indent=2))
+    return out
+
+
+BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-llama": build_tiny_llama,
+    "tiny-bert": build_tiny_bert,
+    "tiny-bpe-llama": build_tiny_bpe_llama,
+}
+
+
+def ensure_model(name: str, root: Path) -> Path:
+    """Build `name` once under root/BUILDER_VERSION/name; concurrent callers and crashes leave no half model."""
+    import fcntl
+
+    if name not in BUILDERS:
+        raise KeyError(f"unknown tiny model {name!r}; choose from {', '.join(BUILDERS)}")
+    base = root / BUILDER_VERSION
+    final = base / name
+    if (final / ".complete").exists():
+        return final
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / ".complete").exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=base))
+        try:
+            BUILDERS[name](tmp)
+            (tmp / ".complete").write_text(BUILDER_VERSION)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def ensure_gguf(model_dir: Path, outtype: str = "f16") -> Path:
+    """The model converted once by llama.cpp's reference converter, cached beside it."""
+    from garrison.converters.hf_to_gguf import convert_hf_to_gguf
+
+    out = model_dir.parent / f"{model_dir.name}.{outtype}.gguf"
+    if not out.exists():
+        convert_hf_to_gguf(model_dir, out, outtype)
+    return out
