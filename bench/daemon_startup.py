@@ -71,7 +71,7 @@ def main() -> None:
     summary = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     OUT.mkdir(exist_ok=True)
     (OUT / "daemon_startup.json").write_text(json.dumps({"runs": runs, "median": summary}, indent=2))
-    table = ["| measure (median of %d) | value |" % args.runs, "|---|---|",
+    table = [f"| measure (median of {args.runs}) | value |", "|---|---|",
              f"| exec -> READY=1 | {summary['ready_s'] * 1000:.0f} ms |",
              f"| exec -> first /health 200 | {summary['healthy_s'] * 1000:.0f} ms |",
              f"| idle RSS | {summary['idle_rss_mib']:.1f} MiB |"]

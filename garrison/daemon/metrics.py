@@ -49,7 +49,7 @@ class _ModelCollector(Collector):
         self.manager = manager
 
     def collect(self) -> Iterator[Metric]:
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "active_slots": GaugeMetricFamily("garrison_model_active_slots",
                                               "Sequences generating now, per loaded model.", labels=["model"]),
             "queued_requests": GaugeMetricFamily("garrison_model_queued_requests",

@@ -378,7 +378,8 @@ class LlamaEngine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            if self._waiting_locked() >= self.max_queue:
+            # Admit when a slot is free or the queue has room; max_queue=0 means "never wait".
+            if self._n_busy + len(self._pending) >= self.n_parallel and self._waiting_locked() >= self.max_queue:
                 raise RateLimited(f"the generation queue is full ({self.max_queue} waiting); retry shortly",
                                   retry_after_s=self._retry_after_locked())
         chain = SamplerChain(self._vocab, self.n_vocab, params, prompt)

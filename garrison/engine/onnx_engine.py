@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -410,7 +410,7 @@ class OnnxDecoderEngine:
 
     # -- generation ------------------------------------------------------------------------
 
-    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | Finish]:
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenEvent | Finish, None]:
         """Validate now and return the request's stream: TokenEvent items, then one Finish.
 
         Raises at once, before any token: ContextLengthExceeded, InvalidSamplingParams,
@@ -444,7 +444,7 @@ class OnnxDecoderEngine:
             raise RateLimited(f"the generation queue is full ({self.max_queue} waiting); retry shortly")
         return self._stream(req, prompt)
 
-    async def _stream(self, req: GenerationRequest, prompt: list[int]) -> AsyncIterator[TokenEvent | Finish]:
+    async def _stream(self, req: GenerationRequest, prompt: list[int]) -> AsyncGenerator[TokenEvent | Finish, None]:
         params = req.params
         slots = self._semaphore()
         self._waiting += 1

@@ -73,7 +73,9 @@ DETECTORS: tuple[Detector, ...] = (
     Detector("hf", "a Hugging Face folder (config.json + weights)", _is_hf_dir, lambda p: "config.json"),
 )
 
-SETTINGS_DEFAULTS: dict[str, Any] = {"n_parallel": 8, "n_ctx_per_slot": 2048, "n_gpu_layers": 0}
+# Per-model serving settings; max_queue None means the daemon's model_queue.
+SETTINGS_DEFAULTS: dict[str, Any] = {"n_parallel": 8, "n_ctx_per_slot": 2048, "n_gpu_layers": 0, "max_queue": None}
+_SETTINGS_MIN = {"n_parallel": 1, "n_ctx_per_slot": 16, "n_gpu_layers": 0, "max_queue": 0}
 
 
 @dataclass
@@ -151,8 +153,8 @@ def _settings(overrides: dict[str, Any] | None) -> dict[str, Any]:
                                  param=key)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "n_gpu_layers" else 1):
-            raise InvalidRequest(f"model setting {key!r} must be a positive whole number", param=key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < _SETTINGS_MIN[key]:
+            raise InvalidRequest(f"model setting {key!r} must be a whole number >= {_SETTINGS_MIN[key]}", param=key)
         settings[key] = value
     return settings
 

@@ -68,7 +68,8 @@ def _load_gguf(record: ModelRecord, settings: ManagerSettings) -> tuple[Any, str
     s = record.settings
     engine = LlamaEngine(record.entry_path, n_ctx_per_slot=int(s["n_ctx_per_slot"]), n_parallel=int(s["n_parallel"]),
                          n_batch=max(512, int(s["n_parallel"])), n_threads=settings.n_threads,
-                         n_gpu_layers=int(s["n_gpu_layers"]), max_queue=settings.max_queue)
+                         n_gpu_layers=int(s["n_gpu_layers"]),
+                         max_queue=settings.max_queue if s.get("max_queue") is None else int(s["max_queue"]))
     return engine, "generate"
 
 

@@ -141,7 +141,8 @@ def _build_llama(out: Path, tokenizer: Any, spec: TinySpec) -> None:
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, rms_norm_eps=1e-5)
     model = LlamaForCausalLM(config)
     _train_causal_lm(model, tokenizer, spec)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

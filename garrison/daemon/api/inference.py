@@ -12,7 +12,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
@@ -66,7 +66,8 @@ async def get_model(request: web.Request) -> web.StreamResponse:
                           "owned_by": "garrison"})
 
 
-async def _events(engine: Any, req: GenerationRequest, request: web.Request) -> AsyncIterator[TokenEvent | Finish]:
+async def _events(engine: Any, req: GenerationRequest,
+                  request: web.Request) -> AsyncGenerator[TokenEvent | Finish, None]:
     stream = engine.generate(req)
     try:
         async for item in stream:
