@@ -1,0 +1,1 @@
+"""Ingestion: sealed delivery, formats and validation, PII redaction, into the vault."""
