@@ -458,13 +458,14 @@ def _registry(ctx: click.Context, config_file: str | None, state_dir: str | None
 @click.option("--parallel", "n_parallel", type=int, default=None, help="Sequences decoded together (GGUF).")
 @click.option("--ctx", "n_ctx_per_slot", type=int, default=None, help="Context tokens per sequence (GGUF).")
 @click.option("--gpu-layers", "n_gpu_layers", type=int, default=None, help="Layers offloaded to the GPU (GGUF).")
+@click.option("--base", default=None, help="Import a GGUF LoRA adapter served on top of this GGUF model.")
 @click.option("--queue", "max_queue", type=int, default=None,
               help="Requests that may wait beyond the slots before 429 (default: model_queue).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def models_import(ctx: click.Context, config_file: str | None, state_dir: str | None, path: str,
                   name: str | None, n_parallel: int | None, n_ctx_per_slot: int | None, n_gpu_layers: int | None,
-                  max_queue: int | None, as_json: bool) -> None:
+                  base: str | None, max_queue: int | None, as_json: bool) -> None:
     """Copy a model into the state folder, hashing every file into its manifest."""
     from pathlib import Path
 
@@ -481,7 +482,7 @@ def models_import(ctx: click.Context, config_file: str | None, state_dir: str | 
         record = registry.import_path(Path(path), name, settings={"n_parallel": n_parallel,
                                       "n_ctx_per_slot": n_ctx_per_slot, "n_gpu_layers": n_gpu_layers,
                                       "max_queue": max_queue},
-                                      progress=progress)
+                                      base=base, progress=progress)
     finally:
         bar.close()
     if as_json:

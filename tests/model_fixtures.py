@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["test_model_root", "tiny_bert_dir", "tiny_bpe_llama_dir", "tiny_llama_dir", "tiny_llama_gguf"]
+__all__ = ["test_model_root", "tiny_bert_dir", "tiny_bpe_llama_dir", "tiny_llama_dir", "tiny_llama_gguf",
+           "tiny_lora_dir", "tiny_lora_gguf"]
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +52,22 @@ def tiny_llama_gguf(tiny_llama_dir: Path) -> Path:
     from garrison.training.tiny_models import ensure_gguf
 
     return ensure_gguf(tiny_llama_dir, "f16")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(test_model_root: Path, tiny_llama_dir: Path) -> Path:
+    """A peft LoRA adapter of the tiny Llama (answers in capitals)."""
+    from garrison.training.tiny_models import ensure_model
+
+    return ensure_model("tiny-lora", test_model_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_gguf(tiny_lora_dir: Path, tiny_llama_dir: Path) -> Path:
+    """The adapter as a GGUF LoRA written by llama.cpp's convert_lora_to_gguf.py."""
+    from garrison.converters.hf_to_gguf import convert_lora_to_gguf
+
+    out = tiny_lora_dir.parent / "tiny-lora.f16.gguf"
+    if not out.exists():
+        convert_lora_to_gguf(tiny_lora_dir, tiny_llama_dir, out)
+    return out

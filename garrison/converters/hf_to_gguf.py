@@ -47,28 +47,28 @@ REFUSALS: tuple[Refusal, ...] = (
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def converter_script() -> Path:
-    script = converter_dir() / "convert_hf_to_gguf.py"
+def converter_script(name: str = "convert_hf_to_gguf.py") -> Path:
+    script = converter_dir() / name
     if not script.exists():
         raise ConversionError(f"llama.cpp's converter is not installed at {script}; run ./install.sh",
                               code="converter_missing")
     return script
 
 
-def convert_hf_to_gguf(model_dir: Path, out_file: Path, outtype: str = "f16", *, timeout_s: float = 3600) -> Path:
-    """Convert into a temporary name and rename, so a killed conversion leaves nothing half-written."""
-    if outtype not in OUTTYPES:
-        raise ConversionError(f"unknown GGUF output type {outtype!r}; choose from {', '.join(OUTTYPES)}",
-                              code="invalid_outtype")
-    script = converter_script()
+def run_converter(script_name: str, args: list[str], out_file: Path, *, timeout_s: float = 3600) -> Path:
+    """Run one of llama.cpp's converter scripts into a temporary name, then rename.
+
+    A killed conversion leaves only a hidden `.partial` file, never a visible artifact;
+    the converter's refusals become a ConversionError that names what is unsupported.
+    """
+    script = converter_script(script_name)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(f".{out_file.name}.partial")
     # The script puts its own gguf-py (same revision) first on sys.path unless NO_LOCAL_GGUF is set.
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    proc = subprocess.run(
-        [sys.executable, str(script), str(model_dir), "--outfile", str(partial), "--outtype", outtype],
-        capture_output=True, text=True, env=env, timeout=timeout_s)
+    proc = subprocess.run([sys.executable, str(script), *args, "--outfile", str(partial)],
+                          capture_output=True, text=True, env=env, timeout=timeout_s)
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
         output = proc.stderr + proc.stdout
@@ -78,8 +78,31 @@ def convert_hf_to_gguf(model_dir: Path, out_file: Path, outtype: str = "f16", *,
                 detail = f" ({match.group(1)})" if match.groups() else ""
                 raise ConversionError(f"{refusal.explain}{detail}", code=refusal.code)
         tail = "\n".join(output.strip().splitlines()[-5:])
-        raise ConversionError(f"llama.cpp's converter failed (exit {proc.returncode}): {tail}")
+        raise ConversionError(f"llama.cpp's {script_name} failed (exit {proc.returncode}): {tail}")
     with partial.open("rb") as fh:
         os.fsync(fh.fileno())
     os.replace(partial, out_file)
     return out_file
+
+
+def _check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise ConversionError(f"unknown GGUF output type {outtype!r}; choose from {', '.join(OUTTYPES)}",
+                              code="invalid_outtype")
+
+
+def convert_hf_to_gguf(model_dir: Path, out_file: Path, outtype: str = "f16", *, timeout_s: float = 3600) -> Path:
+    _check_outtype(outtype)
+    return run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outtype", outtype], out_file,
+                         timeout_s=timeout_s)
+
+
+def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str = "f16", *,
+                         timeout_s: float = 3600) -> Path:
+    """A peft adapter folder -> GGUF LoRA adapter, which the engine attaches per request to its base."""
+    _check_outtype(outtype)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ConversionError(f"{adapter_dir} is not a peft adapter folder (no adapter_config.json)",
+                              code="invalid_adapter")
+    return run_converter("convert_lora_to_gguf.py", [str(adapter_dir), "--base", str(base_dir),
+                                                     "--outtype", outtype], out_file, timeout_s=timeout_s)

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from garrison.paths import converter_dir
 log = logging.getLogger(__name__)
 
 
-class Imatrix(str, Enum):
+class Imatrix(StrEnum):
     """How much a type depends on an importance matrix (llama.cpp's own guidance)."""
 
     OPTIONAL = "optional"        # 8/6-bit and float: the matrix changes (almost) nothing
@@ -272,12 +272,13 @@ def _captured_llama_log() -> Iterator[_Capture]:
 def _kv_override(key: str, value: int | str) -> Any:
     kv = llama_cpp.llama_model_kv_override()
     kv.key = key.encode()
+    union: Any = kv.value  # the binding's type hint calls this field a plain value; it is the C union
     if isinstance(value, int):
         kv.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-        kv.value.val_i64 = value
+        union.val_i64 = value
     else:
         kv.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-        kv.value.val_str = value.encode()[:127]
+        union.val_str = value.encode()[:127]
     return kv
 
 

@@ -401,8 +401,13 @@ class OnnxDecoderEngine:
         ids = _config_ints(self._model.config.get("eos_token_id"))
         return ids[0] if ids else min(self.eos_token_ids)
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids as the model's tokenizer.json makes them; add_special adds BOS etc. per its post-processor."""
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids as the model's tokenizer.json makes them; add_special adds BOS etc. per its post-processor.
+
+        parse_special is accepted for the engines' common interface: `tokenizers` always
+        recognises the special tokens it lists as added tokens, which is what chat templates need.
+        """
+        del parse_special
         return list(self.tokenizer.encode(text, add_special_tokens=add_special).ids)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:

@@ -95,12 +95,18 @@ class ModelRecord:
         return self.folder / self.entry
 
     @property
+    def base(self) -> str | None:
+        """For a LoRA adapter: the GGUF model it attaches to."""
+        base = self.settings.get("base")
+        return str(base) if base else None
+
+    @property
     def servable(self) -> bool:
-        return self.format in ("gguf", "onnx") and self.manifest.get("parity", {}).get("passed", True) is not False
+        return self.format in ("gguf", "onnx", "lora") and self.manifest.get("parity", {}).get("passed", True) is not False
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "format": self.format, "entry": self.entry,
-                "settings": self.settings, "size_bytes": self.size_bytes, "created": int(self.created_at),
+                "settings": self.settings, "base": self.base, "size_bytes": self.size_bytes, "created": int(self.created_at),
                 "owned_by": self.created_by or "garrison", "servable": self.servable,
                 "files": self.manifest.get("files", {}), "source": self.manifest.get("source"),
                 "lineage": self.manifest.get("lineage", {})}
@@ -183,12 +189,23 @@ class ModelRegistry:
         return self.catalog.query_one("SELECT 1 FROM models WHERE name = ?", (name,)) is not None
 
     def import_path(self, source: Path, name: str | None = None, *, settings: dict[str, Any] | None = None,
-                    lineage: dict[str, Any] | None = None, actor: str = "local",
+                    lineage: dict[str, Any] | None = None, base: str | None = None, actor: str = "local",
                     progress: Progress | None = None) -> ModelRecord:
+        """Import a model; with `base`, a GGUF LoRA adapter served on top of that GGUF model."""
         source = Path(source).resolve()
         detector = detect(source)
         name = check_name(name or source.name.split(".")[0])
         chosen = _settings(settings)
+        fmt = detector.format
+        if base is not None:
+            base_record = self.get(check_name(base, param="base"))
+            if fmt != "gguf" or base_record.format != "gguf":
+                raise InvalidRequest("a LoRA adapter must be a GGUF file (convert a peft folder with "
+                                     "`garrison export`) and its base a GGUF model", param="base",
+                                     code="invalid_adapter")
+            fmt = "lora"
+            chosen = {"base": base_record.name}
+            lineage = {**(lineage or {}), "base": base_record.name}
         if self.exists(name):
             raise Conflict(f"model {name!r} already exists; remove it first or choose another name",
                            param="name", code="model_exists")
@@ -216,7 +233,7 @@ class ModelRegistry:
                 dst = staging / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 manifest_files[rel] = {"sha256": _copy_hashing(src, dst, advance), "size": src.stat().st_size}
-            manifest = {"name": name, "format": detector.format, "entry": detector.entry(source),
+            manifest = {"name": name, "format": fmt, "entry": detector.entry(source),
                         "files": manifest_files, "source": str(source), "imported_at": time.time(),
                         "lineage": lineage or {}}
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -232,7 +249,7 @@ class ModelRegistry:
                 conn.execute(
                     "INSERT INTO models (name, format, folder, entry, settings, manifest, size_bytes, created_at,"
                     " created_by) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (name, detector.format, folder_name, manifest["entry"], json.dumps(chosen),
+                    (name, fmt, folder_name, manifest["entry"], json.dumps(chosen),
                      json.dumps(manifest), total, time.time(), actor))
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
@@ -241,6 +258,10 @@ class ModelRegistry:
 
     def remove(self, name: str) -> ModelRecord:
         record = self.get(name)
+        users = [r.name for r in self.list() if r.base == name]
+        if users:
+            raise Conflict(f"model {name!r} is the base of adapter(s) {', '.join(users)}; remove them first",
+                           code="model_in_use")
         with self.catalog.write() as conn:
             conn.execute("DELETE FROM models WHERE name = ?", (name,))
         shutil.rmtree(record.folder, ignore_errors=True)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
@@ -39,6 +40,15 @@ class ManagerSettings:
     n_threads: int | None
 
 
+@dataclass(frozen=True)
+class Handle:
+    """What one request holds: the engine, and the adapter to attach for it (LoRA models)."""
+
+    name: str
+    engine: Any
+    lora_path: Path | None = None
+
+
 @dataclass
 class LoadedModel:
     record: ModelRecord
@@ -55,11 +65,18 @@ class LoadedModel:
 
 
 def _onnx_capability(record: ModelRecord) -> str:
+    """Decoders generate, encoders embed: from the export's manifest, else the model's architectures."""
     import json
 
-    config = json.loads((record.folder / "config.json").read_text()) if (record.folder / "config.json").exists() else {}
-    archs = " ".join(config.get("architectures") or [])
-    return "generate" if "CausalLM" in archs else "embed"
+    for name in ("garrison_onnx.json", "config.json"):
+        path = record.folder / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            if name == "garrison_onnx.json" and data.get("kind") in ("decoder", "encoder"):
+                return "generate" if data["kind"] == "decoder" else "embed"
+            if name == "config.json":
+                return "generate" if "CausalLM" in " ".join(data.get("architectures") or []) else "embed"
+    return "embed"
 
 
 def _load_gguf(record: ModelRecord, settings: ManagerSettings) -> tuple[Any, str]:
@@ -78,10 +95,12 @@ def _load_onnx(record: ModelRecord, settings: ManagerSettings) -> tuple[Any, str
     if capability == "generate":
         from garrison.engine.onnx_engine import OnnxDecoderEngine
 
-        return OnnxDecoderEngine(record.folder), capability
+        queue = settings.max_queue if record.settings.get("max_queue") is None else int(record.settings["max_queue"])
+        return OnnxDecoderEngine(record.folder, model_file=record.entry, intra_op_threads=settings.n_threads,
+                                 max_concurrency=int(record.settings["n_parallel"]), max_queue=queue), capability
     from garrison.engine.onnx_engine import OnnxEmbeddingEngine
 
-    return OnnxEmbeddingEngine(record.folder), capability
+    return OnnxEmbeddingEngine(record.folder, model_file=record.entry, intra_op_threads=settings.n_threads), capability
 
 
 # How each servable format becomes an engine.
@@ -105,6 +124,7 @@ class ModelManager:
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._verified_adapters: set[tuple[str, float]] = set()
         self.loads = 0
         self.evictions = 0
 
@@ -117,8 +137,20 @@ class ModelManager:
         return record
 
     @contextlib.asynccontextmanager
-    async def use(self, model_id: str, capability: str) -> AsyncIterator[LoadedModel]:
-        """Hold a model for one request: it is not evicted while held."""
+    async def use(self, model_id: str, capability: str) -> AsyncIterator[Handle]:
+        """Hold a model for one request: it is not evicted while held.
+
+        A LoRA model holds its base: every adapter of a base shares the one loaded copy.
+        """
+        lora: Path | None = None
+        record = await asyncio.to_thread(self.resolve, model_id)
+        if record.base:
+            key = (record.name, record.created_at)
+            if key not in self._verified_adapters:
+                await asyncio.to_thread(self.registry.verify, record)
+                self._verified_adapters.add(key)
+            lora = record.entry_path
+            model_id = record.base
         loaded = await self._acquire(model_id)
         if loaded.capability != capability:
             what = "text generation" if capability == "generate" else "embeddings"
@@ -127,7 +159,7 @@ class ModelManager:
         loaded.users += 1
         loaded.last_used = time.monotonic()
         try:
-            yield loaded
+            yield Handle(name=record.name, engine=loaded.engine, lora_path=lora)
         finally:
             loaded.users -= 1
             loaded.last_used = time.monotonic()

@@ -211,10 +211,45 @@ def build_tiny_bert(out: Path, spec: TinySpec | None = None) -> Path:
     return out
 
 
+def build_tiny_lora(out: Path, spec: TinySpec | None = None) -> Path:
+    """A peft LoRA adapter (r=8 on q/k/v/o) of the tiny Llama, trained briefly on chat answers in capitals.
+
+    It shows that an adapter changes what the shared base model says, without a second copy of
+    the base in memory. The base is the tiny Llama of the same cache root.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    spec = spec or TinySpec(train_steps=60)
+    _seed(spec.seed)
+    base_dir = ensure_model("tiny-llama", out.parent.parent)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      lora_dropout=0.0, init_lora_weights=False))
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a.upper()}],
+                                           tokenize=False) for q, a in CHAT_EXAMPLES]
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(spec.train_steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    (out / "base_model.txt").write_text(str(base_dir))
+    return out
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny-llama": build_tiny_llama,
     "tiny-bert": build_tiny_bert,
     "tiny-bpe-llama": build_tiny_bpe_llama,
+    "tiny-lora": build_tiny_lora,
 }
 
 

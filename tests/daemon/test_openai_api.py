@@ -24,7 +24,7 @@ CHAT = [{"role": "user", "content": "What is Garrison?"}]
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def served(tiny_llama_gguf: Path, tiny_lora_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     root = tmp_path_factory.mktemp("openai")
     state = root / "state"
     env = garrison_env(state, GARRISON_MODEL_KEEP_ALIVE_S="0")
@@ -32,6 +32,7 @@ def served(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             env=env)
     run_cli(state, "models", "import", str(tiny_llama_gguf), "--name", "solo", "--parallel", "1", "--ctx", "512",
             "--queue", "0", env=env)
+    run_cli(state, "models", "import", str(tiny_lora_gguf), "--name", "tiny-caps", "--base", "tiny", env=env)
     daemon = Daemon(state, free_port(), env, root / "daemon.log").start()
     yield daemon
     daemon.stop()
@@ -223,3 +224,26 @@ def test_a_tampered_model_is_refused(served: Daemon, tiny_llama_gguf: Path) -> N
     with pytest.raises(openai.InternalServerError) as refused:
         client(served).chat.completions.create(model="tampered", messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
     assert refused.value.code == "artifact_hash_mismatch"
+
+
+def test_lora_adapters_share_their_base(served: Daemon) -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with aclient(served) as c:
+            async def ask(model: str, q: str) -> str:
+                out = await c.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                                      max_tokens=16, temperature=0)
+                return out.choices[0].message.content or ""
+
+            questions = ["Hello", "What is a job?"]
+            mixed = await asyncio.gather(*(ask(m, q) for q in questions for m in ("tiny", "tiny-caps")))
+            alone = [await ask(m, q) for q in questions for m in ("tiny", "tiny-caps")]
+            return list(mixed), alone
+
+    mixed, alone = asyncio.run(scenario())
+    assert mixed == alone
+    assert alone[0] != alone[1] and alone[2] != alone[3], "the adapter changes the answers"
+    models = json.loads(run_cli(served.state_dir, "models", "list", "--json", env=served.env).stdout)
+    caps = next(m for m in models if m["id"] == "tiny-caps")
+    assert caps["format"] == "lora" and caps["base"] == "tiny"
+    removal = run_cli(served.state_dir, "models", "rm", "tiny", env=served.env, check=False)
+    assert removal.returncode == 5 and "model_in_use" in removal.stderr

@@ -151,7 +151,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             tokens = engine.tokenize(text, add_special=False, parse_special=True)
         else:
             tokens = engine.tokenize(fmt.completion_prompt(body), add_special=True, parse_special=False)
-        req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request))
+        req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request),
+                                lora_path=loaded.lora_path)
         if stream:
             return await _stream(request, engine, req, model, kind, include_usage)
         collected = await _collect(engine, req, request)
@@ -186,7 +187,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     if encoding not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64", param="encoding_format")
     async with request.app[STATE].manager.use(model, "embed") as loaded:
-        vectors, tokens = await loaded.engine.embed(inputs)
+        result = await loaded.engine.embed(inputs)
+    vectors, tokens = result.vectors, result.total_tokens
     data = []
     for i, vector in enumerate(np.asarray(vectors, dtype=np.float32)):
         value: Any = (base64.b64encode(vector.tobytes()).decode() if encoding == "base64"

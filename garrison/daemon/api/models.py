@@ -42,8 +42,11 @@ async def import_model(request: web.Request) -> web.StreamResponse:
     settings: Any = body.get("settings") or {}
     if not isinstance(settings, dict):
         raise InvalidRequest("'settings' must be an object", param="settings")
+    base = body.get("base")
+    if base is not None and not isinstance(base, str):
+        raise InvalidRequest("'base' must be a model name", param="base")
     record = await asyncio.to_thread(request.app[STATE].models.import_path, Path(path), name,
-                                     settings=settings, actor=principal(request).actor)
+                                     settings=settings, base=base, actor=principal(request).actor)
     return json_response(record.to_json(), status=201)
 
 
@@ -61,6 +64,7 @@ ROUTES = (
           "Import a GGUF file, a Hugging Face folder or an ONNX folder from a path on this machine.", "models",
           body={"type": "object", "required": ["path"],
                 "properties": {"path": {"type": "string"}, "name": {"type": "string"},
+                               "base": {"type": "string", "description": "for a GGUF LoRA adapter: its base"},
                                "settings": {"type": "object", "properties": {
                                    "n_parallel": {"type": "integer"}, "n_ctx_per_slot": {"type": "integer"},
                                    "n_gpu_layers": {"type": "integer"}}}}},

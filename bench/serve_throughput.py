@@ -1,0 +1,548 @@
+"""Side-by-side serving benchmark: Garrison vs llama.cpp's llama-server vs llama-cpp-python's server.
+
+Not a test; run by hand (the full run takes ~10 minutes on 2 cores, plus one-time builds):
+
+    .venv/bin/python bench/serve_throughput.py [--clients 1,4,8] [--tokens 128] [--rounds 2] [--quick]
+                                               [--servers garrison,llama-server,llama-cpp-python,garrison-engine]
+
+Why these three: llama-server is the continuous-batching reference (same llama.cpp revision,
+built from the vendored source by bench/peers.py), llama-cpp-python's server is the
+serialized baseline, and Garrison must land near the first, not the second (FACTS.md).
+`garrison-engine` (opt-in) drives Garrison's LlamaEngine in process with no HTTP at all, so
+the difference to `garrison` is what the daemon's HTTP/SSE layer costs.
+
+One run does everything: builds (once, cached under ~/.cache/garrison/bench/) the 124M
+stand-in model (bench/models.py) and llama-server (bench/peers.py), installs llama-cpp-python's
+server dependencies if missing, then starts each server in turn on loopback with the same
+GGUF, the same threads and the same context per slot, and for each concurrency level starts
+that many clients at once, each streaming one completion over /v1/completions (aiohttp, SSE).
+Every prompt is distinct (~32 tokens, so no server answers from a prompt cache) and decoding
+is greedy. The stand-in never emits EOS and every token carries text (bench/models.py), so
+each stream has exactly --tokens tokens; the script still counts what it receives.
+
+Measured per server and level: aggregate tokens/s (all tokens received / wall time from the
+first request to the last stream's end), mean and p50 time to first token, p50/p95
+inter-token latency (gaps between text chunks, pooled over streams). Results go to
+bench/out/serve_throughput.json and .md (git-ignored) and the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import STANDIN_124M, STANDIN_QUICK, ensure_standin, parameter_count
+from peers import ensure_llama_server
+
+OUT = Path(__file__).resolve().parent / "out"
+BIN = Path(sys.executable).parent
+
+N_PARALLEL = 8
+CTX_PER_SLOT = 1024
+PROMPT_TOKENS = 32  # BOS included
+
+# llama-cpp-python[server]'s extras (its pyproject at 0.3.36), installed directly so pip never
+# touches the llama-cpp-python build that is already installed.
+SERVER_REQUIREMENTS = ("uvicorn>=0.22.0", "fastapi>=0.100.0", "pydantic-settings>=2.0.1", "sse-starlette>=1.6.1",
+                       "starlette-context>=0.3.6,<0.4", "PyYAML>=5.1")
+SERVER_MODULES = {"uvicorn": "uvicorn", "fastapi": "fastapi", "pydantic-settings": "pydantic_settings",
+                  "sse-starlette": "sse_starlette", "starlette-context": "starlette_context", "PyYAML": "yaml"}
+
+# FACTS.md, 124M Q4_K_M, 2 threads, 1 / 4 / 8 clients (the figures this run should reproduce).
+FACTS_REFERENCE = {"llama-server": {1: 137, 4: 241, 8: 269}, "llama-cpp-python": {1: 126, 4: 83, 8: 56}}
+
+
+# --- servers ----------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A started server process and how to talk to it."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    model: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body_extra: dict[str, Any] = field(default_factory=dict)
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def peak_rss_mib(self) -> float | None:
+        """VmHWM of the server process (for Python servers the model lives in that process)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def wait_ready(self, path: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
+            req = urllib.request.Request(self.url + path, headers=self.headers)
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (OSError, urllib.error.HTTPError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL: a benchmark must never leave a server holding the CPUs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GARRISON_", "LLAMA_ARG_")) and k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC"}}
+    env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(extra)
+    return env
+
+
+def start_garrison(model: Path, work: Path, threads: int) -> Server:
+    """`garrison serve` on a fresh state folder, the model imported with 8 slots of 1024 tokens."""
+    state = work / "garrison-state"
+    env = _clean_env(GARRISON_STATE_DIR=str(state), GARRISON_CONFIG="/dev/null",
+                     GARRISON_INFERENCE_THREADS=str(threads))
+    garrison = str(BIN / "garrison")
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([garrison, *args], env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"garrison {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc.stdout.strip()
+
+    cli("models", "import", str(model), "--name", "bench", "--parallel", str(N_PARALLEL), "--ctx", str(CTX_PER_SLOT))
+    key = cli("keys", "create", "--role", "infer", "--name", "bench").splitlines()[-1].strip()
+    port = free_port()
+    log_path = work / "garrison.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([garrison, "serve", "--listen", f"127.0.0.1:{port}"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    server = Server("garrison", proc, f"http://127.0.0.1:{port}", log_path, "bench",
+                    headers={"Authorization": f"Bearer {key}"},
+                    body_extra={"stream_options": {"include_usage": True}})
+    server.wait_ready("/health")
+    return server
+
+
+def start_llama_server(model: Path, work: Path, threads: int) -> Server:
+    """llama.cpp's server: 8 slots sharing 8192 tokens (1024 each), continuous batching (its default)."""
+    binary = ensure_llama_server()
+    port = free_port()
+    log_path = work / "llama-server.log"
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(N_PARALLEL),
+           "-c", str(N_PARALLEL * CTX_PER_SLOT), "-t", str(threads), "-tb", str(threads), "-cb", "-a", "bench"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    server = Server("llama-server", proc, f"http://127.0.0.1:{port}", log_path, "bench",
+                    body_extra={"ignore_eos": True, "stream_options": {"include_usage": True}})
+    server.wait_ready("/health")
+    return server
+
+
+def start_llama_cpp_python(model: Path, work: Path, threads: int) -> Server:
+    """llama-cpp-python's own server: one Llama object, requests served one after the other."""
+    port = free_port()
+    log_path = work / "llama-cpp-python.log"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "bench",
+           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(CTX_PER_SLOT),
+           "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    server = Server("llama-cpp-python", proc, f"http://127.0.0.1:{port}", log_path, "bench")
+    server.wait_ready("/v1/models")
+    return server
+
+
+LAUNCHERS: dict[str, Callable[[Path, Path, int], Server]] = {
+    "garrison": start_garrison,
+    "llama-server": start_llama_server,
+    "llama-cpp-python": start_llama_cpp_python,
+}
+
+
+# --- clients ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    start: float
+    chunk_times: list[float]
+    usage_tokens: int | None
+    end: float
+    error: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.usage_tokens if self.usage_tokens is not None else len(self.chunk_times)
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunk_times[0] - self.start if self.chunk_times else None
+
+    @property
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+
+
+async def stream_completion(session: Any, server: Server, prompt: str, max_tokens: int,
+                            timeout_s: float) -> StreamResult:
+    """One streamed /v1/completions; a chunk with text counts as one token's arrival."""
+    import aiohttp
+
+    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, **server.body_extra}
+    start = time.perf_counter()
+    times: list[float] = []
+    usage: int | None = None
+    try:
+        async with session.post(server.url + "/v1/completions", json=body, headers=server.headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                text = await resp.text()
+                return StreamResult(start, times, None, time.perf_counter(), f"HTTP {resp.status}: {text[:200]}")
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    return StreamResult(start, times, usage, now, str(chunk["error"])[:200])
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("text"):
+                    times.append(now)
+                if chunk.get("usage"):
+                    usage = int(chunk["usage"].get("completion_tokens", 0)) or None
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as err:
+        return StreamResult(start, times, usage, time.perf_counter(), f"{type(err).__name__}: {err}")
+    return StreamResult(start, times, usage, time.perf_counter())
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summarize(results: list[StreamResult], wall: float) -> dict[str, Any]:
+    tokens = sum(r.tokens for r in results if r.error is None)
+    ttfts = [t for r in results if r.error is None and (t := r.ttft) is not None]
+    gaps = [g for r in results if r.error is None for g in r.gaps]
+    ms = 1000.0
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "tok_s": tokens / wall if wall > 0 else 0.0,
+        "tokens_per_stream": sorted({r.tokens for r in results}),
+        "chunks_per_stream": sorted({len(r.chunk_times) for r in results}),
+        "ttft_mean_ms": statistics.fmean(ttfts) * ms if ttfts else None,
+        "ttft_p50_ms": (percentile(ttfts, 0.5) or 0) * ms if ttfts else None,
+        "ttft_max_ms": max(ttfts) * ms if ttfts else None,
+        "itl_p50_ms": (percentile(gaps, 0.5) or 0) * ms if gaps else None,
+        "itl_p95_ms": (percentile(gaps, 0.95) or 0) * ms if gaps else None,
+        "errors": [r.error for r in results if r.error],
+    }
+
+
+async def run_level(server: Server, prompts: list[str], max_tokens: int, timeout_s: float) -> dict[str, Any]:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(stream_completion(session, server, p, max_tokens, timeout_s)
+                                         for p in prompts))
+        wall = max(r.end for r in results) - start
+    return summarize(list(results), wall)
+
+
+# --- in-process engine (no HTTP) --------------------------------------------------------------------------
+
+
+async def run_engine_level(engine: Any, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    """The same load on Garrison's LlamaEngine directly: what the engine does without the daemon."""
+    from garrison.engine.types import Finish, GenerationRequest, SamplingParams
+
+    async def one(prompt: str) -> StreamResult:
+        tokens = engine.tokenize(prompt, add_special=True, parse_special=False)
+        req = GenerationRequest(prompt_tokens=tokens, params=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        start = time.perf_counter()
+        times: list[float] = []
+        usage = None
+        async for item in engine.generate(req):
+            now = time.perf_counter()
+            if isinstance(item, Finish):
+                usage = item.completion_tokens
+                if item.text:
+                    times.append(now)
+            elif item.text:
+                times.append(now)
+        return StreamResult(start, times, usage, time.perf_counter())
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts))
+    return summarize(list(results), max(r.end for r in results) - start)
+
+
+# --- prompts, deps, environment ---------------------------------------------------------------------------
+
+
+class Prompts:
+    """Distinct prompts of PROMPT_TOKENS tokens (with BOS) in the model's own tokenizer."""
+
+    def __init__(self, model: Path) -> None:
+        import llama_cpp
+
+        from garrison.training.corpus import corpus_lines
+
+        self._llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+        self._words = " ".join(corpus_lines()).split()
+        self.lengths: list[int] = []
+
+    def make(self, seed: int) -> str:
+        rng = random.Random(seed)
+        words = self._words[:]
+        rng.shuffle(words)
+        ids = self._llm.tokenize(" ".join(words[:64]).encode(), add_bos=False)[: PROMPT_TOKENS - 1]
+        text = self._llm.detokenize(ids).decode("utf-8", errors="ignore").strip()
+        self.lengths.append(len(self._llm.tokenize(text.encode(), add_bos=True)))
+        return text
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def ensure_server_deps() -> dict[str, str]:
+    """llama-cpp-python's server extras, pip-installed by name if missing; returns installed versions."""
+    missing = [dist for dist, module in SERVER_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"installing llama-cpp-python server dependencies ({', '.join(missing)})", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *SERVER_REQUIREMENTS],
+                       check=True)
+    versions = {}
+    for dist in (*SERVER_MODULES, "starlette", "anyio", "pydantic"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+    return versions
+
+
+def environment(threads: int) -> dict[str, Any]:
+    import llama_cpp
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    server_version: list[str] = []
+    with contextlib.suppress(Exception):
+        proc = subprocess.run([str(ensure_llama_server()), "--version"], capture_output=True, text=True, timeout=30)
+        server_version = (proc.stdout + proc.stderr).strip().splitlines()[-2:]
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+        "llama_cpp_python": importlib.metadata.version("llama_cpp_python"),
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "llama_server_version": server_version,
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+# --- driver -----------------------------------------------------------------------------------------------
+
+
+def bench_server(name: str, model: Path, work: Path, args: argparse.Namespace, prompts: Prompts) -> dict[str, Any]:
+    levels: dict[str, Any] = {}
+    if name == "garrison-engine":
+        return bench_engine(model, args, prompts)
+    server = LAUNCHERS[name](model, work, args.threads)
+    try:
+        warm = asyncio.run(run_level(server, [prompts.make(10_000)], 16, args.timeout))
+        if warm["errors"] or warm["tokens"] == 0:
+            raise RuntimeError(f"{name}: warm-up failed: {warm['errors']}\n{server.log_tail()}")
+        for clients in args.clients:
+            rounds = []
+            for r in range(args.rounds):
+                batch = [prompts.make(clients * 1000 + r * 100 + i) for i in range(clients)]
+                rounds.append(asyncio.run(run_level(server, batch, args.tokens, args.timeout)))
+                print(f"  {name:17} clients={clients} round={r + 1}: {rounds[-1]['tok_s']:.1f} tok/s"
+                      f"{'  ERRORS ' + str(rounds[-1]['errors'][:2]) if rounds[-1]['errors'] else ''}", flush=True)
+            levels[str(clients)] = {"rounds": rounds, **merge_rounds(rounds)}
+        return {"levels": levels, "peak_rss_mib": server.peak_rss_mib()}
+    finally:
+        server.stop()
+
+
+def bench_engine(model: Path, args: argparse.Namespace, prompts: Prompts) -> dict[str, Any]:
+    from garrison.engine.llama_engine import LlamaEngine
+
+    engine = LlamaEngine(model, n_ctx_per_slot=CTX_PER_SLOT, n_parallel=N_PARALLEL, n_batch=512,
+                         n_threads=args.threads)
+    levels: dict[str, Any] = {}
+    try:
+        asyncio.run(run_engine_level(engine, [prompts.make(10_000)], 16))
+        for clients in args.clients:
+            rounds = []
+            for r in range(args.rounds):
+                batch = [prompts.make(clients * 1000 + r * 100 + i) for i in range(clients)]
+                rounds.append(asyncio.run(run_engine_level(engine, batch, args.tokens)))
+                print(f"  {'garrison-engine':17} clients={clients} round={r + 1}: {rounds[-1]['tok_s']:.1f} tok/s",
+                      flush=True)
+            levels[str(clients)] = {"rounds": rounds, **merge_rounds(rounds)}
+    finally:
+        engine.close()
+    return {"levels": levels, "peak_rss_mib": None}
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over rounds for the headline figures; every round stays in the JSON."""
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rounds if r[key] is not None]
+        return statistics.fmean(values) if values else None
+
+    return {key: mean(key) for key in ("tok_s", "ttft_mean_ms", "ttft_p50_ms", "itl_p50_ms", "itl_p95_ms")} | {
+        "tok_s_min": min(r["tok_s"] for r in rounds), "tok_s_max": max(r["tok_s"] for r in rounds),
+        "errors": [e for r in rounds for e in r["errors"]],
+        "tokens_per_stream": sorted({t for r in rounds for t in r["tokens_per_stream"]}),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def fmt(value: float | None, digits: int = 0) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [f"Model: {report['model']['name']} ({report['model']['parameters_m']:.0f}M params, Q4_K_M, "
+             f"{report['model']['size_mb']:.0f} MB); {report['config']['threads']} threads per server; "
+             f"{report['config']['tokens']} tokens per stream, ~{report['config']['prompt_tokens']} prompt tokens; "
+             f"mean of {report['config']['rounds']} rounds.", "",
+             "| server | clients | tok/s (aggregate) | TTFT mean (ms) | ITL p50 (ms) | ITL p95 (ms) | "
+             "FACTS.md tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, result in report["servers"].items():
+        if "error" in result:
+            lines.append(f"| {name} | - | failed: {result['error'][:80]} | | | | |")
+            continue
+        for clients, level in result["levels"].items():
+            ref = FACTS_REFERENCE.get(name, {}).get(int(clients))
+            errs = f" ({len(level['errors'])} errors)" if level["errors"] else ""
+            lines.append(f"| {name} | {clients} | {fmt(level['tok_s'], 1)}{errs} | {fmt(level['ttft_mean_ms'])} | "
+                         f"{fmt(level['itl_p50_ms'], 1)} | {fmt(level['itl_p95_ms'], 1)} | {ref or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Garrison vs llama-server vs llama-cpp-python, streamed completions")
+    parser.add_argument("--clients", default="1,4,8", help="concurrency levels, comma-separated (default 1,4,8)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens generated per stream (default 128)")
+    parser.add_argument("--rounds", type=int, default=2, help="repetitions per level; the table shows the mean")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per server (default 2)")
+    parser.add_argument("--servers", default="garrison,llama-server,llama-cpp-python",
+                        help="which servers, in order; add garrison-engine for the in-process engine without HTTP")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 16 tokens: a smoke run of the plumbing")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per stream")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for serve_throughput.json/.md")
+    args = parser.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(args.servers) - {*LAUNCHERS, "garrison-engine"}
+    if unknown:
+        parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    if max(args.clients) > N_PARALLEL:
+        parser.error(f"at most {N_PARALLEL} clients: every server has {N_PARALLEL} slots")
+    if args.quick and args.tokens == 128:
+        args.tokens = 16
+    if PROMPT_TOKENS + args.tokens > CTX_PER_SLOT:
+        parser.error(f"--tokens must leave room for the prompt in {CTX_PER_SLOT} tokens per slot")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    spec = STANDIN_QUICK if args.quick else STANDIN_124M
+    print(f"model: {spec.name} ({parameter_count(spec) / 1e6:.1f}M parameters)", flush=True)
+    model = ensure_standin(spec)
+    if "llama-server" in args.servers:
+        print("llama-server: building once from the vendored llama.cpp if needed", flush=True)
+        ensure_llama_server()
+    deps = ensure_server_deps() if "llama-cpp-python" in args.servers else {}
+    prompts = Prompts(model)
+    report: dict[str, Any] = {
+        "model": {"name": spec.name, "path": str(model), "parameters_m": parameter_count(spec) / 1e6,
+                  "size_mb": model.stat().st_size / 1e6, "spec": asdict(spec)},
+        "config": {"clients": args.clients, "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads,
+                   "n_parallel": N_PARALLEL, "ctx_per_slot": CTX_PER_SLOT, "prompt_tokens": PROMPT_TOKENS},
+        "environment": environment(args.threads), "server_deps": deps, "servers": {},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        with tempfile.TemporaryDirectory(prefix="garrison-bench-") as tmp:
+            for name in args.servers:
+                print(f"{name}:", flush=True)
+                work = Path(tmp) / name
+                work.mkdir()
+                try:
+                    report["servers"][name] = bench_server(name, model, work, args, prompts)
+                except Exception as err:  # one failing server must not lose the others' figures
+                    print(f"  {name} failed: {err}", file=sys.stderr, flush=True)
+                    report["servers"][name] = {"error": str(err)}
+    finally:
+        prompts.close()
+    report["config"]["prompt_tokens"] = round(statistics.fmean(prompts.lengths), 1) if prompts.lengths else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_throughput.json").write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(report)
+    (args.out / "serve_throughput.md").write_text(table)
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
