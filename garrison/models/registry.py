@@ -102,11 +102,13 @@ class ModelRecord:
 
     @property
     def servable(self) -> bool:
-        return self.format in ("gguf", "onnx", "lora") and self.manifest.get("parity", {}).get("passed", True) is not False
+        passed = self.manifest.get("parity", {}).get("passed", True)
+        return self.format in ("gguf", "onnx", "lora") and passed is not False
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "format": self.format, "entry": self.entry,
-                "settings": self.settings, "base": self.base, "size_bytes": self.size_bytes, "created": int(self.created_at),
+                "settings": self.settings, "base": self.base, "size_bytes": self.size_bytes,
+                "created": int(self.created_at),
                 "owned_by": self.created_by or "garrison", "servable": self.servable,
                 "files": self.manifest.get("files", {}), "source": self.manifest.get("source"),
                 "lineage": self.manifest.get("lineage", {})}
@@ -213,7 +215,7 @@ class ModelRegistry:
         if not files:
             raise InvalidRequest(f"{source} holds no files", param="path")
         total = sum(p.stat().st_size for p in files)
-        base = source.parent if source.is_file() else source
+        root = source.parent if source.is_file() else source
         folder_name = f"{name}-{secrets.token_hex(4)}"
         self.layout.models.mkdir(parents=True, exist_ok=True)
         staging = self.layout.models / f".import-{folder_name}"
@@ -229,7 +231,7 @@ class ModelRegistry:
         try:
             manifest_files: dict[str, dict[str, Any]] = {}
             for src in files:
-                rel = src.relative_to(base).as_posix()
+                rel = src.relative_to(root).as_posix()
                 dst = staging / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 manifest_files[rel] = {"sha256": _copy_hashing(src, dst, advance), "size": src.stat().st_size}

@@ -229,8 +229,9 @@ def build_tiny_lora(out: Path, spec: TinySpec | None = None) -> Path:
     model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                       lora_dropout=0.0, init_lora_weights=False))
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a.upper()}],
-                                           tokenize=False) for q, a in CHAT_EXAMPLES]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q},
+                                            {"role": "assistant", "content": a.upper()}], tokenize=False)
+             for q, a in CHAT_EXAMPLES]
     batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -240,7 +241,7 @@ def build_tiny_lora(out: Path, spec: TinySpec | None = None) -> Path:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     (out / "base_model.txt").write_text(str(base_dir))
     return out
 
