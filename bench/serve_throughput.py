@@ -186,12 +186,16 @@ def start_llama_server(model: Path, work: Path, threads: int) -> Server:
 
 
 def start_llama_cpp_python(model: Path, work: Path, threads: int) -> Server:
-    """llama-cpp-python's own server: one Llama object, requests served one after the other."""
+    """llama-cpp-python's own server: one Llama object, requests served one after the other.
+
+    interrupt_requests is on by default there: a new request cuts the running stream short,
+    which would count truncated streams as served. Off, every client gets all its tokens.
+    """
     port = free_port()
     log_path = work / "llama-cpp-python.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "bench",
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(CTX_PER_SLOT),
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
     server = Server("llama-cpp-python", proc, f"http://127.0.0.1:{port}", log_path, "bench")
@@ -336,6 +340,63 @@ async def run_engine_level(engine: Any, prompts: list[str], max_tokens: int) -> 
     return summarize(list(results), max(r.end for r in results) - start)
 
 
+# --- CPU accounting: did something else use the cores during a level? ------------------------------------
+
+
+def _proc_cpu_s(pid: int | str) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _system_busy_s() -> float:
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used during a level by the server, by this client and by everything else.
+
+    The machines are shared: a level during which other processes took a core is not a
+    measurement of the server, and `foreign_cpu_share` says so in the JSON.
+    """
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.pid = server_pid
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        server = 0.0
+        if self.pid is not None:
+            with contextlib.suppress(OSError):
+                server = _proc_cpu_s(self.pid)
+        return _system_busy_s(), server, _proc_cpu_s("self")
+
+    def result(self, wall: float) -> dict[str, float]:
+        end = self._read()
+        busy, server, client = (b - a for a, b in zip(self.start, end, strict=True))
+        foreign = max(0.0, busy - server - client)
+        capacity = wall * (os.cpu_count() or 1)
+        return {"server_cpu_s": server, "client_cpu_s": client, "foreign_cpu_s": foreign,
+                "foreign_cpu_share": foreign / capacity if capacity else 0.0}
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.15) -> float:
+    """Wait until the machine's CPUs are mostly idle (others share them); returns the last busy share.
+
+    Gives up after max_wait_s and lets the level run anyway: the level's foreign_cpu_share
+    will then say that it was measured under load.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = _system_busy_s()
+        time.sleep(1.0)
+        share = (_system_busy_s() - before) / (os.cpu_count() or 1)
+        if share < threshold or time.monotonic() >= deadline:
+            return share
+        time.sleep(2.0)
+
+
 # --- prompts, deps, environment ---------------------------------------------------------------------------
 
 
@@ -412,9 +473,14 @@ def bench_server(name: str, model: Path, work: Path, args: argparse.Namespace, p
             rounds = []
             for r in range(args.rounds):
                 batch = [prompts.make(clients * 1000 + r * 100 + i) for i in range(clients)]
-                rounds.append(asyncio.run(run_level(server, batch, args.tokens, args.timeout)))
-                print(f"  {name:17} clients={clients} round={r + 1}: {rounds[-1]['tok_s']:.1f} tok/s"
-                      f"{'  ERRORS ' + str(rounds[-1]['errors'][:2]) if rounds[-1]['errors'] else ''}", flush=True)
+                wait_quiet(args.quiet_wait)
+                meter = CpuMeter(server.proc.pid)
+                level = asyncio.run(run_level(server, batch, args.tokens, args.timeout))
+                level.update(meter.result(level["wall_s"]))
+                rounds.append(level)
+                print(f"  {name:17} clients={clients} round={r + 1}: {level['tok_s']:.1f} tok/s, "
+                      f"other processes {level['foreign_cpu_share']:.0%} of the CPUs"
+                      f"{'  ERRORS ' + str(level['errors'][:2]) if level['errors'] else ''}", flush=True)
             levels[str(clients)] = {"rounds": rounds, **merge_rounds(rounds)}
         return {"levels": levels, "peak_rss_mib": server.peak_rss_mib()}
     finally:
@@ -433,9 +499,13 @@ def bench_engine(model: Path, args: argparse.Namespace, prompts: Prompts) -> dic
             rounds = []
             for r in range(args.rounds):
                 batch = [prompts.make(clients * 1000 + r * 100 + i) for i in range(clients)]
-                rounds.append(asyncio.run(run_engine_level(engine, batch, args.tokens)))
-                print(f"  {'garrison-engine':17} clients={clients} round={r + 1}: {rounds[-1]['tok_s']:.1f} tok/s",
-                      flush=True)
+                wait_quiet(args.quiet_wait)
+                meter = CpuMeter(None)  # the engine runs in this process: all of it counts as "client"
+                level = asyncio.run(run_engine_level(engine, batch, args.tokens))
+                level.update(meter.result(level["wall_s"]))
+                rounds.append(level)
+                print(f"  {'garrison-engine':17} clients={clients} round={r + 1}: {level['tok_s']:.1f} tok/s, "
+                      f"other processes {level['foreign_cpu_share']:.0%} of the CPUs", flush=True)
             levels[str(clients)] = {"rounds": rounds, **merge_rounds(rounds)}
     finally:
         engine.close()
@@ -448,7 +518,8 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in rounds if r[key] is not None]
         return statistics.fmean(values) if values else None
 
-    return {key: mean(key) for key in ("tok_s", "ttft_mean_ms", "ttft_p50_ms", "itl_p50_ms", "itl_p95_ms")} | {
+    keys = ("tok_s", "ttft_mean_ms", "ttft_p50_ms", "itl_p50_ms", "itl_p95_ms", "server_cpu_s", "foreign_cpu_share")
+    return {key: mean(key) for key in keys} | {
         "tok_s_min": min(r["tok_s"] for r in rounds), "tok_s_max": max(r["tok_s"] for r in rounds),
         "errors": [e for r in rounds for e in r["errors"]],
         "tokens_per_stream": sorted({t for r in rounds for t in r["tokens_per_stream"]}),
@@ -462,19 +533,21 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"Model: {report['model']['name']} ({report['model']['parameters_m']:.0f}M params, Q4_K_M, "
              f"{report['model']['size_mb']:.0f} MB); {report['config']['threads']} threads per server; "
              f"{report['config']['tokens']} tokens per stream, ~{report['config']['prompt_tokens']} prompt tokens; "
-             f"mean of {report['config']['rounds']} rounds.", "",
+             f"mean of {report['config']['rounds']} rounds. \"other load\": share of the CPUs used by other "
+             "processes during the level (the machines are shared; above a few % a row is suspect).", "",
              "| server | clients | tok/s (aggregate) | TTFT mean (ms) | ITL p50 (ms) | ITL p95 (ms) | "
-             "FACTS.md tok/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "other load | FACTS.md tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in report["servers"].items():
         if "error" in result:
-            lines.append(f"| {name} | - | failed: {result['error'][:80]} | | | | |")
+            lines.append(f"| {name} | - | failed: {result['error'][:80]} | | | | | |")
             continue
         for clients, level in result["levels"].items():
             ref = FACTS_REFERENCE.get(name, {}).get(int(clients))
             errs = f" ({len(level['errors'])} errors)" if level["errors"] else ""
             lines.append(f"| {name} | {clients} | {fmt(level['tok_s'], 1)}{errs} | {fmt(level['ttft_mean_ms'])} | "
-                         f"{fmt(level['itl_p50_ms'], 1)} | {fmt(level['itl_p95_ms'], 1)} | {ref or '-'} |")
+                         f"{fmt(level['itl_p50_ms'], 1)} | {fmt(level['itl_p95_ms'], 1)} | "
+                         f"{fmt((level['foreign_cpu_share'] or 0) * 100)}% | {ref or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -488,6 +561,9 @@ def parse_args() -> argparse.Namespace:
                         help="which servers, in order; add garrison-engine for the in-process engine without HTTP")
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 tokens: a smoke run of the plumbing")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per stream")
+    parser.add_argument("--quiet-wait", type=float, default=120,
+                        help="before each level, wait up to this many seconds for other processes to leave the "
+                             "CPUs idle (0: don't wait)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for serve_throughput.json/.md")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]

@@ -445,10 +445,11 @@ def models() -> None:
 
 
 def _registry(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Any:
+    from garrison.crypto.identity import load_appliance_identity
     from garrison.models.registry import ModelRegistry
 
     config, catalog = _open(ctx, config_file, state_dir)
-    return ModelRegistry(catalog, StateLayout(config.state_path))
+    return ModelRegistry(catalog, StateLayout(config.state_path), signer=lambda: load_appliance_identity(config))
 
 
 @models.command("import")
@@ -672,6 +673,17 @@ def docs_config() -> None:
         default = "(see meaning)" if s.key == "state_dir" else repr(s.default({}))
         lines.append(f"| `{s.key}` | `{ENV_PREFIX}{s.key.upper()}` | `{default}` | {s.doc} |")
     click.echo("\n".join(lines))
+
+
+def _register_commands() -> None:
+    """Commands defined beside the code they drive (one CLI, several modules)."""
+    from garrison.crypto.commands import identity_command, seal_command
+
+    cli.add_command(identity_command)
+    cli.add_command(seal_command)
+
+
+_register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

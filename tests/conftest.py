@@ -39,6 +39,8 @@ def garrison_env(state_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("GARRISON_") and k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}}
     env.update({"GARRISON_STATE_DIR": str(state_dir), "GARRISON_CONFIG": "/dev/null",
+                # the developer master key goes beside the state folder, never into the real home
+                "XDG_CONFIG_HOME": str(state_dir.parent / "xdg-config"),
                 "GARRISON_JOB_POLL_S": "0.05", "GARRISON_JOB_HEARTBEAT_S": "0.2",
                 "PYTHONUNBUFFERED": "1"})
     env.update(extra)

@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, NoReturn, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -32,6 +32,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from garrison.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = [
     "CHUNK_SIZE", "AgeArmorError", "AgeEmptyError", "AgeError", "AgeHeaderError", "AgeHeaderMacError",
@@ -380,6 +383,12 @@ class _Source:
             return head
         return head + _read_full(self._read, n - len(head))
 
+    def peek(self, n: int) -> bytes:
+        """Up to n bytes without consuming them (fewer only at end of file)."""
+        if len(self._buf) < n:
+            self._buf += _read_full(self._read, n - len(self._buf))
+        return self._buf[:n]
+
     def readline(self, limit: int) -> bytes:
         """One line with its LF, or what is left (no LF) at end of file."""
         while True:
@@ -431,35 +440,40 @@ class _ArmorReader:
         return piece
 
     def _decode_more(self) -> bytes:
+        """Decode the next block of complete lines; b"" once the END line and the trailer are checked."""
         while True:
             raw = b"" if self._eof else self._read(_ARMOR_BLOCK)
             if not raw:
                 self._eof = True
-            text = self._pending + raw
+            text, self._pending = self._pending + raw, b""
             if self._state == self._TRAILER:
                 if text.strip(_WHITESPACE):
                     raise AgeArmorError("data after the armor's END line")
-                self._pending = b""
                 if self._eof:
                     self._state = self._DONE
                     return b""
                 continue
             cut = text.rfind(b"\n") + 1
-            lines, self._pending = text[:cut], text[cut:]
-            if self._eof and self._pending:
-                # Only the END line may lack its line ending.
-                if self._pending.rstrip(b"\r") == ARMOR_END and self._state == self._DATA:
-                    lines, self._pending = lines + ARMOR_END + b"\n", b""
-                else:
-                    raise AgeTruncatedError("the armored file ends in the middle of a line (truncated)")
-            elif len(self._pending) > ARMOR_COLUMNS + 2:
-                raise AgeArmorError(f"armor line longer than {ARMOR_COLUMNS} columns")
+            lines, rest = text[:cut], text[cut:]
             out = self._lines(lines) if lines else b""
-            if self._eof and self._state not in (self._TRAILER, self._DONE):
-                raise AgeTruncatedError("the armored file ends before its END line (truncated)")
-            if out or self._eof:
-                if self._eof and self._state == self._TRAILER:
-                    self._state = self._DONE if not out else self._TRAILER
+            if self._state == self._TRAILER:
+                if rest.strip(_WHITESPACE):
+                    raise AgeArmorError("data after the armor's END line")
+                rest = b""
+            elif len(rest) > ARMOR_COLUMNS + 2:
+                raise AgeArmorError(f"armor line longer than {ARMOR_COLUMNS} columns")
+            if self._eof:
+                if rest:
+                    # Only the END line may lack its line ending; anything else was cut short.
+                    if self._state != self._DATA or rest.rstrip(b"\r") != ARMOR_END:
+                        raise AgeTruncatedError("the armored file ends in the middle of a line (truncated)")
+                    self._lines(ARMOR_END + b"\n")
+                if self._state != self._TRAILER:
+                    raise AgeTruncatedError("the armored file ends before its END line (truncated)")
+                self._state = self._DONE
+                return out
+            self._pending = rest
+            if out:
                 return out
 
     def _lines(self, text: bytes) -> bytes:
@@ -538,8 +552,15 @@ class _ArmorWriter:
 
     def _emit(self, data: bytes) -> None:
         encoded = binascii.b2a_base64(data, newline=False)
-        step = ARMOR_COLUMNS
-        self._dst.write(b"\n".join([encoded[i:i + step] for i in range(0, len(encoded), step)]) + b"\n")
+        width = ARMOR_COLUMNS
+        full = len(encoded) // width
+        # Interleave LFs with 64 strided copies (C loops) rather than one slice per line:
+        # about three times faster, and armor is where the time goes.
+        out = bytearray(b"\n") * (full * (width + 1))
+        for column in range(width):
+            out[column::width + 1] = encoded[column:full * width:width]
+        tail = encoded[full * width:]
+        self._dst.write(out + tail + b"\n" if tail else out)
 
 
 def _open_source(src: _Readable) -> _Source:
@@ -595,11 +616,12 @@ def _header_line(source: _Source, size: int) -> bytes:
 
 def _parse_header(source: _Source) -> tuple[list[_Stanza], bytes, bytes]:
     """(stanzas, the MAC, the bytes the MAC covers)."""
-    first = source.readline(256)
-    if not first.startswith(MAGIC):
-        if MAGIC.startswith(first):
+    head = source.peek(len(MAGIC))
+    if head != MAGIC:
+        if MAGIC.startswith(head):
             raise AgeTruncatedError("the file ends inside its version line (truncated)")
         raise AgeNotAgeError("not an age file: the content does not start with 'age-encryption.org/'")
+    first = source.readline(256)
     if not first.endswith(b"\n"):
         raise AgeTruncatedError("the file ends inside its version line (truncated)")
     if first != VERSION_LINE:
@@ -731,14 +753,12 @@ def _payload(source: _Source, aead: ChaCha20Poly1305) -> Iterator[bytes]:
                 "the payload ends early: " + ("no chunk after the nonce" if not current else
                                               f"chunk {counter} is shorter than its authentication tag")
                 + " (truncated)")
-        nonce = _stream_nonce(counter, last)
         try:
-            plain = aead.decrypt(nonce, current, None)
+            plain: bytes | None = aead.decrypt(_stream_nonce(counter, last), current, None)
         except InvalidTag:
             plain = None
         if plain is None:
             _diagnose(aead, counter, current, last)
-        assert plain is not None
         if last:
             if not plain and counter:
                 raise AgePayloadError("the payload ends with an empty final chunk, which the format forbids")
@@ -750,7 +770,7 @@ def _payload(source: _Source, aead: ChaCha20Poly1305) -> Iterator[bytes]:
         current = following
 
 
-def _diagnose(aead: ChaCha20Poly1305, counter: int, chunk: bytes, last: bool) -> None:
+def _diagnose(aead: ChaCha20Poly1305, counter: int, chunk: bytes, last: bool) -> NoReturn:
     """Name a failed chunk precisely where the format allows: always raises."""
     try:
         aead.decrypt(_stream_nonce(counter, not last), chunk, None)
@@ -841,7 +861,7 @@ class AgeReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer) -> int:
         while self._pos >= len(self._current):
             nxt = next(self._chunks, None)
             if nxt is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from garrison.config import Config
+from garrison.crypto.identity import IdentityCache
 from garrison.daemon.metrics import METRICS, make_metrics
 from garrison.daemon.middleware import ROUTE_TABLE, auth_middleware, error_middleware, metrics_middleware
 from garrison.daemon.routes import ROUTES
@@ -33,11 +34,13 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
         client_max_size=int(config.max_request_mb * 1024 * 1024),
     )
     jobs = JobStore(catalog)
-    models = ModelRegistry(catalog, StateLayout(config.state_path))
+    identities = IdentityCache()
+    models = ModelRegistry(catalog, StateLayout(config.state_path),
+                           signer=lambda: identities.get(app[STATE].config))
     models.reap_staging()
     manager = ModelManager(models, manager_settings(config))
     state = DaemonState(config=config, catalog=catalog, keys=KeyStore(catalog), jobs=jobs, models=models,
-                        manager=manager)
+                        manager=manager, identity_cache=identities)
     app[STATE] = state
     app[METRICS] = make_metrics(jobs, lambda: len(state.runner.active) if state.runner else 0, manager)
     table = {}

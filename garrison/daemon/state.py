@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from garrison.config import Config
+from garrison.crypto.identity import IdentityCache
 from garrison.jobs.runner import JobRunner, RunnerSettings
 from garrison.jobs.store import JobStore
 from garrison.models.registry import ModelRegistry
@@ -29,6 +30,7 @@ class DaemonState:
     manager: ModelManager
     started_at: float = field(default_factory=time.time)
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+    identity_cache: IdentityCache = field(default_factory=IdentityCache)
     runner: JobRunner | None = None
     reloads: int = 0
     in_flight: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
+import math
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +65,13 @@ class SamplerChain:
                 self.free()
                 raise InvalidGrammar("llama.cpp could not parse the grammar", param="grammar")
             llama_cpp.llama_sampler_chain_add(chain, grammar)
+        if params.ignore_eos:
+            # End-of-generation tokens get -inf: generation runs to max_tokens (benchmarks, load tests).
+            eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+            biases = (llama_cpp.llama_logit_bias * len(eog))(*[llama_cpp.llama_logit_bias(t, -math.inf)
+                                                                 for t in eog])
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog),
+                                                                                             biases))
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             penalties = llama_cpp.llama_sampler_init_penalties(
                 n_vocab, params.penalty_last_n, params.repeat_penalty, params.frequency_penalty,

@@ -605,6 +605,23 @@ class OnnxDecoderEngine:
         row: npt.NDArray[np.float64] = np.asarray(outputs[0][0, -1], dtype=np.float64)
         return row
 
+    def sequence_logits(self, tokens: Sequence[int]) -> npt.NDArray[np.float64]:
+        """Logits at every position of `tokens` from an empty cache: what the parity gate compares."""
+        m = self._model
+        seq = _Sequence(past=self._empty_past())
+        n = len(tokens)
+        feeds: dict[str, Any] = {"input_ids": np.asarray([list(tokens)], dtype=m.input_dtype("input_ids"))}
+        if "attention_mask" in m.inputs:
+            feeds["attention_mask"] = np.ones((1, n), dtype=m.input_dtype("attention_mask"))
+        if "position_ids" in m.inputs:
+            feeds["position_ids"] = np.arange(0, n, dtype=m.input_dtype("position_ids"))[None, :]
+        if "use_cache_branch" in m.inputs:
+            feeds["use_cache_branch"] = np.asarray([False], dtype=np.bool_)
+        feeds.update(seq.past)
+        logits = m.session.run(self._run_outputs[:1], feeds)[0]
+        out: npt.NDArray[np.float64] = np.asarray(logits[0], dtype=np.float64)
+        return out
+
     # -- life cycle --------------------------------------------------------------------------
 
     def close(self) -> None:

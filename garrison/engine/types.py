@@ -68,6 +68,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: str | None = None
+    ignore_eos: bool = False
 
     def validate(self) -> None:
         """Reject values llama.cpp would accept but misbehave on, with the offending field named."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from garrison.crypto.identity import ApplianceIdentity
 from garrison.errors import Conflict, IntegrityError, InvalidRequest, NotFound
 from garrison.models.names import check_name
 from garrison.paths import StateLayout
@@ -167,10 +168,24 @@ def _settings(overrides: dict[str, Any] | None) -> dict[str, Any]:
     return settings
 
 
+def canonical_manifest(manifest: dict[str, Any]) -> bytes:
+    """The signed bytes: every field but the signature, in one canonical JSON form."""
+    unsigned = {k: v for k, v in manifest.items() if k not in ("signature", "signed_by")}
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
+
+
 class ModelRegistry:
-    def __init__(self, catalog: Catalog, layout: StateLayout) -> None:
+    """Models in the catalog; with a signer, every manifest is signed by the appliance's Ed25519 key.
+
+    `signer` is a callable so the identity (and the master key behind it) is loaded only when
+    a manifest is written or checked, not when the registry is merely listed.
+    """
+
+    def __init__(self, catalog: Catalog, layout: StateLayout,
+                 signer: Callable[[], ApplianceIdentity] | None = None) -> None:
         self.catalog = catalog
         self.layout = layout
+        self.signer = signer
 
     def _row(self, row: Any) -> ModelRecord:
         return ModelRecord(name=row["name"], format=row["format"], folder=self.layout.models / row["folder"],
@@ -192,7 +207,7 @@ class ModelRegistry:
 
     def import_path(self, source: Path, name: str | None = None, *, settings: dict[str, Any] | None = None,
                     lineage: dict[str, Any] | None = None, base: str | None = None, actor: str = "local",
-                    progress: Progress | None = None) -> ModelRecord:
+                    parity: dict[str, Any] | None = None, progress: Progress | None = None) -> ModelRecord:
         """Import a model; with `base`, a GGUF LoRA adapter served on top of that GGUF model."""
         source = Path(source).resolve()
         detector = detect(source)
@@ -238,6 +253,12 @@ class ModelRegistry:
             manifest = {"name": name, "format": fmt, "entry": detector.entry(source),
                         "files": manifest_files, "source": str(source), "imported_at": time.time(),
                         "lineage": lineage or {}}
+            if parity is not None:
+                manifest["parity"] = parity
+            if self.signer is not None:
+                identity = self.signer()
+                manifest["signed_by"] = identity.signing_public_key_hex
+                manifest["signature"] = identity.sign(canonical_manifest(manifest)).hex()
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             _fsync_dir(staging)
             final = self.layout.models / folder_name
@@ -279,7 +300,13 @@ class ModelRegistry:
         return count
 
     def verify(self, record: ModelRecord) -> None:
-        """Every file's hash against the manifest; a mismatch refuses the model."""
+        """The manifest's signature, then every file's hash against it; any mismatch refuses the model."""
+        if self.signer is not None:
+            signature = record.manifest.get("signature")
+            if not signature:
+                raise IntegrityError(f"model {record.name!r} has no signed manifest; import it again",
+                                     code="artifact_unsigned")
+            self.signer().verify(canonical_manifest(record.manifest), bytes.fromhex(str(signature)))
         for rel, meta in record.manifest.get("files", {}).items():
             path = record.folder / rel
             if not path.exists():

@@ -74,6 +74,13 @@ def _grammar(body: dict[str, Any]) -> str | None:
     return json_schema_grammar(spec["schema"])
 
 
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be true or false", param=name)
+    return value
+
+
 def sampling_params(body: dict[str, Any], *, default_max_tokens: int) -> SamplingParams:
     logprobs = body.get("logprobs")
     top_logprobs = _integer(body, "top_logprobs", 0, 0, 20) or 0
@@ -103,6 +110,7 @@ def sampling_params(body: dict[str, Any], *, default_max_tokens: int) -> Samplin
         logprobs=bool(logprobs),
         top_logprobs=top_logprobs,
         grammar=_grammar(body),
+        ignore_eos=_flag(body, "ignore_eos"),
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from garrison.training.corpus import PARAGRAPHS, corpus_lines, corpus_text
 
-BUILDER_VERSION = "4"
+BUILDER_VERSION = "5"
 
 # Zephyr-style: plain-text role markers, so any tokenizer handles it, and </s> ends a turn.
 CHAT_TEMPLATE = (
@@ -73,7 +73,10 @@ def _train_sentencepiece(work: Path, vocab: int) -> Path:
         byte_fallback=True, hard_vocab_limit=False, character_coverage=1.0, split_digits=True,
         user_defined_symbols=["<|user|>", "<|assistant|>", "<|system|>"],
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False)
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        # No dummy "▁" prefix: llama.cpp would add one after every special token, Hugging Face's
+        # fast tokenizer only at the start, and training and serving must see the same ids.
+        add_dummy_prefix=False)
     return prefix.with_suffix(".model")
 
 
@@ -122,8 +125,11 @@ def build_tiny_llama(out: Path, spec: TinySpec | None = None) -> Path:
     try:
         sp_model = _train_sentencepiece(Path(work), spec.vocab)
         # The fast tokenizer keeps vocab_file and copies it on save: the folder must outlive save_pretrained.
+        # add_prefix_space=False (saved in tokenizer_config.json, which llama.cpp's converter reads):
+        # both sides then tokenize a chat the same way, so training and serving see the same ids.
         tokenizer = LlamaTokenizerFast(vocab_file=str(sp_model), legacy=False, add_bos_token=True,
-                                       add_eos_token=False, clean_up_tokenization_spaces=False)
+                                       add_eos_token=False, clean_up_tokenization_spaces=False,
+                                       add_prefix_space=False)
         tokenizer.chat_template = CHAT_TEMPLATE
         _build_llama(out, tokenizer, spec)
     finally:

@@ -134,7 +134,7 @@ def test_queue_overflow_gives_429_with_retry_after(served: Daemon) -> None:
     async def scenario() -> None:
         async with aclient(served) as c:
             busy = await c.completions.create(model="solo", prompt="Count", max_tokens=400, temperature=0,
-                                              stream=True)
+                                              stream=True, extra_body={"ignore_eos": True})
             first = await busy.__anext__()
             assert first is not None
             with pytest.raises(openai.RateLimitError) as limited:
@@ -170,7 +170,8 @@ def test_sixteen_concurrent_streams_match_solo_runs(served: Daemon) -> None:
 
 def test_a_client_that_disconnects_frees_its_slot(served: Daemon) -> None:
     async def scenario() -> None:
-        body = {"model": "tiny", "prompt": "Once", "max_tokens": 400, "temperature": 0, "stream": True}
+        body = {"model": "tiny", "prompt": "Once", "max_tokens": 400, "temperature": 0, "stream": True,
+                "ignore_eos": True}
         headers = {"Authorization": f"Bearer {served.key('infer')}"}
         async with aiohttp.ClientSession() as session:
             resp = await session.post(served.url + "/v1/completions", json=body, headers=headers)

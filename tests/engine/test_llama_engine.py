@@ -199,13 +199,13 @@ async def test_same_seed_same_output(engine: LlamaEngine) -> None:
 
 
 async def test_stop_string_spanning_tokens_is_not_emitted(engine: LlamaEngine) -> None:
-    base = await run(engine, greedy(engine, "Count to five", max_tokens=24))
+    base = await run(engine, greedy(engine, "Count to five", max_tokens=24, ignore_eos=True))
     pieces = [e.text for e in base.events]
     # A stop string made of the end of one piece and the start of the next.
     k = next(i for i in range(1, len(pieces) - 1) if len(pieces[i]) >= 2 and pieces[i + 1].strip())
     stop = pieces[k][-2:] + pieces[k + 1][:2]
     expected = base.text[:base.text.index(stop)]
-    got = await run(engine, greedy(engine, "Count to five", max_tokens=24, stop=(stop,)))
+    got = await run(engine, greedy(engine, "Count to five", max_tokens=24, stop=(stop,), ignore_eos=True))
     assert got.finish is not None and got.finish.finish_reason == "stop"
     assert got.text == expected
     assert stop not in got.text
@@ -438,3 +438,12 @@ async def test_bad_lora_files(engine: LlamaEngine, tmp_path: Path) -> None:
         await run(engine, GenerationRequest(prompt, SamplingParams(max_tokens=4), lora_path=junk))
     assert err.value.code == "invalid_lora"
     await wait_idle(engine)
+
+
+async def test_ignore_eos_generates_max_tokens(engine: LlamaEngine) -> None:
+    chat = "<|user|>\nHello</s>\n<|assistant|>\n"  # the tiny model's chat template: it answers, then </s>
+    natural = await run(engine, greedy(engine, chat, max_tokens=64))
+    assert natural.finish is not None and natural.finish.finish_reason == "stop"
+    forced = await run(engine, greedy(engine, chat, max_tokens=64, ignore_eos=True))
+    assert forced.finish is not None and forced.finish.finish_reason == "length"
+    assert forced.finish.completion_tokens == 64

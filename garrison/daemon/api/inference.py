@@ -206,7 +206,9 @@ _GEN_BODY: dict[str, Any] = {
                    "frequency_penalty": {"type": "number"}, "presence_penalty": {"type": "number"},
                    "repeat_penalty": {"type": "number"}, "seed": {"type": "integer"},
                    "stop": {"type": ["string", "array"]}, "logprobs": {"type": ["boolean", "integer"]},
-                   "top_logprobs": {"type": "integer"}}}
+                   "top_logprobs": {"type": "integer"},
+                   "ignore_eos": {"type": "boolean", "description": "generate max_tokens tokens (llama.cpp's "
+                                                                   "server extension; load tests)"}}}
 
 _ERRORS = {"400": "invalid request (OpenAI error shape)", "401": "missing or unknown key",
            "403": "scope or model grant missing", "404": "model not found",

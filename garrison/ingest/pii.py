@@ -1,0 +1,280 @@
+"""PII redaction of ingested text, driven by the detector table and the operator's policy.
+
+    redactor = Redactor(RedactionPolicy.from_dict(cfg), hmac_key=derived_key)
+    result = redactor.redact("mail bob@example.com")   # RedactionResult(text="mail [EMAIL]", ...)
+
+`find` runs every detector row whose hints occur in the text, keeps the candidates their
+validators accept, and resolves overlaps by priority, then length, then position, so the
+spans it returns never overlap. `redact` applies the policy's action per entity type:
+
+- mask: the span becomes a run of "*" of the same length (layout survives, value does not);
+- tag:  "[EMAIL]", "[PAYMENT_CARD]", "[EMPLOYEE_ID]";
+- hash: "<EMAIL:1a2b3c4d5e>", HMAC-SHA256 under the appliance's key over the type and a
+        normalised value, so the same person gets the same pseudonym across datasets on
+        this appliance (training data keeps its co-reference structure) and a different
+        one on any other appliance (pseudonyms cannot be joined across customers);
+- drop: the whole record is withdrawn (`dropped=True`, text empty);
+- keep: left as is, but counted, so reports still show what the data contains.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import hmac
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from garrison.ingest.pii_detectors import DETECTORS, Detector
+from garrison.ingest.policy import RedactionPolicy, WordList
+
+__all__ = [
+    "PSEUDONYM_HEX_CHARS",
+    "RecordRedaction",
+    "RedactionResult",
+    "Redactor",
+    "Span",
+]
+
+#: Hex characters of the HMAC kept in a pseudonym (40 bits: collisions start to be likely
+#: only around a million distinct values of one type in one corpus).
+PSEUDONYM_HEX_CHARS = 10
+MIN_KEY_BYTES = 16
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    """A finding: text[start:end] is a value of entity `type`, found by detector row `detector`."""
+
+    start: int
+    end: int
+    type: str
+    detector: str
+
+
+@dataclass(frozen=True)
+class RedactionResult:
+    """The redacted text (empty when dropped) and how many values of each type were found."""
+
+    text: str
+    counts: dict[str, int]
+    dropped: bool
+
+
+@dataclass(frozen=True)
+class RecordRedaction:
+    """`redact_record`'s answer: the record with every string redacted, summed counts."""
+
+    value: Any
+    counts: dict[str, int]
+    dropped: bool
+
+
+def _digits(s: str) -> str:
+    return "".join(ch for ch in s if ch.isdigit())
+
+
+def _ip(s: str) -> str:
+    try:
+        return ipaddress.ip_address(s).compressed
+    except ValueError:
+        return s.lower()
+
+
+# What "the same value" means per type, so that formatting does not split a pseudonym:
+# "+1 (415) 555-0132" and "+1-415-555-0132" are one person.
+_NORMALIZE: dict[str, Callable[[str], str]] = {
+    "email": str.lower,
+    "phone": lambda s: "+" + _digits(s.replace("(0)", "", 1)),
+    "payment_card": _digits,
+    "iban": lambda s: s.replace(" ", "").upper(),
+    "ipv4": _ip,
+    "ipv6": _ip,
+    "us_ssn": _digits,
+    "prc_id": str.upper,
+}
+
+# Word characters that take part in whole-word matching; Han, kana and Hangul do not,
+# because those scripts write names with no space around them ("我是张伟。").
+_LATIN_WORD = r"[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]"
+
+
+def _trie_regex(words: Iterable[str]) -> str:
+    """One alternation shaped as a prefix tree: thousands of names cost one pass, not thousands."""
+    root: dict[str, Any] = {}
+    for word in words:
+        node = root
+        for ch in word.lower():
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict[str, Any]) -> str:
+        branches = [(r"\s+" if ch == " " else re.escape(ch)) + emit(child)
+                    for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return emit(root)
+
+
+def _word_list_detector(wl: WordList) -> Detector:
+    pattern = re.compile(f"(?<!{_LATIN_WORD})(?:{_trie_regex(wl.words)})(?!{_LATIN_WORD})", re.IGNORECASE)
+    return Detector(wl.name, f"word_list:{wl.name}", pattern, priority=wl.priority)
+
+
+class Redactor:
+    """Finds PII with the detector table plus the policy's own entries, and applies the policy.
+
+    Immutable after construction and safe to share between threads.
+    """
+
+    def __init__(self, policy: RedactionPolicy | None, hmac_key: bytes) -> None:
+        if not isinstance(hmac_key, bytes | bytearray) or len(hmac_key) < MIN_KEY_BYTES:
+            raise ValueError(f"hmac_key must be at least {MIN_KEY_BYTES} bytes (derive it from the master key)")
+        self.policy = policy or RedactionPolicy()
+        self._key = bytes(hmac_key)
+        rows: list[Detector] = list(DETECTORS)
+        for cp in self.policy.patterns:
+            groups = ("value",) if "value" in cp.pattern.groupindex else ()
+            rows.append(Detector(cp.name, f"pattern:{cp.name}", cp.pattern, priority=cp.priority,
+                                 value_groups=groups))
+        rows.extend(_word_list_detector(wl) for wl in self.policy.word_lists)
+        self._rows: tuple[Detector, ...] = tuple(rows)
+        self._rank = {det.name: (det.priority, i) for i, det in enumerate(rows)}
+        # Each distinct hint is looked for once per text, not once per row that names it.
+        self._hints = tuple(sorted({h for det in rows for h in det.hints}))
+        self._actions = {t: self.policy.action_for(t) for t in self.policy.entity_types}
+        self._word_lists = frozenset(wl.name for wl in self.policy.word_lists)
+
+    @property
+    def detectors(self) -> tuple[Detector, ...]:
+        """The rows in use: the built-in table followed by the policy's entries."""
+        return self._rows
+
+    # ------------------------------------------------------------------ finding
+
+    def candidates(self, text: str) -> list[Span]:
+        """Every validated match of every row, overlaps included (for diagnostics and tests)."""
+        low = text.lower()
+        present = {h for h in self._hints if h in low}
+        found: list[Span] = []
+        for det in self._rows:
+            if det.hints and present.isdisjoint(det.hints):
+                continue
+            spans = det.finder(text) if det.finder is not None else (
+                _value_span(m, det.value_groups) for m in det.pattern.finditer(text))
+            for start, end in spans:
+                if start == end:
+                    continue
+                if det.validator is not None and not det.validator(text[start:end]):
+                    end = _trim(text, start, end, det)
+                    if end < 0:
+                        continue
+                found.append(Span(start, end, det.entity, det.name))
+        return found
+
+    def find(self, text: str) -> list[Span]:
+        """Non-overlapping findings in text order; higher priority wins, then the longer span."""
+        rank = self._rank
+        cands = self.candidates(text)
+        if len(cands) <= 1:
+            return cands
+        cands.sort(key=lambda s: (-rank[s.detector][0], s.start - s.end, s.start, rank[s.detector][1]))
+        starts: list[int] = []
+        ends: list[int] = []
+        kept: list[Span] = []
+        for span in cands:
+            i = bisect.bisect_left(starts, span.end) - 1
+            if i >= 0 and ends[i] > span.start:
+                continue
+            starts.insert(i + 1, span.start)
+            ends.insert(i + 1, span.end)
+            kept.append(span)
+        kept.sort()
+        return kept
+
+    # ------------------------------------------------------------------ redacting
+
+    def redact(self, text: str) -> RedactionResult:
+        """Apply the policy to one record's text."""
+        spans = self.find(text)
+        counts = dict(Counter(s.type for s in spans))
+        if any(self._actions.get(s.type, self.policy.default) == "drop" for s in spans):
+            return RedactionResult("", counts, True)
+        if not spans:
+            return RedactionResult(text, counts, False)
+        out: list[str] = []
+        pos = 0
+        for s in spans:
+            out.append(text[pos:s.start])
+            out.append(self.replacement(s.type, text[s.start:s.end]))
+            pos = s.end
+        out.append(text[pos:])
+        return RedactionResult("".join(out), counts, False)
+
+    def redact_record(self, value: Any) -> RecordRedaction:
+        """Redact every string inside a JSON-like record (dict keys are left alone: they are schema)."""
+        counts: Counter[str] = Counter()
+        dropped = False
+
+        def walk(v: Any) -> Any:
+            nonlocal dropped
+            if isinstance(v, str):
+                r = self.redact(v)
+                counts.update(r.counts)
+                dropped = dropped or r.dropped
+                return r.text
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            if isinstance(v, list | tuple):
+                return [walk(x) for x in v]
+            return v
+
+        out = walk(value)
+        return RecordRedaction(None if dropped else out, dict(counts), dropped)
+
+    def replacement(self, entity: str, value: str) -> str:
+        """What one found value becomes under the policy (drop is handled per record by `redact`)."""
+        action = self._actions.get(entity, self.policy.default)
+        if action == "keep" or action == "drop":
+            return value
+        if action == "mask":
+            return "*" * len(value)
+        if action == "tag":
+            return f"[{entity.upper()}]"
+        return f"<{entity.upper()}:{self.pseudonym(entity, value)}>"
+
+    def pseudonym(self, entity: str, value: str) -> str:
+        """The keyed hash of a value: stable on this appliance, unlinkable across appliances."""
+        norm = self._normalize(entity, value)
+        mac = hmac.new(self._key, entity.encode() + b"\x00" + norm.encode(), hashlib.sha256)
+        return mac.hexdigest()[:PSEUDONYM_HEX_CHARS]
+
+    def _normalize(self, entity: str, value: str) -> str:
+        if entity in self._word_lists:
+            return " ".join(value.casefold().split())
+        fn = _NORMALIZE.get(entity)
+        return fn(value) if fn is not None else value
+
+
+def _value_span(m: re.Match[str], groups: tuple[str, ...]) -> tuple[int, int]:
+    for g in groups:
+        if m.start(g) >= 0:
+            return m.span(g)
+    return m.span()
+
+
+def _trim(text: str, start: int, end: int, det: Detector) -> int:
+    """Cut a rejected candidate back at `det.trim` characters, longest first; -1 if none passes."""
+    if not det.trim or det.validator is None:
+        return -1
+    for i in range(end - 1, start, -1):
+        if text[i] in det.trim and det.validator(text[start:i]):
+            return i
+    return -1
