@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +47,8 @@ def _loader(ctx: click.Context, config_file: str | None, state_dir: str | None,
             listen: str | None = None) -> Callable[[], Config]:
     root = ctx.find_root().obj or {}
     file_ = config_file or root.get("config_file")
+    if file_:
+        os.environ["GARRISON_CONFIG"] = file_  # job workers started from here read the same file
     overrides = {"state_dir": state_dir or root.get("state_dir"), "listen": listen}
     return lambda: load_config(file_, overrides=overrides)
 
@@ -530,6 +533,27 @@ def models_rm(ctx: click.Context, config_file: str | None, state_dir: str | None
 
     _registry(ctx, config_file, state_dir).remove(check_name(name))
     click.echo(f"removed {name}")
+
+
+@cli.command("export")
+@config_options
+@click.argument("model")
+@click.option("--to", "targets", multiple=True, required=True, metavar="FORMAT:TYPE",
+              help="gguf:f16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0|iq4_xs|..., onnx:fp32|fp16|int8; repeat or comma-separate.")
+@click.option("--imatrix", default="", metavar="FILE", help="Importance matrix (llama.cpp imatrix GGUF).")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def export(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str, targets: tuple[str, ...],
+           imatrix: str, detach: bool, as_json: bool) -> None:
+    """Convert MODEL (a Hugging Face model) to GGUF/ONNX artifacts, each gated on parity and signed;
+    they are served as MODEL:TYPE (for example MODEL:q4_k_m, MODEL:onnx-int8)."""
+    from garrison.converters.export import parse_targets
+
+    spec = ",".join(targets)
+    parse_targets(spec)  # refuse a bad target before a job exists
+    submit_job(ctx, config_file, state_dir, "export", {"model": model, "to": spec, "imatrix": imatrix},
+               detach=detach, as_json=as_json)
 
 
 # -- inference through the daemon ------------------------------------------------------

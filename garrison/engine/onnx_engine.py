@@ -468,7 +468,10 @@ class OnnxDecoderEngine:
             while True:
                 self._check_deadline(req.deadline)
                 lp = _log_softmax(logits) if params.logprobs or params.top_logprobs else None
-                token = sample_token(logits.copy(), params, rng, history)
+                candidates = logits.copy()
+                if params.ignore_eos:
+                    candidates[list(self.eos_token_ids)] = -np.inf
+                token = sample_token(candidates, params, rng, history)
                 if token in self.eos_token_ids:
                     tail, _ = self._drain(detok, stops)
                     yield self._finish("stop", prompt, n_generated, tail)

@@ -44,6 +44,9 @@ __all__ = [
 #: only around a million distinct values of one type in one corpus).
 PSEUDONYM_HEX_CHARS = 10
 MIN_KEY_BYTES = 16
+# Trimming retries the validator once per separator; the rows that trim have bounded
+# patterns, and this bound keeps a custom or future row from turning that quadratic.
+MAX_TRIM_CHARS = 256
 
 
 @dataclass(frozen=True, order=True)
@@ -163,10 +166,17 @@ class Redactor:
         """Every validated match of every row, overlaps included (for diagnostics and tests)."""
         low = text.lower()
         present = {h for h in self._hints if h in low}
+        required: dict[re.Pattern[str], bool] = {}
         found: list[Span] = []
         for det in self._rows:
             if det.hints and present.isdisjoint(det.hints):
                 continue
+            if det.requires is not None:
+                ok = required.get(det.requires)
+                if ok is None:
+                    ok = required[det.requires] = det.requires.search(text) is not None
+                if not ok:
+                    continue
             spans = det.finder(text) if det.finder is not None else (
                 _value_span(m, det.value_groups) for m in det.pattern.finditer(text))
             for start, end in spans:
@@ -272,7 +282,7 @@ def _value_span(m: re.Match[str], groups: tuple[str, ...]) -> tuple[int, int]:
 
 def _trim(text: str, start: int, end: int, det: Detector) -> int:
     """Cut a rejected candidate back at `det.trim` characters, longest first; -1 if none passes."""
-    if not det.trim or det.validator is None:
+    if not det.trim or det.validator is None or end - start > MAX_TRIM_CHARS:
         return -1
     for i in range(end - 1, start, -1):
         if text[i] in det.trim and det.validator(text[start:i]):

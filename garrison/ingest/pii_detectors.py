@@ -58,6 +58,8 @@ class Detector:
     tried again, longest first (a phone number followed by " 12:30" is still a phone).
     `hints` are lower-case substrings one of which must occur in the lower-cased text for
     the pattern to be worth running; empty means always run.
+    `requires` is a cheap pattern that must occur somewhere for the row to run; rows share
+    the object (every number needs a digit), and the redactor searches each one once.
     `finder`, for the one row whose left edge a forward regex finds slowly (e-mail: every
     word is a possible local part), yields candidate spans itself from `pattern` as anchor.
     """
@@ -71,6 +73,7 @@ class Detector:
     hints: tuple[str, ...] = ()
     value_groups: tuple[str, ...] = field(default=())
     finder: Callable[[str], Iterator[tuple[int, int]]] | None = None
+    requires: re.Pattern[str] | None = None
 
 
 # --------------------------------------------------------------------------- boundaries
@@ -365,6 +368,9 @@ def _c(pattern: str, flags: int = 0) -> re.Pattern[str]:
     return re.compile(pattern, flags | re.ASCII)
 
 
+_DIGIT = re.compile("[0-9]")
+
+
 # File extensions that are not top-level domains: "icon@2x.png" is a file name. (".py",
 # ".md", ".zip" are real TLDs, of Paraguay, Moldova and a gTLD, so they are not here.)
 _FILE_TLDS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "bmp", "css", "js", "json", "yaml", "yml",
@@ -432,9 +438,11 @@ _IBAN = _start("[A-Z]", _W) + r"[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,
 
 # Candidates only; ipaddress then refuses octets over 255 and leading zeros.
 _IPV4 = _start(r"\d", _W, r"\d\.") + r"\d{0,2}(?:\.\d{1,3}){3}(?!\w)(?!\.\d)"
+# At most 45 characters before the zone (RFC 4291 text form), so a run of colons or hex
+# groups costs a bounded amount of work per starting position.
 _IPV6 = (
     _start("[0-9A-Fa-f:]", "[A-Za-z0-9_:.]")
-    + r"[0-9A-Fa-f]{0,3}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?(?![A-Za-z0-9_:])"
+    + r"[0-9A-Fa-f]{0,3}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:.]{0,40}(?:%[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?(?![A-Za-z0-9_:])"
 )
 
 _TOKEN_END = "(?![A-Za-z0-9_-])"
@@ -467,7 +475,9 @@ _ASSIGN_HINTS = ("key", "token", "secret", "pass", "pwd", "credential")
 DETECTORS: tuple[Detector, ...] = (
     # --- secrets: most specific first; all outrank everything they might contain.
     Detector("secret", "pem_private_key", _c(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]{1,20000}?"
+        # The body runs to the next "-----" and no further (possessive), so a BEGIN without
+        # an END costs one scan, not one per BEGIN.
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[^-]++|-(?!----))++"
         r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"), priority=100, hints=("-----begin",)),
     Detector("secret", "aws_access_key_id", _c(
         _start("A", "[A-Za-z0-9]")
@@ -481,7 +491,8 @@ DETECTORS: tuple[Detector, ...] = (
         _start("x", _W) + r"ox[abposre]-[0-9A-Za-z-]{10,250}" + _TOKEN_END), validator=_has_digit,
         priority=90, hints=("xox",)),
     Detector("secret", "slack_webhook", _c(
-        r"https://hooks\.slack\.com/services/T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/[A-Za-z0-9]{16,}"),
+        _start("h", _W) + r"ttps://hooks\.slack\.com/services/T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/[A-Za-z0-9]{16,}"
+        r"(?![A-Za-z0-9])"),
         priority=95, hints=("hooks.slack.com",)),
     Detector("secret", "openai_key", _c(
         _start("s", "[A-Za-z0-9_-]") + r"k-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_-]{20,250}" + _TOKEN_END),
@@ -495,7 +506,7 @@ DETECTORS: tuple[Detector, ...] = (
         _start("e", "[A-Za-z0-9_.-]")
         + r"yJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}(?![A-Za-z0-9_-])(?!\.[A-Za-z0-9_-])"),
         validator=_jwt_ok, priority=90, hints=("eyj",)),
-    Detector("secret", "url_credentials", _c(r"://[^\s:/@\"']{1,128}:(?P<pw>[^\s/@\"']{1,256})@"),
+    Detector("secret", "url_credentials", _c(r"://[^\s:/@\"']{1,128}:(?P<pw>[^\s/@\"']{1,128})@"),
              validator=_url_password_ok, priority=85, hints=("://",), value_groups=("pw",)),
     Detector("secret", "bearer_token", _c(
         _start("[Bb]", "[A-Za-z0-9]") + r"(?:earer|EARER)[ \t]+(?P<tok>[A-Za-z0-9._~+/-]{15,}[A-Za-z0-9_~+/-]=*)"
@@ -508,12 +519,12 @@ DETECTORS: tuple[Detector, ...] = (
     # --- structured identifiers.
     Detector("email", "email", _EMAIL_AT_RE, validator=_email_ok, priority=70, hints=("@",),
              finder=_find_emails),
-    Detector("iban", "iban", _c(_IBAN), validator=iban_ok, priority=60, trim=" "),
-    Detector("prc_id", "prc_resident_id", _c(_PRC), validator=prc_id_ok, priority=55),
-    Detector("payment_card", "payment_card", _c(_CARD), validator=card_ok, priority=50),
+    Detector("iban", "iban", _c(_IBAN), validator=iban_ok, priority=60, trim=" ", requires=_DIGIT),
+    Detector("prc_id", "prc_resident_id", _c(_PRC), validator=prc_id_ok, priority=55, requires=_DIGIT),
+    Detector("payment_card", "payment_card", _c(_CARD), validator=card_ok, priority=50, requires=_DIGIT),
     Detector("phone", "phone_international", _c(_PHONE), validator=phone_ok, priority=45, trim=" ",
              hints=("+",)),
-    Detector("us_ssn", "us_ssn", _c(_SSN), validator=ssn_ok, priority=40),
+    Detector("us_ssn", "us_ssn", _c(_SSN), validator=ssn_ok, priority=40, requires=_DIGIT),
     Detector("ipv6", "ipv6", _c(_IPV6), validator=ipv6_ok, priority=35, trim=":.", hints=(":",)),
-    Detector("ipv4", "ipv4", _c(_IPV4), validator=ipv4_ok, priority=30, hints=(".",)),
+    Detector("ipv4", "ipv4", _c(_IPV4), validator=ipv4_ok, priority=30, hints=(".",), requires=_DIGIT),
 )

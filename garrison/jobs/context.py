@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from garrison.crypto.identity import ApplianceIdentity
 from garrison.jobs.store import Job, JobStore
 from garrison.paths import StateLayout
 
@@ -35,11 +36,24 @@ class JobContext:
         self.cancel_event = threading.Event()
         self.shutdown_event = threading.Event()
         self._last_progress = 0.0
+        self._identity: ApplianceIdentity | None = None
 
     @property
     def layout(self) -> StateLayout:
         """The state folder of the catalog this job belongs to (workers share the daemon's)."""
         return StateLayout(self.store.catalog.path.parent)
+
+    def identity(self) -> ApplianceIdentity:
+        """The appliance's keys, from the configuration the worker inherited (env, GARRISON_CONFIG)."""
+        import os
+
+        from garrison.config import load_config
+        from garrison.crypto.identity import load_appliance_identity
+
+        if self._identity is None:
+            config = load_config(os.environ.get("GARRISON_CONFIG"), overrides={"state_dir": str(self.layout.root)})
+            self._identity = load_appliance_identity(config)
+        return self._identity
 
     @property
     def checkpoint(self) -> dict[str, Any] | None:

@@ -106,6 +106,20 @@ JOB_KINDS: dict[str, JobKind] = {
                         "GGUF with llama.cpp's reference converter and checks that llama.cpp answers with it.",
             default_timeout_s=1800,
         ),
+        JobKind(
+            name="export",
+            entry="garrison.converters.export:run",
+            scope="export",
+            description="Converts a Hugging Face model to GGUF (llama.cpp's converter and quantizer) and ONNX "
+                        "(optimum-onnx), gates every artifact on parity with the source and publishes each as "
+                        "NAME:VARIANT with a signed manifest.",
+            default_timeout_s=6 * 3600,
+            params=(
+                Param("model", str, "", doc="the Hugging Face model to export"),
+                Param("to", str, "gguf:q4_k_m", doc="comma-separated targets: gguf:TYPE, onnx:fp32|fp16|int8"),
+                Param("imatrix", str, "", doc="importance matrix file (llama.cpp's imatrix GGUF) for quantization"),
+            ),
+        ),
     )
 }
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from garrison.crypto.identity import ApplianceIdentity
 from garrison.errors import Conflict, IntegrityError, InvalidRequest, NotFound
-from garrison.models.names import check_name
+from garrison.models.names import check_model_id, check_name
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog
 
@@ -211,7 +211,7 @@ class ModelRegistry:
         """Import a model; with `base`, a GGUF LoRA adapter served on top of that GGUF model."""
         source = Path(source).resolve()
         detector = detect(source)
-        name = check_name(name or source.name.split(".")[0])
+        name = check_model_id(name or source.name.split(".")[0], param="name")
         chosen = _settings(settings)
         fmt = detector.format
         if base is not None:
@@ -231,7 +231,7 @@ class ModelRegistry:
             raise InvalidRequest(f"{source} holds no files", param="path")
         total = sum(p.stat().st_size for p in files)
         root = source.parent if source.is_file() else source
-        folder_name = f"{name}-{secrets.token_hex(4)}"
+        folder_name = f"{name.replace(':', '--')}-{secrets.token_hex(4)}"
         self.layout.models.mkdir(parents=True, exist_ok=True)
         staging = self.layout.models / f".import-{folder_name}"
         staging.mkdir()

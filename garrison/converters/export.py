@@ -1,0 +1,147 @@
+"""The `export` job kind: a Hugging Face model to GGUF and ONNX artifacts, each gated and signed.
+
+For every target the job converts (llama.cpp's reference converter, `llama_model_quantize`,
+optimum-onnx), runs the parity gate against the float32 source, and publishes the result
+as a model of its own (`NAME:q4_k_m`, `NAME:onnx-int8`) with a signed manifest carrying
+lineage and parity. Work happens in the job's scratch folder; publishing is the registry's
+atomic import, so a killed job leaves no artifact listed and a rerun starts clean. An
+artifact that fails the gate is recorded with its parity and never served.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from garrison.converters.hf_to_gguf import ConversionError
+from garrison.errors import InvalidRequest, JobFailed
+from garrison.jobs.context import JobContext
+from garrison.models.names import check_name
+
+GGUF_DIRECT = ("f32", "f16", "bf16")  # written by the converter itself
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Target:
+    format: str  # gguf | onnx
+    variant: str  # q4_k_m, f16, int8...
+
+    @property
+    def kind(self) -> str:
+        """The parity table's key."""
+        return f"{self.format}:{self.variant}"
+
+    @property
+    def suffix(self) -> str:
+        """The published id's variant: NAME:q4_k_m, NAME:onnx-int8."""
+        return self.variant if self.format == "gguf" else f"onnx-{self.variant}"
+
+
+def parse_targets(spec: str) -> list[Target]:
+    """"gguf:q4_k_m,onnx:int8" -> targets, checked against the tables of what exists."""
+    from garrison.converters.quantize import QUANT_TYPES
+
+    allowed = {"gguf": set(GGUF_DIRECT) | set(QUANT_TYPES), "onnx": set(ONNX_PRECISIONS)}
+    targets: list[Target] = []
+    for item in (part.strip().lower() for part in spec.split(",")):
+        fmt, sep, variant = item.partition(":")
+        if not sep or fmt not in allowed or variant not in allowed[fmt]:
+            options = "; ".join(f"{f}:{'|'.join(sorted(v))}" for f, v in allowed.items())
+            raise InvalidRequest(f"unknown export target {item!r}; targets: {options}", param="to",
+                                 code="unknown_export_target")
+        target = Target(fmt, variant)
+        if target not in targets:
+            targets.append(target)
+    if not targets:
+        raise InvalidRequest("at least one export target is required", param="to")
+    return targets
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("llama-cpp-python", "optimum", "optimum-onnx", "onnxruntime", "transformers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _build(target: Target, source: Path, work: Path, cache: dict[str, Path], imatrix: Path | None) -> Path:
+    """One artifact in the scratch folder; shared intermediates (F16 GGUF, fp32 ONNX) made once."""
+    from garrison.converters.hf_to_gguf import convert_hf_to_gguf
+
+    if target.format == "gguf":
+        if target.variant in GGUF_DIRECT:
+            return convert_hf_to_gguf(source, work / f"model.{target.variant}.gguf", target.variant)
+        from garrison.converters.quantize import quantize_gguf
+
+        if "f16" not in cache:
+            cache["f16"] = convert_hf_to_gguf(source, work / "model.f16.gguf", "f16")
+        return quantize_gguf(cache["f16"], work / f"model.{target.variant}.gguf", target.variant, imatrix=imatrix)
+    from garrison.converters.hf_to_onnx import export_hf_to_onnx, quantize_onnx_dir
+
+    if "onnx-fp32" not in cache:
+        cache["onnx-fp32"] = export_hf_to_onnx(source, work / "onnx-fp32").path
+    if target.variant == "fp32":
+        return cache["onnx-fp32"]
+    return quantize_onnx_dir(cache["onnx-fp32"], work / f"onnx-{target.variant}", target.variant).path
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    from garrison.converters.parity import check_parity
+    from garrison.models.registry import ModelRegistry
+
+    name = check_name(ctx.params["model"], param="model")
+    targets = parse_targets(ctx.params["to"])
+    registry = ModelRegistry(ctx.store.catalog, ctx.layout, signer=ctx.identity)
+    source = registry.get(name)
+    if source.format != "hf":
+        raise InvalidRequest(f"model {name!r} is a {source.format} model; export needs a Hugging Face model",
+                             param="model", code="export_needs_hf_model")
+    imatrix = Path(ctx.params["imatrix"]) if ctx.params["imatrix"] else None
+    registry.verify(source)
+    work = ctx.layout.jobs / ctx.job.id
+    shutil.rmtree(work, ignore_errors=True)  # an earlier attempt's half-made files
+    work.mkdir(parents=True)
+    cache: dict[str, Path] = {}
+    results: list[dict[str, Any]] = []
+    steps = 2 * len(targets)
+    try:
+        for i, target in enumerate(targets):
+            ctx.check()
+            ctx.progress(2 * i, steps, f"converting {target.kind}", force=True)
+            try:
+                artifact = _build(target, source.folder, work, cache, imatrix)
+            except ConversionError as exc:
+                raise JobFailed(f"{target.kind}: {exc.message}", code=exc.code) from None
+            ctx.check()
+            ctx.progress(2 * i + 1, steps, f"parity gate {target.kind}", force=True)
+            parity = check_parity(source.folder, artifact, target.kind)
+            published = f"{name}:{target.suffix}"
+            if registry.exists(published):
+                registry.remove(published)
+            lineage = {"source": name, "source_manifest_signature": source.manifest.get("signature"),
+                       "target": target.kind, "job": ctx.job.id, "versions": _versions(),
+                       "quantization": {"type": target.variant,
+                                        "imatrix": str(imatrix) if imatrix else None}}
+            settings = {k: source.settings.get(k) for k in ("n_parallel", "n_ctx_per_slot", "n_gpu_layers")}
+            record = registry.import_path(artifact, published, lineage=lineage, parity=parity.to_json(),
+                                          settings=settings)
+            ctx.event("artifact", f"{published}: parity {'passed' if parity.passed else 'FAILED'}",
+                      model=published, parity=parity.to_json())
+            results.append({"model": record.name, "format": record.format, "size_bytes": record.size_bytes,
+                            "servable": record.servable, "parity": parity.to_json()})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ctx.progress(steps, steps, "done", force=True)
+    failed = [r["model"] for r in results if not r["parity"]["passed"]]
+    if failed:
+        raise JobFailed(f"parity gate failed for {', '.join(failed)} (recorded, never served): "
+                        + "; ".join(f"{r['model']}: {r['parity']['reason']}" for r in results
+                                    if not r["parity"]["passed"]), code="parity_failed")
+    return {"model": name, "artifacts": results}
