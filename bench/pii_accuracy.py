@@ -14,6 +14,7 @@ bench/out/pii_accuracy.md and prints the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -62,7 +63,7 @@ def throughput(redactor: Redactor, texts: list[str], runs: int) -> dict[str, flo
     nchars = sum(len(t) for t in texts)
     out: dict[str, float] = {"records": len(texts), "mbytes": nbytes / 1e6}
     for name, fn in (("find", redactor.find), ("redact", redactor.redact)):
-        seconds = best_of(runs, lambda fn=fn: _each(fn, texts))
+        seconds = best_of(runs, functools.partial(_each, fn, texts))
         out[f"{name}_mb_per_s"] = nbytes / seconds / 1e6
         out[f"{name}_mchars_per_s"] = nchars / seconds / 1e6
     return out

@@ -462,7 +462,8 @@ def _registry(ctx: click.Context, config_file: str | None, state_dir: str | None
 @click.option("--parallel", "n_parallel", type=int, default=None, help="Sequences decoded together (GGUF).")
 @click.option("--ctx", "n_ctx_per_slot", type=int, default=None, help="Context tokens per sequence (GGUF).")
 @click.option("--gpu-layers", "n_gpu_layers", type=int, default=None, help="Layers offloaded to the GPU (GGUF).")
-@click.option("--base", default=None, help="Import a GGUF LoRA adapter served on top of this GGUF model.")
+@click.option("--base", default=None,
+              help="For an adapter: the model it adapts (a GGUF LoRA on a GGUF model, a peft folder on a HF model).")
 @click.option("--queue", "max_queue", type=int, default=None,
               help="Requests that may wait beyond the slots before 429 (default: model_queue).")
 @click.option("--json", "as_json", is_flag=True)
@@ -541,19 +542,26 @@ def models_rm(ctx: click.Context, config_file: str | None, state_dir: str | None
 @click.option("--to", "targets", multiple=True, required=True, metavar="FORMAT:TYPE",
               help="gguf:f16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0|iq4_xs|..., onnx:fp32|fp16|int8; repeat or comma-separate.")
 @click.option("--imatrix", default="", metavar="FILE", help="Importance matrix (llama.cpp imatrix GGUF).")
+@click.option("--base-gguf", default="", metavar="MODEL",
+              help="For a peft adapter: the GGUF model to serve it on (default: its base's best GGUF export).")
 @click.option("--detach", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def export(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str, targets: tuple[str, ...],
-           imatrix: str, detach: bool, as_json: bool) -> None:
-    """Convert MODEL (a Hugging Face model) to GGUF/ONNX artifacts, each gated on parity and signed;
-    they are served as MODEL:TYPE (for example MODEL:q4_k_m, MODEL:onnx-int8)."""
+           imatrix: str, base_gguf: str, detach: bool, as_json: bool) -> None:
+    """Convert MODEL to artifacts, each gated on parity with its source and signed.
+
+    A Hugging Face model goes to gguf:TYPE and onnx:PRECISION, served as MODEL:TYPE and
+    MODEL:onnx-PRECISION. A peft adapter goes to gguf:lora (served on a GGUF export of its
+    base, sharing it in memory) and hf:merged (a full model, which can be exported in turn).
+    """
     from garrison.converters.export import parse_targets
 
     spec = ",".join(targets)
     parse_targets(spec)  # refuse a bad target before a job exists
-    submit_job(ctx, config_file, state_dir, "export", {"model": model, "to": spec, "imatrix": imatrix},
-               detach=detach, as_json=as_json)
+    submit_job(ctx, config_file, state_dir, "export",
+               {"model": model, "to": spec, "imatrix": imatrix, "base_gguf": base_gguf}, detach=detach,
+               as_json=as_json)
 
 
 # -- inference through the daemon ------------------------------------------------------

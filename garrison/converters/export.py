@@ -19,7 +19,7 @@ from typing import Any
 from garrison.converters.hf_to_gguf import ConversionError
 from garrison.errors import InvalidRequest, JobFailed
 from garrison.jobs.context import JobContext
-from garrison.models.names import check_name
+from garrison.models.names import check_model_id
 
 GGUF_DIRECT = ("f32", "f16", "bf16")  # written by the converter itself
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")
@@ -37,15 +37,28 @@ class Target:
 
     @property
     def suffix(self) -> str:
-        """The published id's variant: NAME:q4_k_m, NAME:onnx-int8."""
-        return self.variant if self.format == "gguf" else f"onnx-{self.variant}"
+        """The published id's variant: NAME:q4_k_m, NAME:onnx-int8, NAME:lora, NAME:merged."""
+        return f"onnx-{self.variant}" if self.format == "onnx" else self.variant
 
 
-def parse_targets(spec: str) -> list[Target]:
-    """"gguf:q4_k_m,onnx:int8" -> targets, checked against the tables of what exists."""
+def allowed_targets(source_format: str | None = None) -> dict[str, set[str]]:
+    """What each kind of source can become: a model converts and quantizes, an adapter converts or merges."""
     from garrison.converters.quantize import QUANT_TYPES
 
-    allowed = {"gguf": set(GGUF_DIRECT) | set(QUANT_TYPES), "onnx": set(ONNX_PRECISIONS)}
+    by_source = {"hf": {"gguf": set(GGUF_DIRECT) | set(QUANT_TYPES), "onnx": set(ONNX_PRECISIONS)},
+                 "peft": {"gguf": {"lora"}, "hf": {"merged"}}}
+    if source_format is not None:
+        return by_source.get(source_format, {})
+    union: dict[str, set[str]] = {}
+    for table in by_source.values():
+        for fmt, variants in table.items():
+            union.setdefault(fmt, set()).update(variants)
+    return union
+
+
+def parse_targets(spec: str, source_format: str | None = None) -> list[Target]:
+    """"gguf:q4_k_m,onnx:int8" -> targets, checked against the table of what the source can become."""
+    allowed = allowed_targets(source_format)
     targets: list[Target] = []
     for item in (part.strip().lower() for part in spec.split(",")):
         fmt, sep, variant = item.partition(":")
@@ -96,13 +109,15 @@ def run(ctx: JobContext) -> dict[str, Any]:
     from garrison.converters.parity import check_parity
     from garrison.models.registry import ModelRegistry
 
-    name = check_name(ctx.params["model"], param="model")
-    targets = parse_targets(ctx.params["to"])
+    name = check_model_id(ctx.params["model"], param="model")
     registry = ModelRegistry(ctx.store.catalog, ctx.layout, signer=ctx.identity)
     source = registry.get(name)
-    if source.format != "hf":
-        raise InvalidRequest(f"model {name!r} is a {source.format} model; export needs a Hugging Face model",
-                             param="model", code="export_needs_hf_model")
+    if source.format not in ("hf", "peft"):
+        raise InvalidRequest(f"model {name!r} is a {source.format} model; export takes a Hugging Face model or "
+                             "a peft adapter", param="model", code="export_needs_hf_model")
+    targets = parse_targets(ctx.params["to"], source.format)
+    if source.format == "peft":
+        return _run_adapter(ctx, registry, source, targets)
     imatrix = Path(ctx.params["imatrix"]) if ctx.params["imatrix"] else None
     registry.verify(source)
     work = ctx.layout.jobs / ctx.job.id
@@ -122,7 +137,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             ctx.check()
             ctx.progress(2 * i + 1, steps, f"parity gate {target.kind}", force=True)
             parity = check_parity(source.folder, artifact, target.kind)
-            published = f"{name}:{target.suffix}"
+            published = f"{name.partition(':')[0]}:{target.suffix}" if ":" not in name else \
+                f"{name.replace(':', '-')}:{target.suffix}"
             if registry.exists(published):
                 registry.remove(published)
             lineage = {"source": name, "source_manifest_signature": source.manifest.get("signature"),
@@ -145,3 +161,81 @@ def run(ctx: JobContext) -> dict[str, Any]:
                         + "; ".join(f"{r['model']}: {r['parity']['reason']}" for r in results
                                     if not r["parity"]["passed"]), code="parity_failed")
     return {"model": name, "artifacts": results}
+
+
+def _serving_base(registry: Any, hf_base: str, requested: str) -> Any:
+    """The GGUF model an adapter is served on: the one asked for, else the base's best GGUF export."""
+    if requested:
+        record = registry.get(requested)
+        if record.format != "gguf" or record.manifest.get("lineage", {}).get("source") not in (hf_base, None):
+            raise InvalidRequest(f"{requested!r} is not a GGUF export of {hf_base!r}", param="base_gguf")
+        return record
+    exports = {r.name: r for r in registry.list()
+               if r.format == "gguf" and r.manifest.get("lineage", {}).get("source") == hf_base and r.servable}
+    for variant in ("f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m"):
+        if f"{hf_base}:{variant}" in exports:
+            return exports[f"{hf_base}:{variant}"]
+    if exports:
+        return next(iter(exports.values()))
+    raise JobFailed(f"no GGUF export of {hf_base!r} to serve the adapter on; run `garrison export {hf_base} "
+                    "--to gguf:f16` first", code="adapter_base_missing")
+
+
+def merge_adapter(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
+    """peft's merge_and_unload: the adapter folded into a full copy of its base's weights."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+def _run_adapter(ctx: JobContext, registry: Any, source: Any, targets: list[Target]) -> dict[str, Any]:
+    from garrison.converters.hf_to_gguf import convert_lora_to_gguf
+    from garrison.converters.parity import check_parity
+
+    hf_base = registry.get(source.base)
+    registry.verify(source)
+    work = ctx.layout.jobs / ctx.job.id
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    results: list[dict[str, Any]] = []
+    try:
+        ctx.progress(0, 3, "merging the adapter into its base (the parity reference)", force=True)
+        merged = merge_adapter(source.folder, hf_base.folder, work / "merged")
+        for target in targets:
+            ctx.check()
+            published = f"{source.name}:{target.suffix}"
+            lineage = {"source": source.name, "base": hf_base.name, "target": target.kind, "job": ctx.job.id,
+                       "versions": _versions()}
+            if registry.exists(published):
+                registry.remove(published)
+            if target.format == "hf":
+                record = registry.import_path(merged, published, lineage=lineage)
+                results.append({"model": record.name, "format": record.format, "parity": None})
+                continue
+            ctx.progress(1, 3, "converting the adapter with llama.cpp's convert_lora_to_gguf.py", force=True)
+            try:
+                lora = convert_lora_to_gguf(source.folder, hf_base.folder, work / "adapter.gguf")
+            except ConversionError as exc:
+                raise JobFailed(f"{target.kind}: {exc.message}", code=exc.code) from None
+            base = _serving_base(registry, hf_base.name, ctx.params["base_gguf"])
+            ctx.progress(2, 3, f"parity gate: {base.name} + adapter against the merged model", force=True)
+            variant = base.name.partition(":")[2] or "f16"
+            parity = check_parity(merged, base.entry_path, "gguf:lora", lora=lora,
+                                  threshold_kind=f"gguf:{variant}")
+            record = registry.import_path(lora, published, base=base.name, lineage=lineage,
+                                          parity=parity.to_json())
+            results.append({"model": record.name, "format": record.format, "base": base.name,
+                            "servable": record.servable, "parity": parity.to_json()})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ctx.progress(3, 3, "done", force=True)
+    failed = [r["model"] for r in results if r["parity"] is not None and not r["parity"]["passed"]]
+    if failed:
+        raise JobFailed(f"parity gate failed for {', '.join(failed)} (recorded, never served)", code="parity_failed")
+    return {"model": source.name, "artifacts": results}

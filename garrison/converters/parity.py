@@ -105,11 +105,13 @@ def _hf_logits(model_dir: Path, sequences: list[list[int]]) -> list[Logits]:
     return out
 
 
-def _gguf_logits(path: Path, sequences: list[list[int]], texts: list[str]) -> tuple[list[Logits], bool]:
+def _gguf_logits(path: Path, sequences: list[list[int]], texts: list[str],
+                 lora: Path | None = None) -> tuple[list[Logits], bool]:
     from llama_cpp import Llama
 
     longest = max(len(s) for s in sequences)
-    llm = Llama(model_path=str(path), n_ctx=max(64, longest + 8), logits_all=True, n_threads=2, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=max(64, longest + 8), logits_all=True, n_threads=2, verbose=False,
+                lora_path=str(lora) if lora else None)
     try:
         out = []
         for ids in sequences:
@@ -153,11 +155,16 @@ def compare(reference: list[Logits], candidate: list[Logits]) -> tuple[float, fl
     return agree / n, kl / n
 
 
-def check_parity(source_dir: Path, artifact: Path, kind: str) -> ParityResult:
-    """Run the gate for one artifact (`kind` such as "gguf:q4_k_m" or "onnx:int8")."""
+def check_parity(source_dir: Path, artifact: Path, kind: str, *, lora: Path | None = None,
+                 threshold_kind: str | None = None) -> ParityResult:
+    """Run the gate for one artifact (`kind` such as "gguf:q4_k_m" or "onnx:int8").
+
+    For a LoRA adapter, `artifact` is the GGUF base it is served on, `lora` the adapter, the
+    source the adapter merged into its base, and the threshold the base's (`threshold_kind`).
+    """
     from transformers import AutoTokenizer
 
-    threshold = THRESHOLDS.get(kind)
+    threshold = THRESHOLDS.get(threshold_kind or kind)
     if threshold is None:
         raise KeyError(f"no parity threshold for {kind}")
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
@@ -165,7 +172,7 @@ def check_parity(source_dir: Path, artifact: Path, kind: str) -> ParityResult:
     sequences = [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
     reference = _hf_logits(source_dir, sequences)
     if kind.startswith("gguf:"):
-        candidate, tokenizer_match = _gguf_logits(artifact, sequences, texts)
+        candidate, tokenizer_match = _gguf_logits(artifact, sequences, texts, lora)
     else:
         candidate, tokenizer_match = _onnx_logits(artifact, sequences, texts)
     top1, kl = compare(reference, candidate)

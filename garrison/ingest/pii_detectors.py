@@ -136,7 +136,7 @@ def card_ok(candidate: str) -> bool:
     """A payment card number: known issuer range, a length that range issues, Luhn."""
     digits = candidate.replace(" ", "").replace("-", "")
     n = len(digits)
-    if not 12 <= n <= 19 or not digits.isdigit():
+    if not 12 <= n <= 19 or not (digits.isascii() and digits.isdigit()):
         return False
     for lo, hi, lengths in _CARD_RANGES:
         prefix = digits[: len(lo)]
@@ -162,7 +162,7 @@ IBAN_LENGTHS: dict[str, int] = {
 def iban_ok(candidate: str) -> bool:
     """ISO 13616: registered country, that country's length, check digits 02..98, mod 97 == 1."""
     s = candidate.replace(" ", "").upper()
-    if IBAN_LENGTHS.get(s[:2]) != len(s) or not s.isalnum() or not s[2:4].isdigit():
+    if IBAN_LENGTHS.get(s[:2]) != len(s) or not (s.isascii() and s.isalnum()) or not s[2:4].isdigit():
         return False
     if not 2 <= int(s[2:4]) <= 98:
         return False
@@ -213,7 +213,7 @@ def phone_ok(candidate: str) -> bool:
     separates a real number from a run of digits that merely starts with 1.
     """
     body = candidate.replace("(0)", "", 1) if "(0)" in candidate else candidate
-    digits = "".join(ch for ch in body if ch.isdigit())
+    digits = "".join(ch for ch in body if "0" <= ch <= "9")
     for k in (1, 2, 3):
         cc = digits[:k]
         if cc in _CC:
@@ -240,7 +240,7 @@ _PRC_REGIONS = frozenset(
 def prc_id_ok(candidate: str) -> bool:
     """GB 11643: province code, a real birth date 1900..today, ISO 7064 MOD 11-2 check character."""
     s = candidate.upper()
-    if len(s) != 18 or not s[:17].isdigit() or s[:2] not in _PRC_REGIONS:
+    if len(s) != 18 or not s.isascii() or not s[:17].isdigit() or s[:2] not in _PRC_REGIONS:
         return False
     try:
         born = _dt.date(int(s[6:10]), int(s[10:12]), int(s[12:14]))
@@ -259,7 +259,7 @@ _SSN_NEVER = frozenset({"078051120", "219099999"})
 def ssn_ok(candidate: str) -> bool:
     """SSA rules: area not 000, 666 or 9xx; group not 00; serial not 0000."""
     digits = candidate.replace("-", "").replace(" ", "")
-    if len(digits) != 9 or not digits.isdigit():
+    if len(digits) != 9 or not (digits.isascii() and digits.isdigit()):
         return False
     area, group, serial = digits[:3], digits[3:5], digits[5:]
     return (area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
@@ -308,9 +308,11 @@ def _not_a_word(s: str) -> bool:
 def _jwt_ok(candidate: str) -> bool:
     """The first segment must decode to a JSON object with "alg" (RFC 7515 header)."""
     head = candidate.split(".", 1)[0]
+    if len(head) > 2048:  # real headers are a few dozen characters; this bounds the parse
+        return False
     try:
         obj = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(obj, dict) and "alg" in obj
 

@@ -58,6 +58,11 @@ def _is_hf_dir(path: Path) -> bool:
         any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
 
 
+def _is_peft_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").exists() and (
+        any(path.glob("adapter_model*.safetensors")) or any(path.glob("adapter_model*.bin")))
+
+
 def _onnx_entry(path: Path) -> str:
     for preferred in ("model.onnx", "model_quantized.onnx"):
         if (path / preferred).exists():
@@ -72,7 +77,12 @@ DETECTORS: tuple[Detector, ...] = (
              lambda p: _single_gguf(p)[0].name),
     Detector("onnx", "an ONNX folder", _is_onnx_dir, _onnx_entry),
     Detector("hf", "a Hugging Face folder (config.json + weights)", _is_hf_dir, lambda p: "config.json"),
+    Detector("peft", "a peft LoRA adapter folder (adapter_config.json + weights)", _is_peft_dir,
+             lambda p: "adapter_config.json"),
 )
+
+# What an adapter's base must be, by the adapter's format.
+ADAPTER_BASES: dict[str, str] = {"gguf": "gguf", "peft": "hf"}
 
 # Per-model serving settings; max_queue None means the daemon's model_queue.
 SETTINGS_DEFAULTS: dict[str, Any] = {"n_parallel": 8, "n_ctx_per_slot": 2048, "n_gpu_layers": 0, "max_queue": None}
@@ -214,13 +224,16 @@ class ModelRegistry:
         name = check_model_id(name or source.name.split(".")[0], param="name")
         chosen = _settings(settings)
         fmt = detector.format
+        if fmt == "peft" and base is None:
+            raise InvalidRequest("a peft adapter needs --base: the Hugging Face model it was trained on",
+                                 param="base", code="adapter_needs_base")
         if base is not None:
-            base_record = self.get(check_name(base, param="base"))
-            if fmt != "gguf" or base_record.format != "gguf":
-                raise InvalidRequest("a LoRA adapter must be a GGUF file (convert a peft folder with "
-                                     "`garrison export`) and its base a GGUF model", param="base",
+            base_record = self.get(check_model_id(base, param="base"))
+            if ADAPTER_BASES.get(fmt) != base_record.format:
+                raise InvalidRequest("an adapter is a GGUF LoRA on a GGUF model, or a peft folder on a Hugging "
+                                     f"Face model; got {fmt} on {base_record.format}", param="base",
                                      code="invalid_adapter")
-            fmt = "lora"
+            fmt = "lora" if fmt == "gguf" else "peft"
             chosen = {"base": base_record.name}
             lineage = {**(lineage or {}), "base": base_record.name}
         if self.exists(name):

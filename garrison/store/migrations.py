@@ -113,7 +113,7 @@ def m004_models(db: Database) -> None:
         """
         CREATE TABLE models (
             name TEXT PRIMARY KEY,
-            format TEXT NOT NULL CHECK (format IN ('gguf','hf','onnx','lora')),
+            format TEXT NOT NULL CHECK (format IN ('gguf','hf','onnx','lora','peft')),
             folder TEXT NOT NULL,
             entry TEXT NOT NULL,
             settings TEXT NOT NULL DEFAULT '{}',

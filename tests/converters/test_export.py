@@ -127,3 +127,38 @@ def test_kill_9_of_a_conversion_worker_leaves_nothing_listed(tiny_llama_dir: Pat
         assert {"tl:f16", "tl:q8_0", "tl:onnx-int8"} <= set(_manifests(state))
     finally:
         daemon.stop()
+
+
+def test_peft_adapter_to_gguf_lora_and_merged_model(tiny_llama_dir: Path, tiny_lora_dir: Path,
+                                                    tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = garrison_env(state)
+    run_cli(state, "models", "import", str(tiny_llama_dir), "--name", "tl", env=env)
+    missing = run_cli(state, "models", "import", str(tiny_lora_dir), "--name", "caps", env=env, check=False)
+    assert missing.returncode == 2 and "adapter_needs_base" in missing.stderr
+    run_cli(state, "models", "import", str(tiny_lora_dir), "--name", "caps", "--base", "tl", env=env)
+    early = json.loads(run_cli(state, "export", "caps", "--to", "gguf:lora", "--json", env=env, check=False).stdout)
+    assert early["error"]["code"] == "adapter_base_missing"
+    run_cli(state, "export", "tl", "--to", "gguf:f16", env=env, timeout=600)
+    job = json.loads(run_cli(state, "export", "caps", "--to", "gguf:lora,hf:merged", "--json", env=env,
+                             timeout=600).stdout)
+    assert job["state"] == "succeeded", job
+    manifests = _manifests(state)
+    assert manifests["caps:lora"]["parity"]["passed"] and manifests["caps:merged"]["format"] == "hf"
+    merged_export = json.loads(run_cli(state, "export", "caps:merged", "--to", "gguf:q8_0", "--json", env=env,
+                                       timeout=600).stdout)
+    assert merged_export["state"] == "succeeded", merged_export
+    daemon = Daemon(state, free_port(), env, tmp_path / "daemon.log").start()
+    try:
+        client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=daemon.key("infer"), max_retries=0)
+
+        def ask(model: str) -> str:
+            out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}],
+                                                 max_tokens=16, temperature=0)
+            return out.choices[0].message.content or ""
+
+        base, adapted, merged = ask("tl:f16"), ask("caps:lora"), ask("caps-merged:q8_0")
+        assert adapted != base
+        assert merged == adapted or merged.upper() == merged, (merged, adapted)
+    finally:
+        daemon.stop()

@@ -481,3 +481,21 @@ def test_pathological_input_is_linear(text: str) -> None:
 
 def test_span_is_exported() -> None:
     assert Span(0, 1, "email", "email") < Span(1, 2, "email", "email")
+
+
+def test_validators_and_find_survive_junk() -> None:
+    import random
+
+    from garrison.ingest import pii_detectors as d
+
+    rng = random.Random(3)
+    alphabet = "0123456789abcdefABCDEFXx+-.:@/= _()%\n\"'٣²é张-----BEGIN PRIVATE KEY eyJ"
+    validators = [d.luhn_ok, d.card_ok, d.iban_ok, d.phone_ok, d.prc_id_ok, d.ssn_ok, d.ipv4_ok, d.ipv6_ok,
+                  d.secret_value_ok, d.quoted_secret_ok]
+    r = _redactor({"default": "hash"})
+    for _ in range(3000):
+        junk = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+        for v in validators:
+            v(junk if v is not d.luhn_ok else "".join(c for c in junk if c in "0123456789") or "0")
+        r.redact(junk)
+    assert d.card_ok("٤١١١١١١١١١١١١١١١") is False  # non-ASCII digits are not a card
