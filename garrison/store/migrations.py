@@ -124,3 +124,66 @@ def m004_models(db: Database) -> None:
         )
         """
     )
+
+
+@MIGRATIONS()
+def m005_datasets(db: Database) -> None:
+    # Datasets and their versions (garrison.ingest.datasets). A version's records live in
+    # vault/<version id>/, encrypted under its own data key; `wrapped_key` is that key
+    # wrapped by the master key (NULL once the version is shredded: the row stays as a
+    # tombstone so lineage can still name it). `source_sha256` makes a retried delivery
+    # of the same sealed bytes idempotent. `files` backs OpenAI's /v1/files: each upload
+    # is also a dataset version.
+    db.execute(
+        """
+        CREATE TABLE datasets (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            deleted_at REAL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE dataset_versions (
+            id TEXT PRIMARY KEY,
+            dataset_id TEXT NOT NULL REFERENCES datasets(id),
+            version INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('ready','deleted','expired')),
+            format TEXT NOT NULL,
+            wrapped_key BLOB,
+            record_count INTEGER NOT NULL,
+            chunk_count INTEGER NOT NULL,
+            plaintext_bytes INTEGER NOT NULL,
+            stored_bytes INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            source_name TEXT NOT NULL DEFAULT '',
+            source_sha256 TEXT NOT NULL DEFAULT '',
+            report TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            expires_at REAL,
+            deleted_at REAL,
+            UNIQUE (dataset_id, version)
+        )
+        """
+    )
+    db.execute("CREATE INDEX dataset_versions_state ON dataset_versions(state, expires_at)")
+    db.execute("CREATE INDEX dataset_versions_source ON dataset_versions(dataset_id, source_sha256)")
+    db.execute(
+        """
+        CREATE TABLE files (
+            id TEXT PRIMARY KEY,
+            filename TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT,
+            version_id TEXT REFERENCES dataset_versions(id),
+            status TEXT NOT NULL CHECK (status IN ('processed','deleted')),
+            deleted_at REAL
+        )
+        """
+    )

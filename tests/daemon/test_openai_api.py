@@ -248,3 +248,11 @@ def test_lora_adapters_share_their_base(served: Daemon) -> None:
     assert caps["format"] == "lora" and caps["base"] == "tiny"
     removal = run_cli(served.state_dir, "models", "rm", "tiny", env=served.env, check=False)
     assert removal.returncode == 5 and "model_in_use" in removal.stderr
+
+
+def test_a_model_imported_by_the_cli_is_served_without_restart(served: Daemon, tiny_llama_gguf: Path) -> None:
+    c = client(served)
+    assert "fresh" not in {m.id for m in c.models.list().data}
+    run_cli(served.state_dir, "models", "import", str(tiny_llama_gguf), "--name", "fresh", env=served.env)
+    out = c.chat.completions.create(model="fresh", messages=CHAT, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    assert out.usage is not None and out.usage.completion_tokens > 0
