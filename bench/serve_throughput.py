@@ -2,7 +2,7 @@
 
 Not a test; run by hand (the full run takes ~10 minutes on 2 cores, plus one-time builds):
 
-    .venv/bin/python bench/serve_throughput.py [--clients 1,4,8] [--tokens 128] [--rounds 2] [--quick]
+    .venv/bin/python bench/serve_throughput.py [--clients 1,4,8] [--tokens 128] [--rounds 3] [--quick]
                                                [--servers garrison,llama-server,llama-cpp-python,garrison-engine]
 
 Why these three: llama-server is the continuous-batching reference (same llama.cpp revision,
@@ -165,7 +165,7 @@ def start_garrison(model: Path, work: Path, threads: int) -> Server:
                                 stderr=subprocess.STDOUT)
     server = Server("garrison", proc, f"http://127.0.0.1:{port}", log_path, "bench",
                     headers={"Authorization": f"Bearer {key}"},
-                    body_extra={"stream_options": {"include_usage": True}})
+                    body_extra={"ignore_eos": True, "stream_options": {"include_usage": True}})
     server.wait_ready("/health")
     return server
 
@@ -321,7 +321,8 @@ async def run_engine_level(engine: Any, prompts: list[str], max_tokens: int) -> 
 
     async def one(prompt: str) -> StreamResult:
         tokens = engine.tokenize(prompt, add_special=True, parse_special=False)
-        req = GenerationRequest(prompt_tokens=tokens, params=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        req = GenerationRequest(prompt_tokens=tokens, params=params)
         start = time.perf_counter()
         times: list[float] = []
         usage = None
@@ -524,13 +525,14 @@ def measure_level(name: str, clients: int, once: Callable[[list[str]], dict[str,
 
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over rounds for the headline figures; every round stays in the JSON."""
-    def mean(key: str) -> float | None:
+    """Median over rounds for the headline figures (one disturbed round moves a mean a lot; the
+    machines are shared and noisy); every round stays in the JSON."""
+    def median(key: str) -> float | None:
         values = [r[key] for r in rounds if r[key] is not None]
-        return statistics.fmean(values) if values else None
+        return statistics.median(values) if values else None
 
     keys = ("tok_s", "ttft_mean_ms", "ttft_p50_ms", "itl_p50_ms", "itl_p95_ms", "server_cpu_s", "foreign_cpu_share")
-    return {key: mean(key) for key in keys} | {
+    return {key: median(key) for key in keys} | {
         "tok_s_min": min(r["tok_s"] for r in rounds), "tok_s_max": max(r["tok_s"] for r in rounds),
         "errors": [e for r in rounds for e in r["errors"]],
         "tokens_per_stream": sorted({t for r in rounds for t in r["tokens_per_stream"]}),
@@ -544,9 +546,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"Model: {report['model']['name']} ({report['model']['parameters_m']:.0f}M params, Q4_K_M, "
              f"{report['model']['size_mb']:.0f} MB); {report['config']['threads']} threads per server; "
              f"{report['config']['tokens']} tokens per stream, ~{report['config']['prompt_tokens']} prompt tokens; "
-             f"mean of {report['config']['rounds']} rounds. \"other load\": share of the CPUs used by other "
+             f"median of {report['config']['rounds']} rounds. \"other load\": share of the CPUs used by other "
              "processes during the level (the machines are shared; above a few % a row is suspect).", "",
-             "| server | clients | tok/s (aggregate) | TTFT mean (ms) | ITL p50 (ms) | ITL p95 (ms) | "
+             "| server | clients | tok/s aggregate (range) | TTFT mean (ms) | ITL p50 (ms) | ITL p95 (ms) | "
              "other load | FACTS.md tok/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in report["servers"].items():
@@ -556,7 +558,9 @@ def markdown(report: dict[str, Any]) -> str:
         for clients, level in result["levels"].items():
             ref = FACTS_REFERENCE.get(name, {}).get(int(clients))
             errs = f" ({len(level['errors'])} errors)" if level["errors"] else ""
-            lines.append(f"| {name} | {clients} | {fmt(level['tok_s'], 1)}{errs} | {fmt(level['ttft_mean_ms'])} | "
+            spread = f" ({level['tok_s_min']:.0f}-{level['tok_s_max']:.0f})" if len(level["rounds"]) > 1 else ""
+            lines.append(f"| {name} | {clients} | {fmt(level['tok_s'], 1)}{spread}{errs} | "
+                         f"{fmt(level['ttft_mean_ms'])} | "
                          f"{fmt(level['itl_p50_ms'], 1)} | {fmt(level['itl_p95_ms'], 1)} | "
                          f"{fmt((level['foreign_cpu_share'] or 0) * 100)}% | {ref or '-'} |")
     return "\n".join(lines) + "\n"
@@ -566,7 +570,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Garrison vs llama-server vs llama-cpp-python, streamed completions")
     parser.add_argument("--clients", default="1,4,8", help="concurrency levels, comma-separated (default 1,4,8)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per stream (default 128)")
-    parser.add_argument("--rounds", type=int, default=2, help="repetitions per level; the table shows the mean")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions per level; the table shows the median")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per server (default 2)")
     parser.add_argument("--servers", default="garrison,llama-server,llama-cpp-python",
                         help="which servers, in order; add garrison-engine for the in-process engine without HTTP")

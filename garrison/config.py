@@ -134,6 +134,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Requests that may wait per model beyond its parallel slots; past it: 429 with Retry-After."),
     Setting("request_timeout_s", _bounded(float, 1, 86400), lambda _env: 600.0,
             "Deadline of one inference request, queued time included."),
+    Setting("policy_file", _optional_path, lambda _env: "",
+            "TOML file of the data policy (redaction actions, custom patterns, bad lines, retention); "
+            "default: policy.toml in the state folder if present, else the built-in defaults."),
+    Setting("max_upload_mb", _bounded(float, 1, 16 * 1024 * 1024), lambda _env: 65536.0,
+            "Largest sealed upload accepted, in MiB (streamed, never held in memory)."),
     Setting("inference_threads", _bounded(int, 0, 1024), lambda _env: 0,
             "CPU threads per loaded model (0: all cores, at most 8)."),
 )
@@ -161,6 +166,8 @@ class Config:
     model_keep_alive_s: float
     model_queue: int
     request_timeout_s: float
+    policy_file: str
+    max_upload_mb: float
     inference_threads: int
     source: str = field(default="defaults", compare=False)
 

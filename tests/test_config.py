@@ -34,7 +34,8 @@ def test_every_setting_has_an_environment_override(tmp_path: Path) -> None:
                "shutdown_grace_s": "5", "max_request_mb": "2", "job_concurrency": "2", "job_poll_s": "1",
                "job_timeout_s": "10", "job_max_attempts": "4", "job_heartbeat_s": "1",
                "job_stale_after_s": "9", "allow_remote": "true", "run_jobs": "false", "model_memory_mb": "512",
-               "model_keep_alive_s": "60", "model_queue": "3", "request_timeout_s": "30", "inference_threads": "2"}
+               "model_keep_alive_s": "60", "model_queue": "3", "request_timeout_s": "30", "inference_threads": "2",
+               "policy_file": "/p.toml", "max_upload_mb": "10"}
     assert set(samples) == {s.key for s in SETTINGS}, "add a sample for the new setting"
     env = {f"GARRISON_{k.upper()}": v for k, v in samples.items()}
     config = load_config("/dev/null", env=env)

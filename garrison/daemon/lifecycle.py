@@ -23,7 +23,9 @@ from typing import IO
 from aiohttp import web
 
 from garrison.config import Config
+from garrison.daemon.api.datasets import ingest_service
 from garrison.daemon.app import create_app
+from garrison.ingest.inbox import InboxWatcher
 from garrison.daemon.notify import SystemdNotifier, watchdog_interval_s
 from garrison.daemon.state import STATE, DaemonState
 from garrison.errors import ConfigError, Conflict
@@ -160,6 +162,7 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         if interval:
             tasks.append(asyncio.create_task(_watchdog(notifier, interval, watchdog_stop)))
         tasks.append(asyncio.create_task(state.manager.run_keep_alive(watchdog_stop)))
+        tasks.append(asyncio.create_task(InboxWatcher(ingest_service(app)).run(job_stop)))
 
         notifier.ready(f"serving on {config.base_url}")
         log_event(log, "daemon.ready", url=config.base_url, state_dir=str(layout.root),

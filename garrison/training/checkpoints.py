@@ -32,7 +32,7 @@ import secrets
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -78,7 +78,7 @@ def _fsync_dir(path: Path) -> None:
 class _EncryptingWriter(io.RawIOBase):
     """A write-only file object for `torch.save` that emits authenticated chunks to `raw`."""
 
-    def __init__(self, raw: io.BufferedWriter, key: bytes, step: int, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, raw: BinaryIO, key: bytes, step: int, chunk_size: int = CHUNK_SIZE) -> None:
         super().__init__()
         salt = secrets.token_bytes(32)
         self._header = _HEADER.pack(MAGIC, chunk_size, step, salt)
@@ -206,7 +206,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], key: byte
     try:
         with os.fdopen(fd, "wb", buffering=CHUNK_SIZE) as raw:
             writer = _EncryptingWriter(raw, key, step)
-            torch.save(state, writer)
+            torch.save(state, cast(BinaryIO, writer))
             writer.finish()
             raw.flush()
             os.fsync(raw.fileno())

@@ -40,3 +40,63 @@ def corpus_text(repeat: int = 20) -> str:
 
 def corpus_lines() -> list[str]:
     return [line for p in PARAGRAPHS for line in p.splitlines() if line.strip()]
+
+
+# Standard-library modules whose documentation every Python install carries.
+DOC_MODULES: tuple[str, ...] = (
+    "collections", "json", "os", "pathlib", "re", "string", "textwrap", "itertools", "functools", "datetime",
+    "logging", "argparse", "subprocess", "threading", "asyncio", "sqlite3", "csv", "random", "statistics",
+    "decimal", "fractions", "unittest", "typing", "dataclasses", "enum", "shutil", "tempfile", "zipfile",
+    "tarfile", "hashlib", "secrets", "base64", "urllib.parse", "html", "email.message", "http.client", "heapq",
+    "bisect", "contextlib", "calendar", "difflib", "pprint", "io", "socket", "struct", "uuid", "queue",
+    "glob", "fnmatch", "configparser", "codecs", "operator", "copy", "pickle", "zlib", "gzip", "inspect",
+    "traceback", "warnings", "abc", "numbers", "array", "weakref", "types", "time", "signal", "selectors",
+    "smtplib", "getpass", "platform", "doctest", "timeit", "tracemalloc", "gc", "sysconfig",
+)
+LICENSE_DIRS: tuple[str, ...] = ("/usr/share/common-licenses",)
+
+
+def _docstrings(module_names: tuple[str, ...]) -> list[str]:
+    import importlib
+    import inspect
+
+    seen: set[int] = set()
+    docs: list[str] = []
+    for name in module_names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for obj in (module, *(value for _, value in inspect.getmembers(module))):
+            if id(obj) in seen or not (obj is module or inspect.isclass(obj) or inspect.isroutine(obj)):
+                continue
+            seen.add(id(obj))
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 80:
+                docs.append(doc)
+    return docs
+
+
+def machine_corpus(max_chars: int = 2_000_000) -> str:
+    """English text every machine has: licence texts and Python's own documentation.
+
+    The default base model of `garrison quickstart` is pre-trained on it, so it writes
+    English-like text without anything being downloaded. Deterministic for a given machine.
+    """
+    import sys
+    from pathlib import Path
+
+    parts: list[str] = list(PARAGRAPHS)
+    for folder in LICENSE_DIRS:
+        root = Path(folder)
+        if root.is_dir():
+            for path in sorted(root.iterdir()):
+                if path.is_file() and path.stat().st_size < 200_000:
+                    parts.append(path.read_text(encoding="utf-8", errors="ignore"))
+    python_license = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
+        "LICENSE.txt"
+    if python_license.exists():
+        parts.append(python_license.read_text(encoding="utf-8", errors="ignore"))
+    parts.extend(_docstrings(DOC_MODULES))
+    text = "\n\n".join(p.strip() for p in parts if p.strip())
+    return text[:max_chars]

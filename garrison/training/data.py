@@ -20,7 +20,8 @@ the span method works for those and for the many templates without them.
 
 Packing. Examples are placed whole into rows of at most ``max_seq_len`` tokens (best-fit
 decreasing), never split across rows. Each example keeps its own position ids starting at
-0 and the model is called with ``attention_mask=None``: transformers (4.53+) then derives a
+0 and the model is called with ``attention_mask=None`` and ``use_cache=False`` (with a KV
+cache transformers skips the check): transformers (4.53+) then derives a
 block-diagonal causal mask from the position-id resets (sdpa and eager build it, flash
 attention 2 uses the resets natively), so no token attends to another example and RoPE
 sees the same positions as unpacked training: a packed row computes the same per-token
@@ -96,7 +97,8 @@ def normalize_record(record: Any) -> list[dict[str, Any]]:
         raise ValueError("a record must be a JSON object")
     if "messages" not in record and isinstance(record.get("prompt"), str) and isinstance(
             record.get("completion"), str):
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+        return [{"role": "user", "content": record["prompt"], "weight": 1},
+                {"role": "assistant", "content": record["completion"], "weight": 1}]
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("a chat record needs a non-empty 'messages' list")
@@ -170,9 +172,9 @@ def tokenize_chat(tokenizer: Any, record: Any, max_seq_len: int) -> tuple[Exampl
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        offsets = [(int(o[0]), int(o[1])) for o in enc["offset_mapping"]]
         if all(b > a for a, b in offsets):
-            labels = _labels_from_offsets(ids, offsets, spans)  # type: ignore[arg-type]
+            labels = _labels_from_offsets(ids, offsets, spans)
         else:
             labels = _labels_from_counts(tokenizer, text, ids, spans)
     else:
@@ -236,9 +238,15 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
             [e for i, e in enumerate(examples) if i in val_idx])
 
 
+def _segment_labels(example: Example) -> list[int]:
+    """Labels with the first one ignored: nothing inside the segment predicts it (in a packed row the
+    previous example's last token would), so it can never count as a target."""
+    return [IGNORE_INDEX, *example.labels[1:]] if example.labels else []
+
+
 def as_rows(examples: list[Example]) -> list[Row]:
     """Unpacked: one example per row (padded per batch at collation)."""
-    return [Row(e.input_ids, e.labels, list(range(len(e))), [len(e)]) for e in examples]
+    return [Row(e.input_ids, _segment_labels(e), list(range(len(e))), [len(e)]) for e in examples]
 
 
 def pack(examples: list[Example], max_seq_len: int) -> list[Row]:
@@ -267,7 +275,7 @@ def pack(examples: list[Example], max_seq_len: int) -> list[Row]:
         positions: list[int] = []
         for i in members:
             ids += examples[i].input_ids
-            labels += examples[i].labels
+            labels += _segment_labels(examples[i])
             positions += range(len(examples[i]))
         rows.append(Row(ids, labels, positions, [len(examples[i]) for i in members]))
     return rows

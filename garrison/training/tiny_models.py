@@ -62,11 +62,11 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train_sentencepiece(work: Path, vocab: int) -> Path:
+def _train_sentencepiece(work: Path, vocab: int, text: str | None = None) -> Path:
     import sentencepiece as spm
 
     text_file = work / "corpus.txt"
-    text_file.write_text(corpus_text(), encoding="utf-8")
+    text_file.write_text(text or corpus_text(), encoding="utf-8")
     prefix = work / "tokenizer"
     spm.SentencePieceTrainer.train(
         input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab,
@@ -111,7 +111,62 @@ def _train_causal_lm(model: Any, tokenizer: Any, spec: TinySpec) -> None:
     model.eval()
 
 
-def build_tiny_llama(out: Path, spec: TinySpec | None = None) -> Path:
+def _pretrain(model: Any, tokenizer: Any, spec: TinySpec, corpus: str, seconds: float) -> None:
+    """Next-token training on random windows of a long corpus, for a fixed time budget.
+
+    Every fourth batch is chat examples, so the chat template's turns are learned too.
+    """
+    import time
+
+    import torch
+
+    stream = tokenizer(corpus, add_special_tokens=False)["input_ids"]
+    chats = [tokenizer(t, add_special_tokens=False)["input_ids"][:128] for t in _training_texts(tokenizer)[
+        :len(CHAT_EXAMPLES)]]
+    window, batch_size = 128, 16
+    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
+    model.train()
+    deadline = time.monotonic() + seconds
+    step = 0
+    while time.monotonic() < deadline and step < spec.train_steps:
+        if step % 4 == 3:
+            rows = [chats[i] for i in torch.randint(len(chats), (batch_size,), generator=gen).tolist()]
+            width = max(len(r) for r in rows)
+            input_ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        else:
+            starts = torch.randint(len(stream) - window - 1, (batch_size,), generator=gen).tolist()
+            input_ids = torch.tensor([stream[s:s + window] for s in starts])
+            mask = torch.ones_like(input_ids)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        step += 1
+    model.eval()
+
+
+BASE_SPEC = TinySpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, context=1024, vocab=4000,
+                     train_steps=1_000_000)
+
+
+def build_base_llama(out: Path) -> Path:
+    """The default base model of `garrison quickstart`: pre-trained for a few minutes on machine text."""
+    import os
+
+    from garrison.training.corpus import machine_corpus
+
+    seconds = float(os.environ.get("GARRISON_BASE_TRAIN_S", "150"))
+    return build_tiny_llama(out, BASE_SPEC, corpus=machine_corpus(), train_seconds=seconds)
+
+
+def build_tiny_llama(out: Path, spec: TinySpec | None = None, *, corpus: str | None = None,
+                     train_seconds: float | None = None) -> Path:
     """LlamaForCausalLM + SentencePiece (bpe, byte_fallback) + chat template, via save_pretrained.
 
     The fast tokenizer is saved too (tokenizer.json beside tokenizer.model), so the ONNX engine
@@ -123,7 +178,7 @@ def build_tiny_llama(out: Path, spec: TinySpec | None = None) -> Path:
     _seed(spec.seed)
     work = tempfile.mkdtemp(prefix="garrison-spm-")
     try:
-        sp_model = _train_sentencepiece(Path(work), spec.vocab)
+        sp_model = _train_sentencepiece(Path(work), spec.vocab, corpus)
         # The fast tokenizer keeps vocab_file and copies it on save: the folder must outlive save_pretrained.
         # add_prefix_space=False (saved in tokenizer_config.json, which llama.cpp's converter reads):
         # both sides then tokenize a chat the same way, so training and serving see the same ids.
@@ -131,13 +186,14 @@ def build_tiny_llama(out: Path, spec: TinySpec | None = None) -> Path:
                                        add_eos_token=False, clean_up_tokenization_spaces=False,
                                        add_prefix_space=False)
         tokenizer.chat_template = CHAT_TEMPLATE
-        _build_llama(out, tokenizer, spec)
+        _build_llama(out, tokenizer, spec, corpus, train_seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-def _build_llama(out: Path, tokenizer: Any, spec: TinySpec) -> None:
+def _build_llama(out: Path, tokenizer: Any, spec: TinySpec, corpus: str | None = None,
+                 train_seconds: float | None = None) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -146,7 +202,10 @@ def _build_llama(out: Path, tokenizer: Any, spec: TinySpec) -> None:
         max_position_embeddings=spec.context, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, rms_norm_eps=1e-5)
     model = LlamaForCausalLM(config)
-    _train_causal_lm(model, tokenizer, spec)
+    if corpus is None:
+        _train_causal_lm(model, tokenizer, spec)
+    else:
+        _pretrain(model, tokenizer, spec, corpus, train_seconds or 120.0)
     if model.generation_config is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
@@ -257,6 +316,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny-bert": build_tiny_bert,
     "tiny-bpe-llama": build_tiny_bpe_llama,
     "tiny-lora": build_tiny_lora,
+    "garrison-base": build_base_llama,
 }
 
 

@@ -1,0 +1,160 @@
+"""Ingest throughput: a sealed JSONL file with PII, end to end (open, parse, redact, encrypt, durable),
+beside the same run's `age -d` and a parse-only Python pass over the same plaintext (not a test).
+
+A throwaway appliance is made in a temporary folder; the input is sealed to it with Debian's `age`
+(or garrison.crypto.age when age is missing). The pipeline runs in a child process that times only
+the `ingest()` call; peak RSS comes from wait4(). Writes bench/out/ingest_throughput.json and .md.
+
+    .venv/bin/python bench/ingest_throughput.py [--mb 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import sys, time, json
+from garrison.config import load_config
+from garrison.ingest.pipeline import IngestRequest, IngestService
+from garrison.paths import StateLayout
+from garrison.store.catalog import Catalog
+config = load_config()
+layout = StateLayout(config.state_path)
+service = IngestService(config, Catalog(layout.catalog))
+service.identity()
+started = time.perf_counter()
+with open(sys.argv[1], "rb") as src:
+    result = service.ingest(src, IngestRequest(dataset="bench", source="cli", source_name="bench.jsonl.age"))
+elapsed = time.perf_counter() - started
+print(json.dumps({"seconds": elapsed, "report": result.report}))
+"""
+
+SETUP = r"""
+from garrison.config import load_config
+from garrison.crypto.age import encode_identity
+from garrison.crypto.identity import load_appliance_identity
+from garrison.paths import StateLayout
+identity = load_appliance_identity(load_config())
+StateLayout(load_config().state_path).ensure()
+print(identity.recipient)
+print(encode_identity(identity.age_identity))
+"""
+
+
+def make_input(path: Path, mb: float, seed: int = 7) -> int:
+    """Chat records; about a third carry an e-mail, a phone number or a card number."""
+    rng = random.Random(seed)
+    target = int(mb * 1024 * 1024)
+    size = 0
+    with path.open("w") as fh:
+        i = 0
+        while size < target:
+            kind = i % 6
+            pii = (f"contact me at user{i}@example.com" if kind == 0 else
+                   f"call +44 20 7946 {i % 10000:04d}" if kind == 1 else
+                   "card 4111 1111 1111 1111" if kind == 2 else f"order {rng.randrange(10**8)} shipped")
+            line = json.dumps({"messages": [
+                {"role": "user", "content": f"Ticket {i}: {pii}. " + "The appliance keeps data sealed. " * 4},
+                {"role": "assistant", "content": "Thanks, we are looking into it. " * 3}]}) + "\n"
+            fh.write(line)
+            size += len(line)
+            i += 1
+    return size
+
+
+def run_child(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MiB, stdout) of one child."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    assert proc.stdout is not None and proc.stderr is not None
+    out = proc.stdout.read().decode()
+    err = proc.stderr.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{args[:3]} failed: {err[-2000:]}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=100.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="garrison-bench-ingest-"))
+    try:
+        env = {**os.environ, "GARRISON_CONFIG": "/dev/null", "GARRISON_STATE_DIR": str(work / "state"),
+               "XDG_CONFIG_HOME": str(work / "config"), "TMPDIR": str(work / "tmp")}
+        (work / "tmp").mkdir()
+        _, _, setup = run_child([sys.executable, "-c", SETUP], env)
+        recipient, secret = setup.split()
+        keyfile = work / "identity.txt"
+        keyfile.write_text(secret + "\n")
+        keyfile.chmod(0o600)
+        plain = work / "bench.jsonl"
+        size = make_input(plain, args.mb)
+        sealed = work / "bench.jsonl.age"
+        if shutil.which("age"):
+            subprocess.run(["age", "-r", recipient, "-o", str(sealed), str(plain)], check=True)
+            wall, rss, _ = run_child(["age", "-d", "-i", str(keyfile), "-o", os.devnull, str(sealed)], env)
+            age_d = {"seconds": round(wall, 3), "mb_s": round(size / 1e6 / wall, 1), "peak_rss_mib": round(rss)}
+        else:
+            from garrison.crypto.age import encrypt_stream
+
+            with plain.open("rb") as fin, sealed.open("wb") as fout:
+                encrypt_stream(fin, fout, [recipient])
+            age_d = None
+        started = time.perf_counter()
+        records = 0
+        with plain.open("rb") as fh:
+            for line in fh:
+                json.loads(line)
+                records += 1
+        parse_s = time.perf_counter() - started
+        wall, rss, out = run_child([sys.executable, "-c", CHILD, str(sealed)], env)
+        child = json.loads(out)
+        seconds = child["seconds"]
+        report = child["report"]
+        leftovers = [p.name for p in (work / "tmp").iterdir()]
+        result = {
+            "bench": "ingest_throughput", "plaintext_mb": round(size / 1e6, 1), "records": records,
+            "sealed_bytes": sealed.stat().st_size, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "age_d": age_d,
+            "parse_only": {"seconds": round(parse_s, 3), "mb_s": round(size / 1e6 / parse_s, 1)},
+            "garrison_ingest": {"seconds": round(seconds, 3), "mb_s": round(size / 1e6 / seconds, 1),
+                                "records_s": round(records / seconds), "peak_rss_mib": round(rss),
+                                "wall_with_startup_s": round(wall, 3)},
+            "ratio_to_parse_only": round(parse_s / seconds, 3),
+            "redactions": report["redactions"], "records_accepted": report["records_accepted"],
+            "temp_files_left": leftovers,
+        }
+        OUT.mkdir(exist_ok=True)
+        (OUT / "ingest_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+        rows = [("age -d (Debian)", age_d), ("parse-only Python (json.loads per line)", result["parse_only"]),
+                ("garrison ingest (open, parse, redact, encrypt, durable)", result["garrison_ingest"])]
+        md = [f"Ingest of {result['plaintext_mb']} MB sealed JSONL ({records} chat records with PII), "
+              f"{result['cpus']} CPUs, Python {result['python']}.", "", "| pass | MB/s | seconds |", "|---|---|---|"]
+        md += [f"| {name} | {r['mb_s']} | {r['seconds']} |" for name, r in rows if r]
+        md += ["", f"garrison / parse-only: {result['ratio_to_parse_only']} (goal >= 0.5); peak RSS "
+               f"{result['garrison_ingest']['peak_rss_mib']} MiB; redactions {report['redactions']}."]
+        (OUT / "ingest_throughput.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

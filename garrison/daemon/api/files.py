@@ -1,0 +1,190 @@
+"""OpenAI's Files API (`/v1/files`, purpose `fine-tune`): plaintext JSONL uploads become dataset versions.
+
+The official client's `client.files.create(file=..., purpose="fine-tune")` works unchanged. Each
+upload goes through the same pipeline as sealed deliveries (validate, redact by policy, encrypt)
+and becomes version 1 of a dataset named after the file id (or of the dataset named in an optional
+`dataset` form field), so a fine-tuning job can name either.
+
+Plaintext on the wire is accepted only where the wire is private: from a loopback peer (the CLI, a
+local reverse proxy) or over TLS. Anything else is refused before a byte of the body is read:
+remote producers seal their files (POST /v1/garrison/datasets/{name}/versions). The multipart body
+is streamed part by part into the pipeline (`request.multipart()`, never `request.post()`, which
+would spool large files to a temporary file in plaintext).
+
+File content never leaves the appliance: GET /v1/files/{id}/content is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from garrison.daemon.api.datasets import ThreadReader, ingest_service, max_upload_bytes
+from garrison.daemon.http import json_response, principal
+from garrison.daemon.routing import Route
+from garrison.daemon.state import STATE
+from garrison.errors import Conflict, InvalidRequest, PermissionDenied
+from garrison.ingest.datasets import DatasetStore, VersionRecord, new_file_id, validate_name
+from garrison.ingest.formats import FORMATS
+from garrison.ingest.pipeline import IngestRequest
+from garrison.policies.access import authorize
+
+PURPOSES = ("fine-tune",)
+_FIELD_LIMIT = 1024
+
+
+def private_transport(request: web.Request) -> bool:
+    """True for TLS, a loopback peer or a Unix socket: where plaintext cannot be read on the way."""
+    transport = request.transport
+    if transport is None:
+        return False
+    if transport.get_extra_info("sslcontext") is not None:
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is not None and getattr(sock, "family", None) == getattr(socket, "AF_UNIX", object()):
+        return True
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple | list) or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+async def _field(part: BodyPartReader) -> str:
+    data = b""
+    while chunk := await part.read_chunk(_FIELD_LIMIT):
+        data += chunk
+        if len(data) > _FIELD_LIMIT:
+            raise InvalidRequest(f"form field {part.name!r} is longer than {_FIELD_LIMIT} bytes", param=part.name)
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"form field {part.name!r} is not UTF-8", param=part.name) from None
+
+
+async def create_file(request: web.Request) -> web.StreamResponse:
+    if not private_transport(request):
+        raise PermissionDenied("plaintext uploads to /v1/files are accepted only over TLS or from this machine "
+                               "(loopback); seal the file for the appliance (`garrison seal` or age -r) and POST it "
+                               "to /v1/garrison/datasets/{name}/versions", code="plaintext_over_insecure_transport")
+    who = principal(request)
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidRequest("expected a multipart/form-data body with 'purpose' and 'file'", code="invalid_upload")
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    created: dict[str, Any] = {}
+    async for part in reader:
+        if not isinstance(part, BodyPartReader):
+            raise InvalidRequest("nested multipart bodies are not accepted", code="invalid_upload")
+        if part.name != "file":
+            if part.name in ("purpose", "dataset", "format"):
+                fields[part.name] = await _field(part)
+            else:
+                await part.release()
+            continue
+        if created:
+            raise InvalidRequest("one file per upload", code="invalid_upload", param="file")
+        purpose = fields.get("purpose")
+        if purpose is None:
+            raise InvalidRequest("send the 'purpose' field before the 'file' part", code="invalid_upload",
+                                 param="purpose")
+        if purpose not in PURPOSES:
+            raise InvalidRequest(f"purpose {purpose[:40]!r} is not supported here; use {', '.join(PURPOSES)}",
+                                 code="unsupported_purpose", param="purpose")
+        fmt = fields.get("format", "jsonl")
+        if fmt not in FORMATS:
+            raise InvalidRequest(f"unknown format; formats are {', '.join(FORMATS)}", param="format",
+                                 code="invalid_format")
+        file_id = new_file_id()
+        dataset = validate_name(fields.get("dataset") or file_id)
+        authorize(who, "ingest", ("dataset", dataset))
+        filename = (part.filename or "upload.jsonl")[:255]
+
+        def on_publish(conn: Any, version: VersionRecord, file_id: str = file_id, filename: str = filename,
+                       purpose: str = purpose) -> None:
+            DatasetStore.insert_file(conn, file_id=file_id, filename=filename, purpose=purpose,
+                                     size=int(version.report.get("bytes_in", 0)), version_id=version.id,
+                                     created_by=who.actor)
+
+        service = ingest_service(request.app)
+        ingest_request = IngestRequest(dataset=dataset, source="files", source_name=filename, format=fmt,
+                                       sealed=False, actor=who.actor, max_bytes=max_upload_bytes(request.app),
+                                       on_publish=on_publish)
+        result = await asyncio.to_thread(service.ingest, ThreadReader(part.read_chunk, asyncio.get_running_loop()),
+                                         ingest_request)
+        created["file_id"] = file_id
+        created["result"] = result
+    if not created:
+        raise InvalidRequest("the upload has no 'file' part", code="invalid_upload", param="file")
+    store = DatasetStore(request.app[STATE].catalog)
+    if created["result"].duplicate:
+        raise Conflict(f"this file was already uploaded as dataset version {created['result'].version.reference}",
+                       code="duplicate_file")
+    record = await asyncio.to_thread(store.file, created["file_id"])
+    return json_response({**record.to_openai(), "report": created["result"].report})
+
+
+async def list_files(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    store = DatasetStore(request.app[STATE].catalog)
+    files = await asyncio.to_thread(store.files, who.datasets, request.query.get("purpose") or None)
+    return json_response({"object": "list", "data": [f.to_openai() for f in files], "has_more": False})
+
+
+async def _granted_file(request: web.Request, scope: str) -> Any:
+    store = DatasetStore(request.app[STATE].catalog)
+    record = await asyncio.to_thread(store.file, request.match_info["file_id"])
+    authorize(principal(request), scope, ("dataset", record.dataset or record.id))
+    return record
+
+
+async def get_file(request: web.Request) -> web.StreamResponse:
+    record = await _granted_file(request, "read")
+    return json_response(record.to_openai())
+
+
+async def delete_file(request: web.Request) -> web.StreamResponse:
+    record = await _granted_file(request, "ingest")
+    vault = ingest_service(request.app).vault
+    actor = principal(request).actor
+    if record.dataset and record.version is not None:
+        if record.dataset == record.id:  # the dataset exists only for this file: it goes with it
+            await asyncio.to_thread(vault.delete_dataset, record.dataset, actor=actor)
+        else:
+            await asyncio.to_thread(vault.delete_version, record.dataset, record.version, actor=actor)
+    return json_response({"id": record.id, "object": "file", "deleted": True})
+
+
+async def file_content(request: web.Request) -> web.StreamResponse:
+    await _granted_file(request, "read")
+    raise PermissionDenied("file content never leaves the appliance: it is kept encrypted and read only by "
+                           "fine-tuning workers", code="content_not_exportable")
+
+
+ROUTES = (
+    Route("POST", "/v1/files", create_file, "ingest",
+          "Upload a plaintext JSONL file (multipart: purpose=fine-tune, then file; optional dataset, format); only "
+          "over TLS or loopback. It becomes a dataset version (redacted, encrypted).", "files",
+          responses={"200": "the OpenAI file object, with dataset, version and report",
+                     "400": "refused (bad_lines, no_records, unsupported_purpose); nothing stored",
+                     "403": "not over TLS or loopback, or no ingest scope", "413": "larger than max_upload_mb"}),
+    Route("GET", "/v1/files", list_files, "read", "Uploaded files (OpenAI's list shape).", "files",
+          query=(("purpose", "string", "only files of this purpose"),)),
+    Route("GET", "/v1/files/{file_id}", get_file, "read", "One uploaded file.", "files",
+          responses={"200": "OK", "404": "no such file"}),
+    Route("DELETE", "/v1/files/{file_id}", delete_file, "ingest",
+          "Delete a file: its dataset version's key is destroyed (crypto-shredding).", "files",
+          responses={"200": "deleted", "404": "no such file"}),
+    Route("GET", "/v1/files/{file_id}/content", file_content, "read",
+          "Refused by design: uploaded data never leaves the appliance.", "files",
+          responses={"403": "content_not_exportable", "404": "no such file"}),
+)

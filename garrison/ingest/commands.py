@@ -1,0 +1,277 @@
+"""`garrison ingest`, `garrison datasets list|show|rm` and `garrison keys rotate-master`.
+
+Registered on the main group by garrison/cli.py. Like every administrative command they act on
+the local state folder (file permissions are the authority), whether or not the daemon runs, and
+they call the same library functions as the HTTP API: `ingest` runs `garrison.ingest.pipeline.ingest`
+in this process, so a file is refused or accepted by exactly the rules an upload meets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from garrison.config import Config, load_config
+from garrison.errors import ConfigError, InvalidRequest
+from garrison.ingest.formats import FORMATS, parse_columns
+
+__all__ = ["datasets_group", "ingest_command", "rotate_master_command"]
+
+
+def _config_options(func: Any) -> Any:
+    """--config and --state-dir, as on every garrison command (same names, same precedence)."""
+    func = click.option("--state-dir", "state_dir", default=None, metavar="DIR",
+                        help="State folder (env GARRISON_STATE_DIR).")(func)
+    func = click.option("--config", "config_file", default=None, metavar="FILE",
+                        type=click.Path(dir_okay=False),
+                        help="TOML configuration (default /etc/garrison/garrison.toml if present).")(func)
+    return func
+
+
+def _config(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Config:
+    root = ctx.find_root().obj or {}
+    return load_config(config_file or root.get("config_file"),
+                       overrides={"state_dir": state_dir or root.get("state_dir")})
+
+
+def _service(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Any:
+    from garrison.ingest.pipeline import IngestService
+    from garrison.paths import StateLayout
+    from garrison.store.catalog import Catalog
+
+    config = _config(ctx, config_file, state_dir)
+    layout = StateLayout(config.state_path)
+    layout.ensure()
+    return IngestService(config, Catalog(layout.catalog))
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# -- ingest ----------------------------------------------------------------------------------------
+
+
+@click.command("ingest")
+@_config_options
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--dataset", "dataset", required=True, metavar="NAME", help="Dataset to add a version to.")
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMATS),
+              help="Record format (auto: by file name, then content).")
+@click.option("--columns", default=None, metavar="T=COL,...",
+              help="CSV column mapping onto prompt/completion, text or system/user/assistant.")
+@click.option("--policy", "policy_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Policy TOML ([redaction], retention_days) instead of the appliance's.")
+@click.option("--sealed/--plaintext", "sealed", default=None,
+              help="Require an age file, or read plaintext (default: decide by the first bytes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the version and its report as JSON.")
+@click.pass_context
+def ingest_command(ctx: click.Context, config_file: str | None, state_dir: str | None, file: str, dataset: str,
+                   fmt: str, columns: str | None, policy_file: str | None, sealed: bool | None, as_json: bool) -> None:
+    """Ingest FILE (sealed with age, or plaintext; - for stdin) as a new version of a dataset.
+
+    The file is decrypted in memory, validated, redacted by the policy and stored encrypted; a refused
+    file stores nothing (exit code 2, the bad lines on stderr).
+    """
+    from tqdm import tqdm
+
+    from garrison.ingest.pipeline import IngestPolicy, IngestRefused, IngestRequest
+
+    service = _service(ctx, config_file, state_dir)
+    service.recover()
+    policy = IngestPolicy.from_file(Path(policy_file)) if policy_file else service.policy()
+    name = "" if file == "-" else Path(file).name
+    request = IngestRequest(dataset=dataset, source="cli", source_name=name, format=fmt,
+                            columns=parse_columns(columns), sealed=sealed, actor=f"local:{os.getuid()}")
+    total = None if file == "-" else Path(file).stat().st_size
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"ingest {dataset}", file=sys.stderr,
+               disable=not sys.stderr.isatty(), leave=False)
+    try:
+        src = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115 (closed below)
+        try:
+            result = service.ingest(src, request, policy=policy, progress=bar.update)
+        finally:
+            if src is not sys.stdin.buffer:
+                src.close()
+    except IngestRefused as err:
+        bar.close()
+        for bad in err.details.get("report", {}).get("records_refused", [])[:20]:
+            click.echo(f"  line {bad['line']}: {bad['reason']}", err=True)
+        raise
+    bar.close()
+    if as_json:
+        _echo_json(result.to_json())
+        return
+    r = result.report
+    v = result.version
+    if result.duplicate:
+        click.echo(f"already ingested: these bytes are {v.reference} (nothing new stored)")
+        return
+    redactions = ", ".join(f"{k} {n}" for k, n in r.get("redactions", {}).items()) or "none"
+    click.echo(f"{v.reference}: {r['records_accepted']} records accepted, {r['records_refused_count']} refused, "
+               f"{r['records_dropped']} dropped by policy; redactions: {redactions}; "
+               f"{_human(r['bytes_in'])} in {r['duration_s']:.2f}s")
+    for bad in r.get("records_refused", [])[:20]:
+        click.echo(f"  skipped line {bad['line']}: {bad['reason']}", err=True)
+
+
+# -- datasets --------------------------------------------------------------------------------------
+
+
+@click.group("datasets")
+def datasets_group() -> None:
+    """Datasets in the vault: list, show, rm (crypto-shredding)."""
+
+
+@datasets_group.command("list")
+@_config_options
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def datasets_list(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
+    """List datasets with their ready versions."""
+    from garrison.ingest.datasets import DatasetStore
+
+    service = _service(ctx, config_file, state_dir)
+    data = DatasetStore(service.catalog).list_datasets()
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"{'NAME':32} {'VERSIONS':>8} {'LATEST':>6} {'RECORDS':>10} {'STORED':>10}")
+    for d in data:
+        click.echo(f"{d['name']:32} {d['versions']:>8} {d['latest_version'] or '-':>6} {d['records']:>10} "
+                   f"{_human(d['stored_bytes']):>10}")
+
+
+@datasets_group.command("show")
+@_config_options
+@click.argument("reference", metavar="NAME[:VERSION]")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def datasets_show(ctx: click.Context, config_file: str | None, state_dir: str | None, reference: str,
+                  as_json: bool) -> None:
+    """Show a dataset and its versions, or one version with its ingestion report."""
+    from garrison.ingest.datasets import DatasetStore, parse_reference
+
+    name, number = parse_reference(reference)
+    store = DatasetStore(_service(ctx, config_file, state_dir).catalog)
+    if number is None:
+        data = store.dataset(name)
+        if as_json:
+            _echo_json(data)
+            return
+        click.echo(f"{name}: {data['versions']} ready version(s), {data['records']} records")
+        for v in data["data"]:
+            click.echo(f"  v{v['version']:<4} {v['state']:8} {v['format']:10} {v['records']:>8} records  "
+                       f"{_human(v['stored_bytes']):>10}  {v['source']}:{v['source_name']}")
+        return
+    record = store.version(name, number, ready=False)
+    _echo_json(record.to_json())
+
+
+@datasets_group.command("rm")
+@_config_options
+@click.argument("reference", metavar="NAME[:VERSION]")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def datasets_rm(ctx: click.Context, config_file: str | None, state_dir: str | None, reference: str,
+                yes: bool) -> None:
+    """Delete a dataset (every version) or one version: its data key is destroyed, its files removed."""
+    from garrison.ingest.datasets import parse_reference
+
+    name, number = parse_reference(reference)
+    service = _service(ctx, config_file, state_dir)
+    what = f"{name}:{number}" if number is not None else f"dataset {name} (every version)"
+    if not yes:
+        click.confirm(f"Destroy the key of {what}? The data cannot be recovered", abort=True)
+    actor = f"local:{os.getuid()}"
+    if number is None:
+        gone = service.vault.delete_dataset(name, actor=actor)
+        click.echo(f"deleted {name}: {len(gone)} version(s) shredded")
+    else:
+        service.vault.delete_version(name, number, actor=actor)
+        click.echo(f"deleted {name}:{number}")
+
+
+# -- master key rotation ---------------------------------------------------------------------------
+
+
+def _read_key_file(path: Path) -> bytes:
+    raw = path.read_bytes().strip()
+    try:
+        key = bytes.fromhex(raw.decode("ascii")) if len(raw) == 64 else raw
+    except (UnicodeDecodeError, ValueError):
+        key = raw
+    if len(key) != 32:
+        raise InvalidRequest(f"{path} must hold 32 bytes (or 64 hex digits)", code="master_key_invalid",
+                             param="new_key")
+    return key
+
+
+def _install_key(path: Path, key: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key.hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@click.command("rotate-master")
+@_config_options
+@click.option("--new-key", "new_key_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="File holding the new master key (32 bytes or 64 hex digits, mode 0600).")
+@click.pass_context
+def rotate_master_command(ctx: click.Context, config_file: str | None, state_dir: str | None,
+                          new_key_file: str) -> None:
+    """Rewrap every data key and the appliance identity under a new master key (data files untouched).
+
+    Safe to run again with the same --new-key if it was interrupted. When the master key is a file
+    Garrison reads (master_key_file or the developer key), the new key replaces it; when it is a
+    systemd credential, install the new key as the credential. Restart the daemon afterwards.
+    """
+    from garrison.crypto.identity import rewrap_identity
+    from garrison.ingest.vault import rotate_master
+    from garrison.paths import StateLayout
+    from garrison.store.catalog import Catalog
+    from garrison.store.master_key import load_master_key, master_key_path
+
+    config = _config(ctx, config_file, state_dir)
+    layout = StateLayout(config.state_path)
+    old = load_master_key(config)
+    new = _read_key_file(Path(new_key_file))
+    if new == old:
+        raise InvalidRequest("the new master key is the current one", code="master_key_unchanged", param="new_key")
+    if Path(new_key_file).stat().st_mode & 0o077:
+        raise ConfigError(f"{new_key_file} is accessible to other users; chmod 600 it", code="master_key_exposed")
+    rewrap_identity(layout, old, new)
+    counts = rotate_master(Catalog(layout.catalog), old, new, actor=f"local:{os.getuid()}")
+    target = master_key_path(config)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and target.parent == Path(credentials):
+        click.echo(f"rewrapped {counts['rewrapped']} data key(s) and the identity; now install {new_key_file} as the "
+                   "master.key credential and restart Garrison")
+        return
+    _install_key(target, new)
+    click.echo(f"rewrapped {counts['rewrapped']} data key(s) and the identity; {target} now holds the new key "
+               "(restart the daemon)")

@@ -1,0 +1,418 @@
+"""Record formats: streaming parsers that turn a plaintext byte stream into validated records.
+
+Formats (ARCHITECTURE.md, "Data formats"):
+
+- `chat`: JSONL of `{"messages": [{"role", "content"}, ...]}`, OpenAI's fine-tuning format (at least
+  one assistant message; content a string, a list of text parts, or null beside tool calls);
+- `completion`: JSONL of `{"prompt", "completion"}`;
+- `text`: JSONL of `{"text"}`;
+- `jsonl`: any one of the three, decided by the first valid record (every later record must match);
+- `csv`: a header row and a column mapping onto `prompt`/`completion`, `text`, or
+  `system`/`user`/`assistant` (a chat turn); without a mapping, columns named so are used;
+- `plain`: UTF-8 text, one record per paragraph (blank lines separate records);
+- `auto`: by the file name (`.csv`, `.txt`/`.md`, `.jsonl`/`.json`, an outer `.age` ignored), else by
+  the first byte (`{`: jsonl, otherwise plain).
+
+A parser yields `Record(line, value)` or `BadLine(line, reason)` in file order; line numbers are
+1-based physical lines (for CSV and plain text, the line a record starts on). Reasons describe
+what is wrong without quoting the data, because they end up in reports, logs and the catalog,
+where no record content may go. Problems that make the rest of the file unreadable (a CSV header
+without the mapped columns, undecodable CSV bytes) raise `FormatError` instead: the file is refused
+whatever the policy. Memory per record is bounded by `MAX_RECORD_BYTES`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from garrison.errors import InvalidRequest
+
+__all__ = [
+    "FORMATS",
+    "MAX_RECORD_BYTES",
+    "BadLine",
+    "FormatError",
+    "Record",
+    "detect_format",
+    "parse",
+    "parse_columns",
+]
+
+FORMATS = ("auto", "jsonl", "chat", "completion", "text", "csv", "plain")
+JSONL_KINDS = ("chat", "completion", "text")
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+MAX_MESSAGES = 4096
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+CSV_TARGETS = ("prompt", "completion", "text", "system", "user", "assistant")
+_PEEK = 64 * 1024
+
+
+class FormatError(InvalidRequest):
+    """The file as a whole cannot be read in its format: refused whatever `on_bad_lines` says."""
+
+    code = "invalid_format"
+
+
+@dataclass(frozen=True)
+class Record:
+    line: int
+    value: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    reason: str
+
+
+Item = Record | BadLine
+
+
+def parse_columns(text: str | Mapping[str, str] | None) -> dict[str, str] | None:
+    """`prompt=question,completion=answer` (or a mapping) -> a validated CSV column mapping."""
+    if text is None or text == "":
+        return None
+    pairs: dict[str, str] = {}
+    if isinstance(text, Mapping):
+        items = list(text.items())
+    else:
+        items = []
+        for part in str(text).split(","):
+            target, sep, column = part.partition("=")
+            if not sep:
+                raise InvalidRequest(f"column mapping entry {part.strip()[:60]!r} is not TARGET=COLUMN",
+                                     code="invalid_columns", param="columns")
+            items.append((target, column))
+    for target, column in items:
+        target = str(target).strip()
+        if target not in CSV_TARGETS:
+            raise InvalidRequest(f"unknown column mapping target {target[:40]!r}; targets are {', '.join(CSV_TARGETS)}",
+                                 code="invalid_columns", param="columns")
+        if not isinstance(column, str) or not column.strip():
+            raise InvalidRequest(f"column mapping for {target!r} names no column", code="invalid_columns",
+                                 param="columns")
+        pairs[target] = column.strip()
+    _csv_kind(pairs)
+    return pairs
+
+
+def _csv_kind(mapping: Mapping[str, str]) -> str:
+    keys = set(mapping)
+    if keys & {"user", "assistant", "system"}:
+        if not {"user", "assistant"} <= keys or keys & {"prompt", "completion", "text"}:
+            raise InvalidRequest("a chat column mapping needs user and assistant (system optional) and nothing else",
+                                 code="invalid_columns", param="columns")
+        return "chat"
+    if keys & {"prompt", "completion"}:
+        if keys != {"prompt", "completion"}:
+            raise InvalidRequest("a completion column mapping needs exactly prompt and completion",
+                                 code="invalid_columns", param="columns")
+        return "completion"
+    if keys == {"text"}:
+        return "text"
+    raise InvalidRequest("the column mapping must name prompt+completion, text, or user+assistant(+system)",
+                         code="invalid_columns", param="columns")
+
+
+def detect_format(fmt: str, name_hint: str, head: bytes) -> str:
+    """Resolve `auto` by file name, then by the first non-blank byte; other formats pass through."""
+    if fmt not in FORMATS:
+        raise InvalidRequest(f"unknown format {fmt[:40]!r}; formats are {', '.join(FORMATS)}", code="invalid_format",
+                             param="format")
+    if fmt != "auto":
+        return fmt
+    name = name_hint.lower()
+    for suffix in (".age", ".asc"):
+        name = name.removesuffix(suffix)
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".txt", ".text", ".md")):
+        return "plain"
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    return "jsonl" if stripped.startswith(b"{") else "plain"
+
+
+# -- physical lines --------------------------------------------------------------------------------
+
+
+def _lines(stream: io.BufferedIOBase) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the newline), or (n, None) for a line over MAX_RECORD_BYTES (skipped)."""
+    number = 0
+    while True:
+        raw = stream.readline(MAX_RECORD_BYTES + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # skip the rest of the long line, a bounded piece at a time
+                raw = stream.readline(MAX_RECORD_BYTES)
+            yield number, None
+            continue
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        yield number, raw.rstrip(b"\r\n")
+
+
+def _text(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+# -- JSONL -----------------------------------------------------------------------------------------
+
+
+def _kind_of(obj: dict[str, Any]) -> str | None:
+    if "messages" in obj:
+        return "chat"
+    if "prompt" in obj or "completion" in obj:
+        return "completion"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def _check_content(content: Any, i: int) -> str | None:
+    if isinstance(content, str):
+        return None
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                return f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": string}}"
+        return None
+    return f"messages[{i}].content must be a string or a list of text parts"
+
+
+def _check_chat(obj: dict[str, Any]) -> str | None:
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages must be a non-empty list"
+    if len(messages) > MAX_MESSAGES:
+        return f"more than {MAX_MESSAGES} messages"
+    assistant = False
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{i}] must be an object"
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            return f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}"
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+                assistant = True
+                continue
+            return f"messages[{i}].content is missing"
+        problem = _check_content(content, i)
+        if problem:
+            return problem
+        if "weight" in message and message["weight"] not in (0, 1):
+            return f"messages[{i}].weight must be 0 or 1"
+        assistant = assistant or role == "assistant"
+    if not assistant:
+        return "no assistant message (a chat example must show at least one answer)"
+    return None
+
+
+def _check_completion(obj: dict[str, Any]) -> str | None:
+    if not isinstance(obj.get("prompt"), str):
+        return "prompt must be a string"
+    completion = obj.get("completion")
+    if not isinstance(completion, str) or not completion:
+        return "completion must be a non-empty string"
+    return None
+
+
+def _check_text(obj: dict[str, Any]) -> str | None:
+    text = obj.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return "text must be a non-empty string"
+    return None
+
+
+_CHECKS = {"chat": _check_chat, "completion": _check_completion, "text": _check_text}
+
+
+def _parse_jsonl(stream: io.BufferedIOBase, kind: str | None, state: dict[str, str]) -> Iterator[Item]:
+    for number, raw in _lines(stream):
+        if raw is None:
+            yield BadLine(number, f"line longer than {MAX_RECORD_BYTES} bytes")
+            continue
+        if not raw.strip():
+            continue
+        text = _text(raw)
+        if text is None:
+            yield BadLine(number, "not valid UTF-8")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield BadLine(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except RecursionError:
+            yield BadLine(number, "JSON nested too deeply")
+            continue
+        if not isinstance(obj, dict):
+            yield BadLine(number, f"a record must be a JSON object, not {type(obj).__name__}")
+            continue
+        found = _kind_of(obj)
+        if found is None:
+            yield BadLine(number, "unrecognised record: expected 'messages', 'prompt'/'completion' or 'text'")
+            continue
+        if kind is None:
+            kind = found
+            state["format"] = kind
+        elif found != kind:
+            yield BadLine(number, f"a {found} record in a {kind} file")
+            continue
+        problem = _CHECKS[kind](obj)
+        if problem:
+            yield BadLine(number, problem)
+            continue
+        yield Record(number, obj)
+
+
+# -- CSV -------------------------------------------------------------------------------------------
+
+
+def _parse_csv(stream: io.BufferedIOBase, columns: Mapping[str, str] | None, state: dict[str, str]) -> Iterator[Item]:
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")  # type: ignore[type-var]
+    csv.field_size_limit(MAX_RECORD_BYTES)
+    reader = csv.reader(text)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        names = [h.strip() for h in header]
+        mapping = dict(columns) if columns else {t: t for t in CSV_TARGETS if t in names}
+        if not columns and not mapping:
+            raise FormatError("the CSV header names none of prompt, completion, text, system, user, assistant: "
+                              "give a column mapping (e.g. prompt=question,completion=answer)", code="csv_no_mapping")
+        if not columns and ("user" in mapping or "assistant" in mapping):
+            mapping = {k: v for k, v in mapping.items() if k in ("system", "user", "assistant")}
+        elif not columns and "prompt" in mapping:
+            mapping = {k: v for k, v in mapping.items() if k in ("prompt", "completion")}
+        kind = _csv_kind(mapping)
+        missing = [c for c in mapping.values() if c not in names]
+        if missing:
+            raise FormatError(f"the CSV header lacks the mapped column(s) {', '.join(repr(m[:60]) for m in missing)}",
+                              code="csv_missing_column")
+        index = {target: names.index(column) for target, column in mapping.items()}
+        state["format"] = "chat" if kind == "chat" else kind
+        previous_end = reader.line_num
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                start, previous_end = previous_end + 1, reader.line_num
+                yield BadLine(start, f"malformed CSV ({exc})")
+                continue
+            start, previous_end = previous_end + 1, reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(names):
+                yield BadLine(start, f"{len(row)} fields where the header has {len(names)}")
+                continue
+            cells = {target: row[i] for target, i in index.items()}
+            if kind == "chat":
+                if not cells["user"].strip() or not cells["assistant"].strip():
+                    yield BadLine(start, "empty user or assistant cell")
+                    continue
+                messages = ([{"role": "system", "content": cells["system"]}] if cells.get("system", "").strip()
+                            else [])
+                messages += [{"role": "user", "content": cells["user"]},
+                             {"role": "assistant", "content": cells["assistant"]}]
+                yield Record(start, {"messages": messages})
+            else:
+                value: dict[str, Any] = {t: cells[t] for t in ("prompt", "completion", "text") if t in cells}
+                problem = _CHECKS[kind](value)
+                if problem:
+                    yield BadLine(start, problem)
+                    continue
+                yield Record(start, value)
+    except UnicodeDecodeError:
+        raise FormatError(f"the CSV is not valid UTF-8 (after line {reader.line_num})",
+                          code="invalid_encoding") from None
+    finally:
+        text.detach()
+
+
+# -- plain text ------------------------------------------------------------------------------------
+
+
+def _parse_plain(stream: io.BufferedIOBase, state: dict[str, str]) -> Iterator[Item]:
+    state["format"] = "text"
+    start = 0
+    parts: list[str] = []
+    size = 0
+    bad = False
+    for number, raw in _lines(stream):
+        text = None if raw is None else _text(raw)
+        if raw is not None and not raw.strip():
+            if parts and not bad:
+                yield Record(start, {"text": "\n".join(parts)})
+            parts, size, bad = [], 0, False
+            continue
+        if not parts and not bad:
+            start = number
+        if bad:
+            continue
+        if raw is None or text is None:
+            yield BadLine(number, "not valid UTF-8" if raw is not None
+                          else f"line longer than {MAX_RECORD_BYTES} bytes")
+            parts, size, bad = [], 0, True
+            continue
+        size += len(raw) + 1
+        if size > MAX_RECORD_BYTES:
+            yield BadLine(start, f"paragraph longer than {MAX_RECORD_BYTES} bytes")
+            parts, size, bad = [], 0, True
+            continue
+        parts.append(text)
+    if parts and not bad:
+        yield Record(start, {"text": "\n".join(parts)})
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+class Parser:
+    """`for item in Parser(stream, "auto", name_hint="x.jsonl.age")`; `.format` is the resolved record kind."""
+
+    def __init__(self, stream: io.BufferedReader[Any], fmt: str = "auto", *, name_hint: str = "",
+                 columns: Mapping[str, str] | None = None) -> None:
+        head = stream.peek(_PEEK)[:_PEEK]
+        self.container = detect_format(fmt, name_hint, head)
+        if columns and self.container != "csv":
+            raise InvalidRequest("a column mapping applies to CSV files only", code="invalid_columns", param="columns")
+        self._stream = stream
+        self._columns = columns
+        self._state: dict[str, str] = {}
+        if self.container in JSONL_KINDS:
+            self._state["format"] = self.container
+
+    @property
+    def format(self) -> str:
+        """chat, completion or text once known (the stored record shape); '' before the first record."""
+        return self._state.get("format", "")
+
+    def __iter__(self) -> Iterator[Item]:
+        if self.container == "csv":
+            return _parse_csv(self._stream, self._columns, self._state)
+        if self.container == "plain":
+            return _parse_plain(self._stream, self._state)
+        kind = self.container if self.container in JSONL_KINDS else None
+        return _parse_jsonl(self._stream, kind, self._state)
+
+
+def parse(stream: io.BufferedReader[Any], fmt: str = "auto", *, name_hint: str = "",
+          columns: Mapping[str, str] | None = None) -> Parser:
+    return Parser(stream, fmt, name_hint=name_hint, columns=columns)
