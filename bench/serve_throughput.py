@@ -135,6 +135,19 @@ class Server:
                 self.proc.wait(timeout=10)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("GARRISON_", "LLAMA_ARG_")) and k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC"}}
@@ -160,9 +173,7 @@ def start_garrison(model: Path, work: Path, threads: int) -> Server:
     key = cli("keys", "create", "--role", "infer", "--name", "bench").splitlines()[-1].strip()
     port = free_port()
     log_path = work / "garrison.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([garrison, "serve", "--listen", f"127.0.0.1:{port}"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    proc = _spawn([garrison, "serve", "--listen", f"127.0.0.1:{port}"], env, log_path)
     server = Server("garrison", proc, f"http://127.0.0.1:{port}", log_path, "bench",
                     headers={"Authorization": f"Bearer {key}"},
                     body_extra={"ignore_eos": True, "stream_options": {"include_usage": True}})
@@ -177,8 +188,7 @@ def start_llama_server(model: Path, work: Path, threads: int) -> Server:
     log_path = work / "llama-server.log"
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(N_PARALLEL),
            "-c", str(N_PARALLEL * CTX_PER_SLOT), "-t", str(threads), "-tb", str(threads), "-cb", "-a", "bench"]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = _spawn(cmd, _clean_env(), log_path)
     server = Server("llama-server", proc, f"http://127.0.0.1:{port}", log_path, "bench",
                     body_extra={"ignore_eos": True, "stream_options": {"include_usage": True}})
     server.wait_ready("/health")
@@ -196,8 +206,7 @@ def start_llama_cpp_python(model: Path, work: Path, threads: int) -> Server:
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "bench",
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(CTX_PER_SLOT),
            "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = _spawn(cmd, _clean_env(), log_path)
     server = Server("llama-cpp-python", proc, f"http://127.0.0.1:{port}", log_path, "bench")
     server.wait_ready("/v1/models")
     return server
@@ -505,11 +514,12 @@ def bench_engine(model: Path, args: argparse.Namespace, prompts: Prompts) -> dic
 def measure_level(name: str, clients: int, once: Callable[[list[str]], dict[str, Any]], prompts: Prompts,
                   args: argparse.Namespace) -> dict[str, Any]:
     """args.rounds clean rounds of one level; a round during which other processes took more than
-    args.max_foreign of the CPUs is kept aside (JSON "discarded") and run again, at most 3 extra times."""
+    args.max_foreign of the CPUs is kept aside (JSON "discarded") and run again, at most
+    args.max_retries extra times."""
     rounds: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     attempt = 0
-    while len(rounds) < args.rounds and len(discarded) <= 3:
+    while len(rounds) < args.rounds and len(discarded) <= args.max_retries:
         batch = [prompts.make(clients * 1000 + attempt * 100 + i) for i in range(clients)]
         attempt += 1
         wait_quiet(args.quiet_wait)
@@ -578,7 +588,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per stream")
     parser.add_argument("--max-foreign", type=float, default=0.10,
                         help="rerun a round when other processes used more than this share of the CPUs")
-    parser.add_argument("--quiet-wait", type=float, default=120,
+    parser.add_argument("--max-retries", type=int, default=6, help="extra rounds allowed per level for disturbed ones")
+    parser.add_argument("--quiet-wait", type=float, default=300,
                         help="before each level, wait up to this many seconds for other processes to leave the "
                              "CPUs idle (0: don't wait)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for serve_throughput.json/.md")
@@ -597,7 +608,15 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    # SIGTERM (and SIGINT, which a shell ignores in background jobs) unwind through the finally
+    # blocks, so every server is stopped; prctl in the children covers SIGKILL.
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args()
     spec = STANDIN_QUICK if args.quick else STANDIN_124M
     print(f"model: {spec.name} ({parameter_count(spec) / 1e6:.1f}M parameters)", flush=True)

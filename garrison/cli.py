@@ -564,6 +564,56 @@ def export(ctx: click.Context, config_file: str | None, state_dir: str | None, m
                as_json=as_json)
 
 
+@cli.command("finetune")
+@config_options
+@click.argument("model")
+@click.argument("dataset")
+@click.option("--validation", default="", metavar="DATASET", help="Validation dataset (default: a held-out 10%).")
+@click.option("--epochs", "n_epochs", default="auto", show_default=True, help="n_epochs, or auto.")
+@click.option("--batch-size", default="auto", show_default=True, help="batch_size, or auto.")
+@click.option("--lr-mult", "lr_mult", default="auto", show_default=True,
+              help="learning_rate_multiplier: x 2e-4 for LoRA, x 2e-5 for full fine-tuning.")
+@click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True)
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: the epochs decide).")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True)
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--suffix", default="", help="The result is named MODEL-ft-SUFFIX.")
+@click.option("--export", "export_targets", default="", metavar="TARGETS",
+              help="Also export the merged model, e.g. gguf:q4_k_m,gguf:q8_0,onnx:int8 (parity-gated).")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str, dataset: str,
+             validation: str, n_epochs: str, batch_size: str, lr_mult: str, method: str, lora_r: int,
+             max_steps: int, max_seq_len: int, checkpoint_every: int, seed: int, suffix: str, export_targets: str,
+             detach: bool, as_json: bool) -> None:
+    """Fine-tune MODEL on DATASET (NAME, NAME:N or a file id); the progress bar shows step, loss and ETA.
+
+    The result is served at once as MODEL-ft-SUFFIX:lora (its LoRA on the base's GGUF export).
+    """
+    def number(name: str, raw: str) -> Any:
+        if raw == "auto":
+            return raw
+        try:
+            return float(raw) if name == "learning_rate_multiplier" else int(raw)
+        except ValueError:
+            raise InvalidRequest(f"--{name.replace('_', '-')} must be a number or auto", param=name) from None
+
+    hyper = {"n_epochs": number("n_epochs", n_epochs), "batch_size": number("batch_size", batch_size),
+             "learning_rate_multiplier": number("learning_rate_multiplier", lr_mult)}
+    if export_targets:
+        from garrison.converters.export import parse_targets
+
+        parse_targets(export_targets, "hf")
+    params = {"model": model, "training_file": dataset, "validation_file": validation,
+              "hyperparameters": json.dumps(hyper), "method": method, "lora_r": lora_r, "max_steps": max_steps,
+              "max_seq_len": max_seq_len, "checkpoint_every": checkpoint_every, "seed": seed, "suffix": suffix,
+              "export": export_targets}
+    submit_job(ctx, config_file, state_dir, "finetune", params, detach=detach, as_json=as_json)
+
+
 # -- inference through the daemon ------------------------------------------------------
 def _client(ctx: click.Context, config_file: str | None, state_dir: str | None, key: str | None) -> Any:
     from garrison.client import DaemonClient, api_key, daemon_url

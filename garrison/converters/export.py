@@ -106,7 +106,6 @@ def _build(target: Target, source: Path, work: Path, cache: dict[str, Path], ima
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
-    from garrison.converters.parity import check_parity
     from garrison.models.registry import ModelRegistry
 
     name = check_model_id(ctx.params["model"], param="model")
@@ -117,10 +116,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
                              "a peft adapter", param="model", code="export_needs_hf_model")
     targets = parse_targets(ctx.params["to"], source.format)
     if source.format == "peft":
-        return _run_adapter(ctx, registry, source, targets)
-    imatrix = Path(ctx.params["imatrix"]) if ctx.params["imatrix"] else None
+        return run_adapter_export(ctx, registry, source, targets)
+    return run_model_export(ctx, registry, source, targets)
+
+
+def run_model_export(ctx: JobContext, registry: Any, source: Any, targets: list[Target]) -> dict[str, Any]:
+    """Convert, gate and publish each target of a Hugging Face model (shared with fine-tuning jobs)."""
+    from garrison.converters.parity import check_parity
+
+    name = source.name
+    imatrix = Path(ctx.params["imatrix"]) if ctx.params.get("imatrix") else None
     registry.verify(source)
-    work = ctx.layout.jobs / ctx.job.id
+    work = ctx.layout.jobs / ctx.job.id / f"export-{name.replace(':', '-')}"
     shutil.rmtree(work, ignore_errors=True)  # an earlier attempt's half-made files
     work.mkdir(parents=True)
     cache: dict[str, Path] = {}
@@ -129,7 +136,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     try:
         for i, target in enumerate(targets):
             ctx.check()
-            ctx.progress(2 * i, steps, f"converting {target.kind}", force=True)
+            ctx.progress(2 * i, steps, f"converting {name} to {target.kind}", force=True)
             try:
                 artifact = _build(target, source.folder, work, cache, imatrix)
             except ConversionError as exc:
@@ -137,8 +144,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             ctx.check()
             ctx.progress(2 * i + 1, steps, f"parity gate {target.kind}", force=True)
             parity = check_parity(source.folder, artifact, target.kind)
-            published = f"{name.partition(':')[0]}:{target.suffix}" if ":" not in name else \
-                f"{name.replace(':', '-')}:{target.suffix}"
+            published = f"{name.replace(':', '-')}:{target.suffix}"
             if registry.exists(published):
                 registry.remove(published)
             lineage = {"source": name, "source_manifest_signature": source.manifest.get("signature"),
@@ -155,12 +161,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ctx.progress(steps, steps, "done", force=True)
-    failed = [r["model"] for r in results if not r["parity"]["passed"]]
-    if failed:
-        raise JobFailed(f"parity gate failed for {', '.join(failed)} (recorded, never served): "
-                        + "; ".join(f"{r['model']}: {r['parity']['reason']}" for r in results
-                                    if not r["parity"]["passed"]), code="parity_failed")
+    _fail_on_parity(results)
     return {"model": name, "artifacts": results}
+
+
+def _fail_on_parity(results: list[dict[str, Any]]) -> None:
+    failed = [r for r in results if r["parity"] is not None and not r["parity"]["passed"]]
+    if failed:
+        raise JobFailed("parity gate failed for " + "; ".join(f"{r['model']}: {r['parity']['reason']}"
+                                                              for r in failed)
+                        + " (recorded, never served)", code="parity_failed")
 
 
 def _serving_base(registry: Any, hf_base: str, requested: str) -> Any:
@@ -194,13 +204,14 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
     return out
 
 
-def _run_adapter(ctx: JobContext, registry: Any, source: Any, targets: list[Target]) -> dict[str, Any]:
+def run_adapter_export(ctx: JobContext, registry: Any, source: Any, targets: list[Target]) -> dict[str, Any]:
+    """A peft adapter to a GGUF LoRA on its base's GGUF export, and/or a merged model."""
     from garrison.converters.hf_to_gguf import convert_lora_to_gguf
     from garrison.converters.parity import check_parity
 
     hf_base = registry.get(source.base)
     registry.verify(source)
-    work = ctx.layout.jobs / ctx.job.id
+    work = ctx.layout.jobs / ctx.job.id / f"adapter-{source.name.replace(':', '-')}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     results: list[dict[str, Any]] = []
@@ -223,7 +234,7 @@ def _run_adapter(ctx: JobContext, registry: Any, source: Any, targets: list[Targ
                 lora = convert_lora_to_gguf(source.folder, hf_base.folder, work / "adapter.gguf")
             except ConversionError as exc:
                 raise JobFailed(f"{target.kind}: {exc.message}", code=exc.code) from None
-            base = _serving_base(registry, hf_base.name, ctx.params["base_gguf"])
+            base = _serving_base(registry, hf_base.name, ctx.params.get("base_gguf", ""))
             ctx.progress(2, 3, f"parity gate: {base.name} + adapter against the merged model", force=True)
             variant = base.name.partition(":")[2] or "f16"
             parity = check_parity(merged, base.entry_path, "gguf:lora", lora=lora,
@@ -235,7 +246,5 @@ def _run_adapter(ctx: JobContext, registry: Any, source: Any, targets: list[Targ
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ctx.progress(3, 3, "done", force=True)
-    failed = [r["model"] for r in results if r["parity"] is not None and not r["parity"]["passed"]]
-    if failed:
-        raise JobFailed(f"parity gate failed for {', '.join(failed)} (recorded, never served)", code="parity_failed")
+    _fail_on_parity(results)
     return {"model": source.name, "artifacts": results}

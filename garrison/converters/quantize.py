@@ -346,17 +346,18 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, nthread: int = 0, imatrix
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = row.ftype
     params.nthread = nthread
+    # The C struct points into these arrays: they must outlive the call (llama.cpp copies them).
     keep_alive = _attach_imatrix(params, matrix, Path(imatrix)) if matrix is not None and imatrix else []
 
     with _quantize_lock, _captured_llama_log() as capture:
         llama_cpp.llama_backend_init()
         partial.unlink(missing_ok=True)  # a leftover of a killed run
         try:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
+            rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(partial), ctypes.byref(params))
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-    del keep_alive  # llama.cpp has copied the matrix by now
+    del keep_alive
     if rc != 0 or not partial.exists():
         partial.unlink(missing_ok=True)
         raise _failure(capture, row.name)

@@ -25,10 +25,10 @@ from aiohttp import web
 from garrison.config import Config
 from garrison.daemon.api.datasets import ingest_service
 from garrison.daemon.app import create_app
-from garrison.ingest.inbox import InboxWatcher
 from garrison.daemon.notify import SystemdNotifier, watchdog_interval_s
 from garrison.daemon.state import STATE, DaemonState
 from garrison.errors import ConfigError, Conflict
+from garrison.ingest.inbox import InboxWatcher
 from garrison.jobs.runner import JobRunner, RunnerSettings
 from garrison.jobs.store import JobStore
 from garrison.logs import log_event, set_level, setup_logging

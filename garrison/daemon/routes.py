@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from garrison.daemon.api import audit, datasets, exports, files, identity, inference, jobs, keys, models, system
+from garrison.daemon.api import (
+    audit,
+    datasets,
+    exports,
+    files,
+    fine_tuning,
+    identity,
+    inference,
+    jobs,
+    keys,
+    models,
+    system,
+)
 from garrison.daemon.routing import Route
 
 ROUTES: tuple[Route, ...] = (*system.ROUTES, *jobs.ROUTES, *keys.ROUTES, *audit.ROUTES, *models.ROUTES,
                              *inference.ROUTES, *identity.ROUTES,
-                             *exports.ROUTES, *datasets.ROUTES, *files.ROUTES)
+                             *exports.ROUTES, *datasets.ROUTES, *files.ROUTES,
+                             *fine_tuning.ROUTES)

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from garrison.config import Config
 from garrison.crypto.identity import ApplianceIdentity
 from garrison.jobs.store import Job, JobStore
 from garrison.paths import StateLayout
@@ -43,16 +44,25 @@ class JobContext:
         """The state folder of the catalog this job belongs to (workers share the daemon's)."""
         return StateLayout(self.store.catalog.path.parent)
 
-    def identity(self) -> ApplianceIdentity:
-        """The appliance's keys, from the configuration the worker inherited (env, GARRISON_CONFIG)."""
+    def _config(self) -> Config:
         import os
 
         from garrison.config import load_config
+
+        return load_config(os.environ.get("GARRISON_CONFIG"), overrides={"state_dir": str(self.layout.root)})
+
+    def master_key(self) -> bytes:
+        """The master key, as the daemon gets it (credential, key file, or the developer key)."""
+        from garrison.store.master_key import load_master_key
+
+        return load_master_key(self._config(), create=False)
+
+    def identity(self) -> ApplianceIdentity:
+        """The appliance's keys, from the configuration the worker inherited (env, GARRISON_CONFIG)."""
         from garrison.crypto.identity import load_appliance_identity
 
         if self._identity is None:
-            config = load_config(os.environ.get("GARRISON_CONFIG"), overrides={"state_dir": str(self.layout.root)})
-            self._identity = load_appliance_identity(config)
+            self._identity = load_appliance_identity(self._config())
         return self._identity
 
     @property

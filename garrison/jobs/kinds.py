@@ -122,6 +122,31 @@ JOB_KINDS: dict[str, JobKind] = {
                                                 "(default: the base's best GGUF export)"),
             ),
         ),
+        JobKind(
+            name="finetune",
+            entry="garrison.training.job:run",
+            scope="train",
+            resumable=True,
+            description="Fine-tunes a Hugging Face model on a dataset version (LoRA by default) with encrypted, "
+                        "resumable checkpoints; registers the adapter and serves it at once as a GGUF LoRA on the "
+                        "base's GGUF export; optional parity-gated exports of the merged model.",
+            default_timeout_s=7 * 86400,
+            params=(
+                Param("model", str, "", doc="base model (a Hugging Face model in the registry)"),
+                Param("training_file", str, "", doc="dataset NAME or NAME:N, or an uploaded file id (file-...)"),
+                Param("validation_file", str, "", doc="optional; else a fraction of the training set is held out"),
+                Param("hyperparameters", str, "{}", doc="OpenAI's n_epochs, batch_size, learning_rate_multiplier "
+                                                        "(JSON; numbers or \"auto\")"),
+                Param("method", str, "lora", doc="lora or full"),
+                Param("lora_r", int, 16, 1, 1024, "LoRA rank"),
+                Param("seed", int, 42, 0, 2**31 - 1, "random seed"),
+                Param("max_seq_len", int, 2048, 16, 1 << 20, "longest packed sequence in tokens"),
+                Param("max_steps", int, 0, 0, 10**9, "stop after this many optimizer steps (0: the epochs decide)"),
+                Param("checkpoint_every", int, 50, 1, 10**9, "steps between encrypted checkpoints"),
+                Param("suffix", str, "", doc="the fine-tuned model's name is BASE-ft-SUFFIX"),
+                Param("export", str, "", doc="after training, export the merged model: gguf:q4_k_m,onnx:int8,..."),
+            ),
+        ),
     )
 }
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from garrison.crypto.identity import ApplianceIdentity
 from garrison.errors import Conflict, IntegrityError, InvalidRequest, NotFound
-from garrison.models.names import check_model_id, check_name
+from garrison.models.names import check_model_id
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog
 

@@ -144,6 +144,18 @@ def test_missing_source(tmp_path: Path) -> None:
     assert info.value.code == "source_missing"
 
 
+def test_not_a_gguf_fails_with_llama_cpps_reason_and_leaves_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src" / "model.gguf"
+    src.parent.mkdir()
+    src.write_bytes(b"not a gguf at all" * 100)
+    out_dir = tmp_path / "out"
+    with pytest.raises(ConversionError) as info:
+        quantize_gguf(src, out_dir / "out.gguf", "q8_0", nthread=1)
+    assert info.value.code == "quantize_failed"
+    assert "q8_0" in info.value.message and len(info.value.message) > len("llama.cpp could not quantize to q8_0: ")
+    assert list(out_dir.iterdir()) == []
+
+
 def test_required_imatrix_is_refused_before_work(tiny_llama_gguf: Path, tmp_path: Path) -> None:
     with pytest.raises(ConversionError) as info:
         quantize_gguf(tiny_llama_gguf, tmp_path / "out.gguf", "iq3_xxs")

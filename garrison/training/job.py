@@ -1,0 +1,146 @@
+"""The `finetune` job kind: a dataset version and a base model in, a served fine-tune out.
+
+The worker reads the dataset's records decrypted in memory from the vault, trains (LoRA by
+default) with encrypted, resumable checkpoints in the job's folder, registers the adapter
+with its lineage, converts it to a GGUF LoRA through the export machinery (parity-gated,
+signed) and so makes `fine_tuned_model` servable at once on the base's GGUF export (made
+first when missing). Optional exports of the merged model go through the same gate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from garrison.errors import InvalidRequest, JobFailed
+from garrison.jobs.context import JobContext, StopRequested
+
+SUFFIX_MAX = 40
+
+
+def _source(vault: Any, ref: str, param: str) -> tuple[str, Any]:
+    """A dataset reference (`NAME`, `NAME:N`) or an uploaded file id (`file-...`) -> (reference, reader)."""
+    from garrison.ingest.datasets import DatasetStore, parse_reference
+
+    name: str
+    version: int | None
+    if ref.startswith("file-"):
+        record = DatasetStore(vault.catalog).file(ref)
+        if record.dataset is None or record.version is None:
+            raise InvalidRequest(f"file {ref} holds no dataset version", param=param, code="file_not_usable")
+        name, version = record.dataset, record.version
+    else:
+        name, version = parse_reference(ref)
+    reader = vault.open(name, version)
+    return f"{name}:{reader.record.version}", reader
+
+
+def checkpoint_key(master_key: bytes, job_id: str) -> bytes:
+    """Per job, so one job's checkpoints cannot be swapped into another's."""
+    return hmac.new(master_key, b"garrison checkpoints v1\x00" + job_id.encode(), hashlib.sha256).digest()
+
+
+def _message(event: Any) -> str:
+    parts = [f"step {event.step}/{event.total_steps}"]
+    if event.loss is not None:
+        parts.append(f"loss {event.loss:.4f}")
+    if event.eval_loss is not None:
+        parts.append(f"eval {event.eval_loss:.4f}")
+    if event.eta_s is not None and math.isfinite(event.eta_s):
+        parts.append(f"eta {event.eta_s:.0f}s")
+    return " ".join(parts)
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    from garrison.converters.export import Target, run_adapter_export, run_model_export
+    from garrison.ingest.vault import Vault
+    from garrison.models.names import check_name
+    from garrison.models.registry import ModelRegistry
+    from garrison.training.finetune import FinetuneConfig, train
+    from garrison.training.gpus import plan_devices
+
+    p = ctx.params
+    registry = ModelRegistry(ctx.store.catalog, ctx.layout, signer=ctx.identity)
+    base = registry.get(check_name(p["model"], param="model"))
+    if base.format != "hf":
+        raise InvalidRequest(f"model {base.name!r} is a {base.format} model; fine-tuning needs a Hugging Face model",
+                             param="model", code="finetune_needs_hf_model")
+    registry.verify(base)
+    master = ctx.master_key()
+    vault = Vault(ctx.layout, ctx.store.catalog, lambda: master)
+    train_ref, train_reader = _source(vault, p["training_file"], "training_file")
+    val_ref, val_reader = (_source(vault, p["validation_file"], "validation_file") if p["validation_file"]
+                           else (None, None))
+    hyper = json.loads(p["hyperparameters"] or "{}")
+    overrides: dict[str, Any] = {"method": p["method"], "lora_r": p["lora_r"], "seed": p["seed"],
+                                 "checkpoint_every": p["checkpoint_every"], "max_seq_len": p["max_seq_len"]}
+    if p["max_steps"]:
+        overrides["max_steps"] = p["max_steps"]
+    config = FinetuneConfig.from_openai(str(base.folder), hyper, train_reader.record.record_count, **overrides)
+    plan = plan_devices(config)
+    ctx.event("plan", f"training on {plan.describe() if hasattr(plan, 'describe') else plan}",
+              config=config.as_dict())
+    workdir = ctx.layout.jobs / ctx.job.id / "train"
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    def on_progress(event: Any) -> None:
+        force = event.kind != "step"
+        ctx.progress(event.step, event.total_steps, _message(event), force=force)
+        if event.kind != "step" or event.step % 10 == 0:
+            ctx.event("metrics", _message(event), **event.as_dict())
+
+    result = train(config, train_reader.records, val_reader.records if val_reader else None, workdir=workdir,
+                   checkpoint_key=checkpoint_key(master, ctx.job.id), on_progress=on_progress,
+                   should_stop=lambda: ctx.stop_requested)
+    if result.state == "stopped":
+        ctx.check()  # cancelled or shutting down: the checkpoint is saved, the runner records why
+        raise StopRequested(cancelled=False)
+    if result.output_dir is None:
+        raise JobFailed("training produced no output", code="finetune_no_output")
+    suffix = (p["suffix"] or ctx.job.id[-8:]).lower()
+    name = check_name(f"{base.name}-ft-{suffix}"[:96], param="suffix")
+    lineage = {"base": base.name, "datasets": [r for r in (train_ref, val_ref) if r], "job": ctx.job.id,
+               "hyperparameters": {"n_epochs": config.n_epochs, "batch_size": config.batch_size,
+                                   "learning_rate_multiplier": config.learning_rate_multiplier,
+                                   "learning_rate": config.effective_learning_rate(), "method": config.method,
+                                   "lora_r": config.lora_r},
+               "eval_loss_before": result.eval_loss_before, "eval_loss_after": result.eval_loss_after,
+               "trained_tokens": result.train_tokens, "steps": result.step}
+    for existing in (name, f"{name}:lora", f"{name}:merged"):
+        if registry.exists(existing):
+            registry.remove(existing)
+    out = Path(result.output_dir)
+    if config.method == "lora":
+        record = registry.import_path(out, name, base=base.name, lineage=lineage)
+        if not any(r.format == "gguf" and r.manifest.get("lineage", {}).get("source") == base.name
+                   for r in registry.list()):
+            ctx.event("export", f"exporting {base.name} to GGUF F16 to serve the adapter on")
+            run_model_export(ctx, registry, base, [Target("gguf", "f16")])
+        targets = [Target("gguf", "lora")] + ([Target("hf", "merged")] if p["export"] else [])
+        run_adapter_export(ctx, registry, record, targets)
+        fine_tuned = f"{name}:lora"
+        merged_name = f"{name}:merged"
+    else:
+        record = registry.import_path(out, name, lineage=lineage)
+        run_model_export(ctx, registry, record, [Target("gguf", "f16")])
+        fine_tuned = f"{name}:f16"
+        merged_name = name
+    exported: list[str] = []
+    if p["export"]:
+        from garrison.converters.export import parse_targets
+
+        merged = registry.get(merged_name)
+        results = run_model_export(ctx, registry, merged, parse_targets(p["export"], "hf"))
+        exported = [r["model"] for r in results["artifacts"]]
+    return {"fine_tuned_model": fine_tuned, "adapter": record.name, "exports": exported,
+            "trained_tokens": result.train_tokens, "steps": result.step, "resumed_from_step": result.resumed_from_step,
+            "eval_loss_before": result.eval_loss_before, "eval_loss_after": result.eval_loss_after,
+            "tokens_per_s": result.tokens_per_s, "early_stopped": result.early_stopped,
+            "hyperparameters": lineage["hyperparameters"], "training_file": train_ref, "validation_file": val_ref,
+            "seconds": round(time.monotonic() - started, 1), "loss_history": result.loss_history[-200:]}
