@@ -16,13 +16,14 @@ our loop's own step timer, and for the Trainer the sum of on_step_begin -> on_st
 Trainer's whole `train_runtime` is reported beside it. Peak memory: max RSS of the
 process on the CPU, `torch.cuda.max_memory_allocated` on a GPU (bf16 autocast for both).
 
-The model: a random-init Llama ("small": hidden 512, 8 layers, ~30M parameters, tiny
-Llama's SentencePiece tokenizer) built in a temporary folder; throughput does not depend
+The model: a random-init Llama ("small": hidden 256, 4 layers, ~3.5M parameters; "124m":
+FACTS.md's 124M shape, for a GPU; "tiny": the test model's shape), with the tiny Llama's
+SentencePiece tokenizer, built in a temporary folder; throughput does not depend
 on trained weights. ``--model PATH`` uses any HF folder with a chat template instead.
 Data: chat records with answer lengths spread from a few to a few hundred tokens, as
 real support data is, so padding waste is what it would be.
 
-    .venv/bin/python bench/finetune.py [--model small|tiny|PATH] [--records 256] [--batch-size 8]
+    .venv/bin/python bench/finetune.py [--model small|124m|tiny|PATH] [--records 96] [--batch-size 8]
         [--max-seq-len 512] [--repeats 2]
 
 Writes bench/out/finetune.json and bench/out/finetune.md and prints the table.
@@ -48,8 +49,10 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "out"
 CONTENDERS = ("hf-trainer", "garrison", "garrison-nopack")
 SHAPES = {
-    "small": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-              "intermediate_size": 1408},
+    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 704},
+    "124m": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+             "intermediate_size": 1536},
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 128},
 }
@@ -142,10 +145,10 @@ def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     examples, _ = td.tokenize_records(tokenizer, records, spec["max_seq_len"])
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     torch.manual_seed(spec["seed"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"])
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", bias="none", **lora))
+    base: Any = AutoModelForCausalLM.from_pretrained(spec["model"])
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", bias="none", **lora))
 
-    class StepTimer(TrainerCallback):  # type: ignore[misc]
+    class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.seconds = 0.0
             self.started = 0.0
@@ -170,7 +173,7 @@ def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             max_grad_norm=1.0, logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to=[],
             seed=spec["seed"], use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, disable_tqdm=True,
             remove_unused_columns=False)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset,  # type: ignore[arg-type]
+        trainer = Trainer(model=model, args=args, train_dataset=dataset,
                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                           callbacks=[timer])
         metrics = trainer.train().metrics
@@ -221,8 +224,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small", help="small | tiny | path to an HF folder with a chat template")
-    ap.add_argument("--records", type=int, default=256)
+    ap.add_argument("--model", default="small", help="small | 124m | tiny | path to an HF folder with a chat template")
+    ap.add_argument("--records", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=1)

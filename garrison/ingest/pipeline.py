@@ -128,7 +128,7 @@ class IngestPolicy:
 def load_policy(config: Config) -> IngestPolicy:
     """The appliance's policy: the `policy_file` setting if the configuration has one, else
     `<state_dir>/policy.toml` if present, else the defaults (tag every entity, refuse bad lines)."""
-    configured = str(getattr(config, "policy_file", "") or "")
+    configured = config.policy_file
     if configured:
         return IngestPolicy.from_file(Path(configured))
     default = config.state_path / POLICY_FILE

@@ -4,6 +4,7 @@ official client, plaintext refused off loopback, crypto-shredding deletes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,21 +22,10 @@ from garrison.config import load_config
 from garrison.daemon.api import datasets as datasets_api
 from garrison.daemon.api import files as files_api
 from garrison.daemon.app import create_app
-from garrison.daemon.middleware import ROUTE_TABLE
 from garrison.daemon.state import STATE
 from garrison.ingest.datasets import DatasetStore
 
 needs_age = pytest.mark.skipif(shutil.which("age") is None, reason="Debian's age (apt install age) is needed")
-
-
-def add_routes(app: web.Application) -> web.Application:
-    """Register the datasets and files routes (and their scopes) unless garrison/daemon/routes.py already does."""
-    table = app[ROUTE_TABLE]
-    for route in (*datasets_api.ROUTES, *files_api.ROUTES):
-        if route.key not in table:
-            app.router.add_route(route.method, route.path, route.handler)
-            table[route.key] = route
-    return app
 
 
 @pytest.fixture
@@ -53,7 +43,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 @pytest.fixture
 async def client(env: dict[str, str]) -> AsyncIterator[TestClient[Any, Any]]:
-    app = add_routes(create_app(load_config()))
+    app = create_app(load_config())
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         yield c
 
@@ -137,7 +127,8 @@ async def test_upload_refusals_store_nothing(client: TestClient[Any, Any], monke
     assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_format"
     r = await client.post("/v1/garrison/datasets/bad%20name/versions", data=b"", headers=headers)
     assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_dataset_name"
-    monkeypatch.setattr(datasets_api, "DEFAULT_MAX_UPLOAD_MB", 1 / 1024)  # 1 KiB
+    state = client.app[STATE]
+    monkeypatch.setattr(state, "config", dataclasses.replace(state.config, max_upload_mb=1 / 1024))  # 1 KiB
     big = seal(("\n".join(chat(f"m{i}") for i in range(100)) + "\n").encode(), to)
     r = await client.post("/v1/garrison/datasets/d/versions", data=big, headers=headers)
     assert r.status == 413 and (await r.json())["error"]["code"] == "upload_too_large"

@@ -86,7 +86,7 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tiny_llama_dir: Path) -> N
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    record = {"messages": [
+    record: dict[str, list[dict[str, Any]]] = {"messages": [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "What does the falcon eat?"},
         {"role": "assistant", "content": "The falcon eats plums."},
@@ -126,7 +126,7 @@ def test_records_without_answers_or_malformed_are_counted_not_fatal(tiny_llama_d
     examples, stats = td.tokenize_records(tokenizer, bad, 128)
     assert (stats.records, stats.examples, stats.skipped_no_assistant, stats.skipped_invalid) == (7, 4, 1, 2)
     assert stats.errors and "record 1" in stats.errors[0]
-    train, val = td.split_validation(examples, 0.25, seed=1)
+    _, val = td.split_validation(examples, 0.25, seed=1)
     again = td.split_validation(list(reversed(examples)), 0.25, seed=1)
     assert len(val) == 1 and [e.input_ids for e in val] == [e.input_ids for e in again[1]], "order-independent"
     with pytest.raises(InvalidRequest) as caught:
@@ -207,15 +207,15 @@ def test_checkpoints_hold_no_plaintext_and_need_the_key(trained: tuple[Path, Fin
     with pytest.raises(IntegrityError) as caught:
         load_checkpoint(found[-1][1], bytes(32))
     assert caught.value.code == "checkpoint_unreadable"
-    # a flipped byte, a truncation, and a renamed (older) file all fail to authenticate
+    # a flipped byte and a truncation fail to authenticate
     for mangle in ("flip", "truncate"):
         copy = tmp_path / f"{mangle}.gck"
-        blob = bytearray(found[-1][1].read_bytes())
+        mangled = bytearray(found[-1][1].read_bytes())
         if mangle == "flip":
-            blob[len(blob) // 2] ^= 1
+            mangled[len(mangled) // 2] ^= 1
         else:
-            del blob[-100:]
-        copy.write_bytes(bytes(blob))
+            del mangled[-100:]
+        copy.write_bytes(bytes(mangled))
         with pytest.raises(IntegrityError):
             load_checkpoint(copy, KEY)
     # a train() with the wrong key refuses rather than silently starting over
@@ -227,10 +227,11 @@ def test_checkpoints_hold_no_plaintext_and_need_the_key(trained: tuple[Path, Fin
 def test_checkpoint_streams_in_chunks(tmp_path: Path) -> None:
     import torch
 
-    state = {"w": torch.arange(700_000, dtype=torch.float32), "note": "x"}  # 2.8 MB: three 1 MiB chunks
+    weights = torch.arange(700_000, dtype=torch.float32)
+    state = {"w": weights, "note": "x"}  # 2.8 MB: three 1 MiB chunks
     path = save_checkpoint(tmp_path, 3, state, KEY)
     loaded = load_checkpoint(path, KEY)
-    assert torch.equal(loaded["w"], state["w"]) and loaded["note"] == "x"
+    assert torch.equal(loaded["w"], weights) and loaded["note"] == "x"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

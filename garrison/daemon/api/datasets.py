@@ -33,7 +33,6 @@ from garrison.ingest.formats import FORMATS, parse_columns
 from garrison.ingest.pipeline import IngestRequest, IngestService
 from garrison.policies.access import authorize
 
-DEFAULT_MAX_UPLOAD_MB = 64 * 1024
 _STALL_S = 300.0  # a body that sends nothing for this long is abandoned (the thread must not wait forever)
 _SERVICE_ATTR = "_ingest_service"
 
@@ -53,8 +52,7 @@ def ingest_service(app: web.Application) -> IngestService:
 
 
 def max_upload_bytes(app: web.Application) -> int:
-    mb = getattr(app[STATE].config, "max_upload_mb", None) or DEFAULT_MAX_UPLOAD_MB
-    return int(float(mb) * 1024 * 1024)
+    return int(app[STATE].config.max_upload_mb * 1024 * 1024)
 
 
 class ThreadReader(io.RawIOBase):
