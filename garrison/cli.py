@@ -385,50 +385,77 @@ def selftest(ctx: click.Context, config_file: str | None, state_dir: str | None,
 @cli.command()
 @config_options
 @click.option("--listen", default=None, metavar="HOST:PORT", help="Address to serve on (env GARRISON_LISTEN).")
-@click.option("--no-serve", is_flag=True, help="Prepare everything, then exit instead of serving.")
+@click.option("--no-serve", is_flag=True, help="Do everything, ask the question, then stop the daemon and exit.")
+@click.option("--size", type=click.Choice(["base", "tiny"]), default="base", show_default=True,
+              help="The default base model, or a tiny one (seconds; for tests and smoke runs).")
+@click.option("--steps", type=int, default=0, help="Fine-tuning steps (0: the size's default).")
 @click.pass_context
 def quickstart(ctx: click.Context, config_file: str | None, state_dir: str | None, listen: str | None,
-               no_serve: bool) -> None:
-    """Build the default model, prove the machine with a self-test, then serve.
+               no_serve: bool, size: str, steps: int) -> None:
+    """The main job end to end, offline: base model, sealed ingestion, fine-tune, export, serve, ask.
 
-    Garrison downloads nothing: the default model is built here from the built-in corpus
-    and converted to GGUF by llama.cpp's own converter (cached after the first run). A new
-    admin key named "quickstart" is printed once; earlier quickstart keys are revoked.
+    Builds the default base model (once; cached), seals the shipped sample support dataset to the
+    appliance and ingests it (showing the redaction report), fine-tunes a LoRA on it, exports the
+    merged model to GGUF Q4_K_M and ONNX int8 through the parity gate, serves it and asks it a
+    question from the dataset through the OpenAI-compatible API. Prints a new admin key named
+    "quickstart" once (earlier quickstart keys are revoked). A second run reuses the results.
     """
     from garrison.daemon.lifecycle import running_daemon
-    from garrison.daemon.lifecycle import serve as run_serve
+    from garrison.models.registry import ModelRegistry
+    from garrison.quickstart import SUFFIX, Stages, ask, sample_records, seal_and_ingest, snippets, start_daemon
 
     load = _loader(ctx, config_file, state_dir, listen)
     config, catalog = _open(ctx, config_file, state_dir)
     click.echo(f"state folder: {config.state_path}", err=True)
-    click.echo("1/3 building the default model (first run: about a minute; cached afterwards)", err=True)
-    model_job = _run_job(config, catalog, "build-default-model", {})
-    click.echo("2/3 self-test of the job runner", err=True)
-    _run_job(config, catalog, "selftest", {"steps": 5, "step_s": 0.05})
+    stages = Stages()
+    base = stages.run("1/5 default base model", lambda: _run_job(config, catalog, "build-default-model",
+                                                                 {"size": size}))
+    base_name = str((base.result or {})["model"])
+    data = stages.run("2/5 seal the sample support dataset and ingest it", lambda: seal_and_ingest(config, catalog))
+    tuned = f"{base_name}-ft-{SUFFIX}"
+    served_model = f"{tuned}-merged:q4_k_m"
+    registry = ModelRegistry(catalog, StateLayout(config.state_path))
+    if data["duplicate"] and all(registry.exists(m) for m in (f"{tuned}:lora", served_model,
+                                                               f"{tuned}-merged:onnx-int8")):
+        click.echo("==> 3/5 fine-tune and export: already done for this dataset (reusing it)", err=True)
+    else:
+        params = {"model": base_name, "training_file": data["dataset"], "suffix": SUFFIX,
+                  "hyperparameters": json.dumps({"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 5}),
+                  "max_steps": steps or (60 if size == "base" else 20), "max_seq_len": 512, "checkpoint_every": 20,
+                  "export": "gguf:q4_k_m,onnx:int8"}
+        stages.run("3/5 fine-tune a LoRA, export GGUF Q4_K_M and ONNX int8 (parity-gated)",
+                   lambda: _run_job(config, catalog, "finetune", params))
     keys_ = KeyStore(catalog)
     for old in keys_.list(include_revoked=False):
         if old.name == "quickstart":
             keys_.revoke(old.id, actor="quickstart")
     _, secret = keys_.create("admin", name="quickstart", actor="quickstart")
-    answer = (model_job.result or {}).get("smoke_test", {}).get("answer", "")
-    url = f"http://{load().listen}"
-    click.echo(f"""3/3 ready
-  default model: {(model_job.result or {}).get("gguf")}
-  llama.cpp says: {answer!r}
-  admin key (shown once): {secret}
-
-  export GARRISON_KEY={secret}
-  curl -s {url}/health
-  curl -s -H "Authorization: Bearer $GARRISON_KEY" {url}/v1/garrison/system
-  curl -s -H "Authorization: Bearer $GARRISON_KEY" {url}/v1/garrison/jobs
-""")
+    served_config = load()
+    daemon = None
+    if running_daemon(StateLayout(config.state_path)) is None:
+        daemon = stages.run("4/5 start the daemon", lambda: start_daemon(served_config,
+                                                                           config.state_path / "quickstart.log"))
+    question = next(m["content"] for m in sample_records()[1]["messages"] if m["role"] == "user")
+    answer = stages.run("5/5 ask the fine-tuned model a question from the dataset",
+                        lambda: ask(served_config, secret, served_model, question))
+    click.echo(f"\n  Q: {question}\n  A ({served_model}): {answer}\n")
+    click.echo("stage times: " + ", ".join(f"{name.split(' ', 1)[0]} {t:.1f}s" for name, t in stages.timings.items())
+               + f" (total {sum(stages.timings.values()):.1f}s)", err=True)
+    click.echo(f"admin key (shown once): {secret}")
+    click.echo(snippets(served_config, secret, served_model))
+    if daemon is None:
+        click.echo("a daemon already serves this state folder", err=True)
+        return
     if no_serve:
+        daemon.terminate()
+        daemon.wait(timeout=60)
         return
-    if running_daemon(StateLayout(config.state_path)) is not None:
-        click.echo("a daemon already serves this state folder; not starting another", err=True)
-        return
-    click.echo(f"serving on {url} (Ctrl-C stops)", err=True)
-    sys.exit(run_serve(load))
+    click.echo(f"serving on {served_config.base_url} (Ctrl-C stops)", err=True)
+    try:
+        sys.exit(daemon.wait())
+    except KeyboardInterrupt:
+        daemon.terminate()
+        sys.exit(daemon.wait(timeout=60))
 
 
 def _run_job(config: Config, catalog: Catalog, kind: str, params: dict[str, Any]) -> Job:

@@ -1,33 +1,43 @@
-"""`garrison quickstart`: the README's first command, end to end on a scratch state folder."""
+"""`garrison quickstart`: the README's first command, end to end on a scratch state folder.
+
+It runs with the tiny base model and few steps (`--size tiny`), and checks every stage's
+result in the state it leaves, not just the exit code.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port, garrison_env
+from conftest import free_port, garrison_env, run_cli
 
 
-def test_quickstart_builds_the_default_model_and_serves(tiny_llama_gguf: Path, test_model_root: Path,
-                                                         tmp_path: Path) -> None:
-    # Reuse the session's tiny-model build: quickstart builds into $GARRISON_CACHE_DIR/models.
+def _start(tmp_path: Path, test_model_root: Path, *args: str) -> tuple[subprocess.Popen[str], dict[str, str], int]:
     cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "models").symlink_to(test_model_root)
+    cache.mkdir(exist_ok=True)
+    if not (cache / "models").exists():
+        (cache / "models").symlink_to(test_model_root)  # the session's tiny-model build
     port = free_port()
-    env = garrison_env(tmp_path / "state", GARRISON_CACHE_DIR=str(cache), GARRISON_LISTEN=f"127.0.0.1:{port}",
-                       HOME=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-m", "garrison.cli", "quickstart"], env=env,
+    env = garrison_env(tmp_path / "state", GARRISON_CACHE_DIR=str(cache), GARRISON_LISTEN=f"127.0.0.1:{port}")
+    proc = subprocess.Popen([sys.executable, "-m", "garrison.cli", "quickstart", "--size", "tiny", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, env, port
+
+
+def test_quickstart_runs_every_stage_then_serves(tiny_llama_dir: Path, test_model_root: Path,
+                                                 tmp_path: Path) -> None:
+    proc, _env, port = _start(tmp_path, test_model_root)
+    state = tmp_path / "state"
     try:
         output = ""
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         assert proc.stdout is not None
         while "serving on" not in output and time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -35,43 +45,48 @@ def test_quickstart_builds_the_default_model_and_serves(tiny_llama_gguf: Path, t
                 break
             output += line
         assert "serving on" in output, output
+        for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+            assert f"==> {stage}" in output
+        assert re.search(r"60 records accepted, 0 refused; redactions: email \d+, payment_card \d+, phone \d+",
+                         output), output
+        answer = re.search(r"A \((\S+)\): (.*)", output)
+        assert answer and answer.group(1) == "garrison-tiny-ft-quickstart-merged:q4_k_m"
         key = re.search(r"admin key \(shown once\): (grs_\S+)", output)
-        assert key, output
-        assert "llama.cpp says:" in output
-        assert (tmp_path / "state" / "models" / "garrison-tiny.f16.gguf").exists()
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        req = urllib.request.Request(url + "/v1/garrison/jobs", headers={"Authorization": f"Bearer {key.group(1)}"})
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            jobs = json.loads(resp.read())
-        kinds = {j["kind"]: j["state"] for j in jobs["data"]}
-        assert kinds == {"build-default-model": "succeeded", "selftest": "succeeded"}
+        assert key and "curl -s" in output and "from openai import OpenAI" in output
+        with sqlite3.connect(state / "catalog.db") as db:
+            models = {n: json.loads(m) for n, m in db.execute("SELECT name, manifest FROM models")}
+            jobs = dict(db.execute("SELECT kind, state FROM jobs"))
+        assert jobs == {"build-default-model": "succeeded", "finetune": "succeeded"}
+        for name in ("garrison-tiny-ft-quickstart-merged:q4_k_m", "garrison-tiny-ft-quickstart-merged:onnx-int8"):
+            assert models[name]["parity"]["passed"] and models[name]["signature"]
+        assert models["garrison-tiny-ft-quickstart:lora"]["format"] == "lora"
+        # The sample's card numbers and e-mail addresses never reach the state folder in clear.
+        sample = (Path(__file__).parent.parent / "garrison" / "data" / "support_sample.jsonl").read_text()
+        card = re.search(r"full number (\d{16})", sample)
+        assert card
+        for path in state.rglob("*"):
+            if path.is_file():
+                assert card.group(1).encode() not in path.read_bytes(), path
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                     headers={"Authorization": f"Bearer {key.group(1)}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            served = {m["id"] for m in json.loads(resp.read())["data"]}
+        assert "garrison-tiny-ft-quickstart-merged:q4_k_m" in served
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    assert proc.returncode == 0
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
 
 
-def test_quickstart_again_revokes_the_old_key_and_reuses_the_build(tiny_llama_gguf: Path, test_model_root: Path,
-                                                                    tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "models").symlink_to(test_model_root)
-    env = garrison_env(tmp_path / "state", GARRISON_CACHE_DIR=str(cache), HOME=str(tmp_path))
+def test_a_warm_quickstart_reuses_the_results_and_revokes_the_old_key(tiny_llama_dir: Path, test_model_root: Path,
+                                                                      tmp_path: Path) -> None:
     keys = []
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "garrison.cli", "quickstart", "--no-serve"], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        found = re.search(r"admin key \(shown once\): (grs_\S+)", proc.stdout)
+        proc, env, _port = _start(tmp_path, test_model_root, "--no-serve")
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out
+        found = re.search(r"admin key \(shown once\): (grs_\S+)", out)
         assert found
         keys.append(found.group(1))
-    listed = subprocess.run([sys.executable, "-m", "garrison.cli", "keys", "list", "--json"], env=env,
-                            capture_output=True, text=True, check=True)
-    states = sorted(k["status"] for k in json.loads(listed.stdout) if k["name"] == "quickstart")
-    assert states == ["active", "revoked"]
+    assert "already done for this dataset (reusing it)" in out and "(ingested by an earlier run)" in out
+    listed = json.loads(run_cli(tmp_path / "state", "keys", "list", "--json", env=env).stdout)
+    assert sorted(k["status"] for k in listed if k["name"] == "quickstart") == ["active", "revoked"]

@@ -102,9 +102,10 @@ JOB_KINDS: dict[str, JobKind] = {
             name="build-default-model",
             entry="garrison.jobs.default_model:run",
             scope="admin",
-            description="Builds the small default model from the built-in corpus (no download), converts it to "
-                        "GGUF with llama.cpp's reference converter and checks that llama.cpp answers with it.",
+            description="Builds the default base model (a small Llama pre-trained on text every machine has; no "
+                        "download) and registers it; cached across runs.",
             default_timeout_s=1800,
+            params=(Param("size", str, "base", doc="base (pre-trained a few minutes) or tiny (tests)"),),
         ),
         JobKind(
             name="export",

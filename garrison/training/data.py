@@ -13,7 +13,8 @@ the role header, the prompt, system text and the template's separators are not. 
 character spans become token labels through the fast tokenizer's offset mapping (a token
 is trained if it overlaps a span). Templates that rewrite earlier turns when more follow
 (the prefix is not a prefix of the full text) fall back to locating each assistant
-content in order; tokenizers without offsets fall back to token counts of the prefixes.
+content in order, and a turn the template does not reproduce is not trained; tokenizers
+without offsets fall back to token counts of the prefixes.
 OpenAI's per-message ``"weight": 0`` excludes an assistant turn from the loss.
 Templates with ``{% generation %}`` markers would allow `return_assistant_tokens_mask`;
 the span method works for those and for the many templates without them.
@@ -140,8 +141,8 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str
             span = None
         if span is None:  # the template rewrites earlier turns: find the content itself, in order
             start = full.find(message["content"], cursor)
-            if start < 0:
-                raise ValueError(f"message {i}: the chat template does not reproduce the assistant content")
+            if start < 0:  # the template drops or rewrites this turn (e.g. earlier reasoning): nothing to learn
+                continue
             end = start + len(message["content"])
             if eos and full.startswith(eos, end):
                 end += len(eos)

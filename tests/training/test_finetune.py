@@ -116,6 +116,23 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tiny_llama_dir: Path) -> N
         assert tokenizer.convert_ids_to_tokens(example.input_ids[run_[0] - 2]) == "<|assistant|>"
 
 
+def test_templates_that_rewrite_earlier_turns_train_what_they_render(tiny_llama_dir: Path) -> None:
+    """Like templates that drop earlier reasoning: an earlier answer shown differently is not trained."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}(earlier){% else %}{{ m['content'] }}{% endif %}"
+        "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye now."}]}
+    example, _ = td.tokenize_chat(tokenizer, record, 256)
+    assert example is not None
+    trained = tokenizer.decode([t for t in example.labels if t != td.IGNORE_INDEX])
+    assert trained == "Goodbye now.</s>"
+
+
 def test_records_without_answers_or_malformed_are_counted_not_fatal(tiny_llama_dir: Path) -> None:
     from transformers import AutoTokenizer
 
