@@ -13,7 +13,8 @@ epochs and seed:
 Training tokens/s counts real (non-padding) tokens over the time spent in training steps:
 our loop's own step timer, and for the Trainer the sum of on_step_begin -> on_step_end
 (its data loading and collation are *not* counted, which favours the peer slightly); the
-Trainer's whole `train_runtime` is reported beside it. Peak memory: max RSS of the
+Trainer's whole `train_runtime` is reported beside it. Workers run with
+OMP_WAIT_POLICY=PASSIVE (both alike; see run_worker). Peak memory: max RSS of the
 process on the CPU, `torch.cuda.max_memory_allocated` on a GPU (bf16 autocast for both).
 
 The model: a random-init Llama ("small": hidden 256, 4 layers, ~3.5M parameters; "124m":
@@ -193,8 +194,11 @@ def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    # Passive OpenMP waiting for every contender alike: on a shared machine, spinning threads that lose
+    # their core turn a run tens of times slower at random, which would measure the neighbours.
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))

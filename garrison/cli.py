@@ -546,9 +546,9 @@ def models_list(ctx: click.Context, config_file: str | None, state_dir: str | No
 @click.pass_context
 def models_show(ctx: click.Context, config_file: str | None, state_dir: str | None, name: str) -> None:
     """Show one model and its manifest as JSON."""
-    from garrison.models.names import check_name
+    from garrison.models.names import check_model_id
 
-    _echo_json(_registry(ctx, config_file, state_dir).get(check_name(name)).to_json())
+    _echo_json(_registry(ctx, config_file, state_dir).get(check_model_id(name)).to_json())
 
 
 @models.command("rm")
@@ -557,9 +557,9 @@ def models_show(ctx: click.Context, config_file: str | None, state_dir: str | No
 @click.pass_context
 def models_rm(ctx: click.Context, config_file: str | None, state_dir: str | None, name: str) -> None:
     """Delete a model (a running daemon unloads it at its next use or via the API)."""
-    from garrison.models.names import check_name
+    from garrison.models.names import check_model_id
 
-    _registry(ctx, config_file, state_dir).remove(check_name(name))
+    _registry(ctx, config_file, state_dir).remove(check_model_id(name))
     click.echo(f"removed {name}")
 
 
@@ -568,7 +568,8 @@ def models_rm(ctx: click.Context, config_file: str | None, state_dir: str | None
 @click.argument("model")
 @click.option("--to", "targets", multiple=True, required=True, metavar="FORMAT:TYPE",
               help="gguf:f16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0|iq4_xs|..., onnx:fp32|fp16|int8; repeat or comma-separate.")
-@click.option("--imatrix", default="", metavar="FILE", help="Importance matrix (llama.cpp imatrix GGUF).")
+@click.option("--imatrix", default="", metavar="SOURCE",
+              help="Importance matrix for quantization: builtin, dataset:NAME[:N], or a llama.cpp imatrix file.")
 @click.option("--base-gguf", default="", metavar="MODEL",
               help="For a peft adapter: the GGUF model to serve it on (default: its base's best GGUF export).")
 @click.option("--detach", is_flag=True)

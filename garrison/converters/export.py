@@ -125,11 +125,12 @@ def run_model_export(ctx: JobContext, registry: Any, source: Any, targets: list[
     from garrison.converters.parity import check_parity
 
     name = source.name
-    imatrix = Path(ctx.params["imatrix"]) if ctx.params.get("imatrix") else None
     registry.verify(source)
     work = ctx.layout.jobs / ctx.job.id / f"export-{name.replace(':', '-')}"
     shutil.rmtree(work, ignore_errors=True)  # an earlier attempt's half-made files
     work.mkdir(parents=True)
+    quantized = any(t.format == "gguf" and t.variant not in GGUF_DIRECT for t in targets)
+    imatrix = _imatrix(ctx, source.folder, work, str(ctx.params.get("imatrix") or "")) if quantized else None
     cache: dict[str, Path] = {}
     results: list[dict[str, Any]] = []
     steps = 2 * len(targets)
@@ -150,7 +151,7 @@ def run_model_export(ctx: JobContext, registry: Any, source: Any, targets: list[
             lineage = {"source": name, "source_manifest_signature": source.manifest.get("signature"),
                        "target": target.kind, "job": ctx.job.id, "versions": _versions(),
                        "quantization": {"type": target.variant,
-                                        "imatrix": str(imatrix) if imatrix else None}}
+                                        "imatrix": ctx.params.get("imatrix") or None if imatrix else None}}
             settings = {k: source.settings.get(k) for k in ("n_parallel", "n_ctx_per_slot", "n_gpu_layers")}
             record = registry.import_path(artifact, published, lineage=lineage, parity=parity.to_json(),
                                           settings=settings)
@@ -163,6 +164,32 @@ def run_model_export(ctx: JobContext, registry: Any, source: Any, targets: list[
     ctx.progress(steps, steps, "done", force=True)
     _fail_on_parity(results)
     return {"model": name, "artifacts": results}
+
+
+def _imatrix(ctx: JobContext, model_dir: Path, work: Path, spec: str) -> Path | None:
+    """"" (none), "builtin" (calibration text every machine has), "dataset:NAME[:N]" (an ingested
+    dataset, decrypted in memory only) or the path of an imatrix file made elsewhere."""
+    from garrison.converters.imatrix import builtin_calibration, compute_imatrix, record_texts
+
+    if not spec:
+        return None
+    if spec == "builtin":
+        ctx.progress(0, 1, "computing the importance matrix from built-in calibration text", force=True)
+        return compute_imatrix(model_dir, builtin_calibration(), work / "imatrix.gguf", label="builtin")
+    if spec.startswith("dataset:"):
+        from garrison.ingest.vault import Vault
+        from garrison.training.job import open_dataset
+
+        master = ctx.master_key()
+        ref, reader = open_dataset(Vault(ctx.layout, ctx.store.catalog, lambda: master), spec[len("dataset:"):],
+                                   "imatrix")
+        ctx.progress(0, 1, f"computing the importance matrix from dataset {ref}", force=True)
+        return compute_imatrix(model_dir, record_texts(reader.records()), work / "imatrix.gguf", label=ref)
+    path = Path(spec)
+    if not path.is_file():
+        raise InvalidRequest(f"importance matrix {spec!r} is not builtin, dataset:NAME or a file", param="imatrix",
+                             code="imatrix_invalid")
+    return path
 
 
 def _fail_on_parity(results: list[dict[str, Any]]) -> None:

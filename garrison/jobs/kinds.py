@@ -118,7 +118,8 @@ JOB_KINDS: dict[str, JobKind] = {
             params=(
                 Param("model", str, "", doc="the Hugging Face model to export"),
                 Param("to", str, "gguf:q4_k_m", doc="comma-separated targets: gguf:TYPE, onnx:fp32|fp16|int8"),
-                Param("imatrix", str, "", doc="importance matrix file (llama.cpp's imatrix GGUF) for quantization"),
+                Param("imatrix", str, "", doc="importance matrix for quantization: builtin (calibration text), "
+                                              "dataset:NAME[:N] (an ingested dataset) or an imatrix file"),
                 Param("base_gguf", str, "", doc="for a peft adapter: the GGUF model to serve it on "
                                                 "(default: the base's best GGUF export)"),
             ),

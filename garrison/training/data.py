@@ -19,15 +19,19 @@ OpenAI's per-message ``"weight": 0`` excludes an assistant turn from the loss.
 Templates with ``{% generation %}`` markers would allow `return_assistant_tokens_mask`;
 the span method works for those and for the many templates without them.
 
-Packing. Examples are placed whole into rows of at most ``max_seq_len`` tokens (best-fit
-decreasing), never split across rows. Each example keeps its own position ids starting at
-0 and the model is called with ``attention_mask=None`` and ``use_cache=False`` (with a KV
-cache transformers skips the check): transformers (4.53+) then derives a
-block-diagonal causal mask from the position-id resets (sdpa and eager build it, flash
-attention 2 uses the resets natively), so no token attends to another example and RoPE
-sees the same positions as unpacked training: a packed row computes the same per-token
-losses as its examples one by one (tests/training/test_finetune.py checks this). Padding at
-the end of a row is its own segment with label -100.
+Packing. Examples are placed whole into rows (best-fit decreasing), never split across
+rows. The training loop packs each micro-batch's examples into rows as wide as its longest
+example: never wider than padding would make them, with far fewer pad tokens, and a step
+still holds exactly ``batch_size`` examples (OpenAI's meaning of batch size). Each example
+keeps its own position ids starting at 0, and the model is called with
+``attention_mask=None`` and ``use_cache=False`` (with a KV cache transformers skips the
+check): transformers (4.53+) then derives a block-diagonal causal mask from the
+position-id resets (sdpa and eager build it, flash attention 2 uses the resets natively),
+so no token attends to another example and RoPE sees the same positions as unpacked
+training: a packed row computes the same per-token losses as its examples one by one
+(tests/training/test_finetune.py checks this). Each segment's first label is ignored (in a
+packed row the previous example's last token would predict it), and padding at the end of
+a row is its own segment with label -100.
 """
 
 from __future__ import annotations

@@ -153,6 +153,8 @@ def launch(config: Any, records: str, *, workdir: Path, checkpoint_key: bytes, n
         cmd += ["--val-records", val_records, "--val-records-kwargs", json.dumps(val_records_kwargs or {})]
     child_env = dict(os.environ if env is None else env)
     child_env[KEY_ENV] = checkpoint_key.hex()
+    # OpenMP threads that spin while another process holds their core collapse CPU throughput.
+    child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     child_env.pop(KEY_FILE_ENV, None)
     (workdir / RESULT_FILE).unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env)

@@ -23,7 +23,7 @@ from garrison.jobs.context import JobContext, StopRequested
 SUFFIX_MAX = 40
 
 
-def _source(vault: Any, ref: str, param: str) -> tuple[str, Any]:
+def open_dataset(vault: Any, ref: str, param: str) -> tuple[str, Any]:
     """A dataset reference (`NAME`, `NAME:N`) or an uploaded file id (`file-...`) -> (reference, reader)."""
     from garrison.ingest.datasets import DatasetStore, parse_reference
 
@@ -73,8 +73,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     registry.verify(base)
     master = ctx.master_key()
     vault = Vault(ctx.layout, ctx.store.catalog, lambda: master)
-    train_ref, train_reader = _source(vault, p["training_file"], "training_file")
-    val_ref, val_reader = (_source(vault, p["validation_file"], "validation_file") if p["validation_file"]
+    train_ref, train_reader = open_dataset(vault, p["training_file"], "training_file")
+    val_ref, val_reader = (open_dataset(vault, p["validation_file"], "validation_file") if p["validation_file"]
                            else (None, None))
     hyper = json.loads(p["hyperparameters"] or "{}")
     overrides: dict[str, Any] = {"method": p["method"], "lora_r": p["lora_r"], "seed": p["seed"],

@@ -38,7 +38,10 @@ def records() -> list[dict[str, Any]]:
 def small_config(base: Path, **over: Any) -> FinetuneConfig:
     settings: dict[str, Any] = dict(base_model=str(base), n_epochs=15, batch_size=4, learning_rate=1e-2,
                                     max_seq_len=128, lora_r=16, lora_alpha=32, lora_dropout=0.0, eval_every=25,
-                                    checkpoint_every=10, validation_fraction=0.0)
+                                    checkpoint_every=10, validation_fraction=0.0,
+                                    # one thread: the 2-core test machine is shared, and spinning OpenMP
+                                    # threads that lose their core make a step tens of times slower
+                                    cpu_threads=1)
     settings.update(over)
     return FinetuneConfig(**settings)
 
@@ -69,6 +72,16 @@ def greedy_answer(base: Path, adapter: Path | None, question: str, model: Any = 
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return str(tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads() -> Iterator[None]:
+    """train(cpu_threads=1) sets a process-wide setting; give later test modules theirs back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.errors import InvalidRequest
-from garrison.models.names import check_name
+from garrison.models.names import check_model_id, check_name
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
@@ -21,7 +21,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 
 async def show_model(request: web.Request) -> web.StreamResponse:
-    name = check_name(request.match_info["name"])
+    name = check_model_id(request.match_info["name"])
     record = await asyncio.to_thread(request.app[STATE].models.get, name)
     data = record.to_json()
     loaded = request.app[STATE].manager.stats().get(name)
@@ -51,7 +51,7 @@ async def import_model(request: web.Request) -> web.StreamResponse:
 
 
 async def remove_model(request: web.Request) -> web.StreamResponse:
-    name = check_name(request.match_info["name"])
+    name = check_model_id(request.match_info["name"])
     state = request.app[STATE]
     await state.manager.unload(name, reason="removed")
     record = await asyncio.to_thread(state.models.remove, name)
