@@ -17,7 +17,7 @@ Trainer's whole `train_runtime` is reported beside it. Workers run with
 OMP_WAIT_POLICY=PASSIVE (both alike; see run_worker). Peak memory: max RSS of the
 process on the CPU, `torch.cuda.max_memory_allocated` on a GPU (bf16 autocast for both).
 
-The model: a random-init Llama ("small": hidden 256, 4 layers, ~3.5M parameters; "124m":
+The model: a random-init Llama ("small": hidden 256, 4 layers, 3.2M parameters; "124m":
 FACTS.md's 124M shape, for a GPU; "tiny": the test model's shape), with the tiny Llama's
 SentencePiece tokenizer, built in a temporary folder; throughput does not depend
 on trained weights. ``--model PATH`` uses any HF folder with a chat template instead.
@@ -25,7 +25,7 @@ Data: chat records with answer lengths spread from a few to a few hundred tokens
 real support data is, so padding waste is what it would be.
 
     .venv/bin/python bench/finetune.py [--model small|124m|tiny|PATH] [--records 96] [--batch-size 8]
-        [--max-seq-len 512] [--repeats 2]
+        [--max-seq-len 512] [--repeats 3]
 
 Writes bench/out/finetune.json and bench/out/finetune.md and prints the table.
 """
@@ -127,7 +127,7 @@ def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
         return {"tokens": result.train_tokens, "step_seconds": result.train_seconds, "steps": result.step,
                 "tokens_per_s": result.tokens_per_s, "peak_bytes": _peak(cuda),
-                "final_loss": result.loss_history[-1][1], "padded_tokens": None}
+                "final_loss": result.loss_history[-1][1], "computed_tokens": result.device["rank_computed_tokens"]}
 
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -167,6 +167,14 @@ def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             self.steps += 1
 
     timer = StepTimer()
+    seq2seq = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    computed = [0]
+
+    def collate(features: list[dict[str, Any]]) -> Any:
+        batch = seq2seq(features)
+        computed[0] += int(batch["input_ids"].numel())  # tokens the model computes, padding included
+        return batch
+
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=spec["batch_size"], num_train_epochs=spec["epochs"],
@@ -175,22 +183,14 @@ def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             seed=spec["seed"], use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, disable_tqdm=True,
             remove_unused_columns=False)
         trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                          data_collator=collate,
                           callbacks=[timer])
         metrics = trainer.train().metrics
     tokens = sum(len(e) for e in examples) * spec["epochs"]
-    bs = spec["batch_size"]
-    padded = 0
-    for epoch in range(spec["epochs"]):  # the Trainer's order is its own; this is the typical padded size
-        order = list(range(len(examples)))
-        random.Random(epoch).shuffle(order)
-        for i in range(0, len(order), bs):
-            chunk = [len(examples[j]) for j in order[i:i + bs]]
-            padded += max(chunk) * len(chunk)
     return {"tokens": tokens, "step_seconds": timer.seconds, "steps": timer.steps,
             "tokens_per_s": tokens / timer.seconds, "train_runtime": metrics["train_runtime"],
             "tokens_per_s_runtime": tokens / metrics["train_runtime"], "peak_bytes": _peak(cuda),
-            "final_loss": None, "padded_tokens": padded}
+            "final_loss": None, "computed_tokens": computed[0]}
 
 
 def run_worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -212,17 +212,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"batch {spec['batch_size']}, max_seq_len {spec['max_seq_len']}, LoRA r={spec['lora_r']} "
         f"alpha={spec['lora_alpha']} on {spec['target_modules']}, {spec['epochs']} epoch(s), "
         f"{'GPU bf16' if result['cuda'] else 'CPU fp32'}; best of {spec['repeats']}.", "",
-        f"| contender | train tokens/s | vs HF Trainer | {mem} | vs HF Trainer | step seconds |",
-        "|---|---|---|---|---|---|"]
+        f"| contender | train tokens/s | vs HF Trainer | {mem} | vs HF Trainer | step seconds | computed tokens |",
+        "|---|---|---|---|---|---|---|"]
     hf = result["contenders"]["hf-trainer"]
     for name in CONTENDERS:
         r = result["contenders"][name]
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x | "
                      f"{r['peak_bytes'] / 2**20:.0f} MiB | {r['peak_bytes'] / hf['peak_bytes']:.2f}x | "
-                     f"{r['step_seconds']:.1f} |")
-    lines += ["", f"HF Trainer whole train_runtime: {hf['train_runtime']:.1f} s "
-              f"({hf['tokens_per_s_runtime']:.0f} tokens/s); real tokens {hf['tokens']}, "
-              f"padded tokens the peer computes ~{hf['padded_tokens']}."]
+                     f"{r['step_seconds']:.1f} | {r['computed_tokens']} |")
+    lines += ["", f"Real (non-padding) tokens trained: {hf['tokens']} for every contender; computed tokens include "
+              f"padding. HF Trainer's whole train_runtime: {hf['train_runtime']:.1f} s "
+              f"({hf['tokens_per_s_runtime']:.0f} tokens/s). Runs of each (tokens/s): "
+              + "; ".join(f"{n} {', '.join(f'{v:.0f}' for v in result['contenders'][n]['all_tokens_per_s'])}"
+                          for n in CONTENDERS) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2, help="runs per contender, interleaved; the best is kept")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per contender, interleaved; the best is kept")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)

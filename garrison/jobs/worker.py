@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
 
+    # OpenMP threads spinning while another process holds their core collapse torch's CPU speed.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return EXIT_SHUTDOWN  # the parent died before prctl took effect

@@ -1,1 +1,1 @@
-"""Training side: tiny model builders, and (later) fine-tuning workers. Imports torch: never from the daemon."""
+"""Training: tiny and default model builders, fine-tuning (LoRA or full, DDP). Imports torch: never from the daemon."""

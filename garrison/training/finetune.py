@@ -325,6 +325,7 @@ class _Trainer:
         self.run_seconds = 0.0
         self.run_steps = 0
         self.rank_tokens = 0  # this rank's own share in this run (DDP: every rank must have trained)
+        self.computed_tokens = 0  # this rank's tokens including padding in this run: what packing saves
         self.resumed_from: int | None = None
         self.last_checkpoint: Path | None = None
 
@@ -464,6 +465,7 @@ class _Trainer:
         batches = list(self.micro_batches(examples))
         local_targets = sum(int((b["labels"] != td.IGNORE_INDEX).sum()) for b in batches)
         local_tokens = sum(len(e) for e in examples)
+        self.computed_tokens += sum(int(b["input_ids"].numel()) for b in batches)
         global_targets, global_tokens = self.dist.sum([float(local_targets), float(local_tokens)], self.device)
         self.model.train()
         # DDP averages gradients over ranks, so each rank scales by world/global to get the global token mean.
@@ -730,7 +732,8 @@ def train(config: FinetuneConfig, train_records: Callable[[], Iterable[dict[str,
         tokens_per_s=tr.train_tokens / tr.train_seconds if tr.train_seconds > 0 else 0.0,
         peak_memory_bytes=peak, memory_kind=kind,
         device=tr.plan_.as_dict() | {"world_size": tr.dist.world, "rank": tr.dist.rank, "n_params": tr.n_params,
-                                     "n_trainable": tr.n_trainable, "rank_tokens": tr.rank_tokens},
+                                     "n_trainable": tr.n_trainable, "rank_tokens": tr.rank_tokens,
+                                     "rank_computed_tokens": tr.computed_tokens},
         weights_sha256=tr.weights_digest(),
         data={"train": tr.train_stats.as_dict(), "validation": tr.val_stats.as_dict() if tr.val_stats else None,
               "train_examples": len(tr.train_examples), "validation_examples": len(tr.val_examples),

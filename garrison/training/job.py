@@ -45,6 +45,44 @@ def checkpoint_key(master_key: bytes, job_id: str) -> bytes:
     return hmac.new(master_key, b"garrison checkpoints v1\x00" + job_id.encode(), hashlib.sha256).digest()
 
 
+def dataset_records(state_dir: str, ref: str) -> Any:
+    """Records of a dataset version, decrypted in this process's memory (each DDP rank calls it)."""
+    import os
+
+    from garrison.config import load_config
+    from garrison.ingest.vault import Vault
+    from garrison.paths import StateLayout
+    from garrison.store.catalog import Catalog
+    from garrison.store.master_key import load_master_key
+
+    config = load_config(os.environ.get("GARRISON_CONFIG"), overrides={"state_dir": state_dir})
+    master = load_master_key(config)
+    layout = StateLayout(Path(state_dir))
+    _, reader = open_dataset(Vault(layout, Catalog(layout.catalog, migrate=False), lambda: master), ref, "dataset")
+    return reader.records()
+
+
+def _train_ddp(ctx: JobContext, config: Any, plan: Any, workdir: Path, key: bytes, train_ref: str,
+               val_ref: str | None, on_progress: Any) -> Any:
+    """Several GPUs: PyTorch's own torchrun (DDP); each rank reads the records itself, in memory."""
+    import dataclasses
+
+    from garrison.training.ddp import launch
+    from garrison.training.finetune import FinetuneResult, ProgressEvent
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "progress" and "step" in event:
+            fields = {f.name for f in dataclasses.fields(ProgressEvent)}
+            on_progress(ProgressEvent(**{k: v for k, v in event.items() if k in fields}))
+
+    kwargs = {"state_dir": str(ctx.layout.root), "ref": train_ref}
+    raw = launch(dataclasses.replace(config, devices=plan.devices), "garrison.training.job:dataset_records",
+                 records_kwargs=kwargs, val_records="garrison.training.job:dataset_records" if val_ref else None,
+                 val_records_kwargs={**kwargs, "ref": val_ref} if val_ref else None, workdir=workdir,
+                 checkpoint_key=key, nproc=plan.world_size, on_event=on_event)
+    return FinetuneResult(**{k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(FinetuneResult)}})
+
+
 def _message(event: Any) -> str:
     parts = [f"step {event.step}/{event.total_steps}"]
     if event.loss is not None:
@@ -83,8 +121,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         overrides["max_steps"] = p["max_steps"]
     config = FinetuneConfig.from_openai(str(base.folder), hyper, train_reader.record.record_count, **overrides)
     plan = plan_devices(config)
-    ctx.event("plan", f"training on {plan.describe() if hasattr(plan, 'describe') else plan}",
-              config=config.as_dict())
+    ctx.event("plan", f"training on {plan.kind} {plan.devices or ''} in {plan.precision}, estimated "
+              f"{plan.estimate_bytes / 2**30:.2f} GiB", plan=plan.as_dict(), config=config.as_dict())
     workdir = ctx.layout.jobs / ctx.job.id / "train"
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -95,9 +133,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if event.kind != "step" or event.step % 10 == 0:
             ctx.event("metrics", _message(event), **event.as_dict())
 
-    result = train(config, train_reader.records, val_reader.records if val_reader else None, workdir=workdir,
-                   checkpoint_key=checkpoint_key(master, ctx.job.id), on_progress=on_progress,
-                   should_stop=lambda: ctx.stop_requested)
+    key = checkpoint_key(master, ctx.job.id)
+    if plan.world_size > 1:
+        result = _train_ddp(ctx, config, plan, workdir, key, train_ref, val_ref, on_progress)
+    else:
+        result = train(config, train_reader.records, val_reader.records if val_reader else None, workdir=workdir,
+                       checkpoint_key=key, on_progress=on_progress, should_stop=lambda: ctx.stop_requested)
     if result.state == "stopped":
         ctx.check()  # cancelled or shutting down: the checkpoint is saved, the runner records why
         raise StopRequested(cancelled=False)
