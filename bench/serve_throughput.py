@@ -4,6 +4,7 @@ Not a test; run by hand (the full run takes ~10 minutes on 2 cores, plus one-tim
 
     .venv/bin/python bench/serve_throughput.py [--clients 1,4,8] [--tokens 128] [--rounds 3] [--quick]
                                                [--servers garrison,llama-server,llama-cpp-python,garrison-engine]
+                                               [--interleave]
 
 Why these three: llama-server is the continuous-batching reference (same llama.cpp revision,
 built from the vendored source by bench/peers.py), llama-cpp-python's server is the
@@ -24,6 +25,12 @@ Measured per server and level: aggregate tokens/s (all tokens received / wall ti
 first request to the last stream's end), mean and p50 time to first token, p50/p95
 inter-token latency (gaps between text chunks, pooled over streams). Results go to
 bench/out/serve_throughput.json and .md (git-ignored) and the table is printed.
+
+The machines are shared: before each round the script waits for idle CPUs, measures how much
+CPU other processes took during the round, and reruns a disturbed round (the JSON keeps it
+under "discarded"); the table shows the median of the clean rounds. With --interleave all
+servers are started first and the rounds rotate between them, so slow periods of the host
+hit every server alike (only one server ever has work; idle ones use no CPU).
 """
 
 from __future__ import annotations
@@ -470,68 +477,146 @@ def environment(threads: int) -> dict[str, Any]:
 # --- driver -----------------------------------------------------------------------------------------------
 
 
-def bench_server(name: str, model: Path, work: Path, args: argparse.Namespace, prompts: Prompts) -> dict[str, Any]:
-    levels: dict[str, Any] = {}
-    if name == "garrison-engine":
-        return bench_engine(model, args, prompts)
-    server = LAUNCHERS[name](model, work, args.threads)
-    try:
-        warm = asyncio.run(run_level(server, [prompts.make(10_000)], 16, args.timeout))
-        if warm["errors"] or warm["tokens"] == 0:
-            raise RuntimeError(f"{name}: warm-up failed: {warm['errors']}\n{server.log_tail()}")
-        for clients in args.clients:
-            def once(batch: list[str]) -> dict[str, Any]:
-                meter = CpuMeter(server.proc.pid)
-                level = asyncio.run(run_level(server, batch, args.tokens, args.timeout))
-                return level | meter.result(level["wall_s"])
+class Target:
+    """One thing under test: a server process over HTTP, or Garrison's engine in this process."""
 
-            levels[str(clients)] = measure_level(name, clients, once, prompts, args)
-        return {"levels": levels, "peak_rss_mib": server.peak_rss_mib()}
-    finally:
-        server.stop()
+    def __init__(self, name: str, model: Path, work: Path, args: argparse.Namespace) -> None:
+        self.name = name
+        self.args = args
+        self.server: Server | None = None
+        self.engine: Any = None
+        if name == "garrison-engine":
+            from garrison.engine.llama_engine import LlamaEngine
+
+            self.engine = LlamaEngine(model, n_ctx_per_slot=CTX_PER_SLOT, n_parallel=N_PARALLEL, n_batch=512,
+                                      n_threads=args.threads)
+        else:
+            self.server = LAUNCHERS[name](model, work, args.threads)
+
+    def once(self, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+        """One level: all prompts at once; the result carries the CPU accounting of the level."""
+        meter = CpuMeter(self.server.proc.pid if self.server else None)  # in-process engine: all "client"
+        if self.server is not None:
+            level = asyncio.run(run_level(self.server, prompts, max_tokens, self.args.timeout))
+        else:
+            level = asyncio.run(run_engine_level(self.engine, prompts, max_tokens))
+        return level | meter.result(level["wall_s"])
+
+    def warm_up(self, prompt: str) -> None:
+        """First request: loads the model where loading is lazy (Garrison), fills caches and pages."""
+        level = self.once([prompt], 16)
+        if level["errors"] or level["tokens"] == 0:
+            tail = self.server.log_tail() if self.server else ""
+            raise RuntimeError(f"{self.name}: warm-up failed: {level['errors']}\n{tail}")
+
+    def peak_rss_mib(self) -> float | None:
+        return self.server.peak_rss_mib() if self.server else None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.engine is not None:
+            self.engine.close()
 
 
-def bench_engine(model: Path, args: argparse.Namespace, prompts: Prompts) -> dict[str, Any]:
-    from garrison.engine.llama_engine import LlamaEngine
+class LevelRecord:
+    """The rounds of one (target, clients) level: clean ones count, disturbed ones are set aside.
 
-    engine = LlamaEngine(model, n_ctx_per_slot=CTX_PER_SLOT, n_parallel=N_PARALLEL, n_batch=512,
-                         n_threads=args.threads)
-    levels: dict[str, Any] = {}
-    try:
-        asyncio.run(run_engine_level(engine, [prompts.make(10_000)], 16))
-        for clients in args.clients:
-            def once(batch: list[str]) -> dict[str, Any]:
-                meter = CpuMeter(None)  # the engine runs in this process: all of it counts as "client"
-                level = asyncio.run(run_engine_level(engine, batch, args.tokens))
-                return level | meter.result(level["wall_s"])
+    A round during which other processes took more than args.max_foreign of the CPUs is kept
+    in "discarded" and run again, at most args.max_retries extra times per level.
+    """
 
-            levels[str(clients)] = measure_level("garrison-engine", clients, once, prompts, args)
-    finally:
-        engine.close()
-    return {"levels": levels, "peak_rss_mib": None}
+    def __init__(self, name: str, clients: int, args: argparse.Namespace) -> None:
+        self.name, self.clients, self.args = name, clients, args
+        self.rounds: list[dict[str, Any]] = []
+        self.discarded: list[dict[str, Any]] = []
 
+    @property
+    def attempts(self) -> int:
+        return len(self.rounds) + len(self.discarded)
 
-def measure_level(name: str, clients: int, once: Callable[[list[str]], dict[str, Any]], prompts: Prompts,
-                  args: argparse.Namespace) -> dict[str, Any]:
-    """args.rounds clean rounds of one level; a round during which other processes took more than
-    args.max_foreign of the CPUs is kept aside (JSON "discarded") and run again, at most
-    args.max_retries extra times."""
-    rounds: list[dict[str, Any]] = []
-    discarded: list[dict[str, Any]] = []
-    attempt = 0
-    while len(rounds) < args.rounds and len(discarded) <= args.max_retries:
-        batch = [prompts.make(clients * 1000 + attempt * 100 + i) for i in range(clients)]
-        attempt += 1
-        wait_quiet(args.quiet_wait)
-        level = once(batch)
-        noisy = level["foreign_cpu_share"] > args.max_foreign
-        (discarded if noisy else rounds).append(level)
-        print(f"  {name:17} clients={clients} try={attempt}: {level['tok_s']:.1f} tok/s, other processes "
-              f"{level['foreign_cpu_share']:.0%} of the CPUs{'  (discarded)' if noisy else ''}"
+    def wants_more(self) -> bool:
+        return len(self.rounds) < self.args.rounds and len(self.discarded) <= self.args.max_retries
+
+    def run(self, target: Target, prompts: Prompts) -> None:
+        batch = [prompts.make(self.clients * 1000 + self.attempts * 100 + i) for i in range(self.clients)]
+        wait_quiet(self.args.quiet_wait)
+        level = target.once(batch, self.args.tokens)
+        noisy = level["foreign_cpu_share"] > self.args.max_foreign
+        (self.discarded if noisy else self.rounds).append(level)
+        print(f"  {self.name:17} clients={self.clients} try={self.attempts}: {level['tok_s']:.1f} tok/s, other "
+              f"processes {level['foreign_cpu_share']:.0%} of the CPUs{'  (discarded)' if noisy else ''}"
               f"{'  ERRORS ' + str(level['errors'][:2]) if level['errors'] else ''}", flush=True)
-    if not rounds:  # never quiet: report the least disturbed attempt, flagged by its foreign share
-        rounds = [min(discarded, key=lambda r: r["foreign_cpu_share"])]
-    return {"rounds": rounds, "discarded": discarded, **merge_rounds(rounds)}
+
+    def result(self) -> dict[str, Any]:
+        rounds = self.rounds
+        if not rounds:  # never quiet: report the least disturbed attempt, flagged by its foreign share
+            rounds = [min(self.discarded, key=lambda r: r["foreign_cpu_share"])]
+        return {"rounds": rounds, "discarded": self.discarded, **merge_rounds(rounds)}
+
+
+def run_sequential(model: Path, tmp: Path, args: argparse.Namespace, prompts: Prompts) -> dict[str, Any]:
+    """Each target alone, one after the other: started, warmed up, every level, stopped."""
+    results: dict[str, Any] = {}
+    for name in args.servers:
+        print(f"{name}:", flush=True)
+        target: Target | None = None
+        try:
+            target = Target(name, model, tmp / name, args)
+            target.warm_up(prompts.make(10_000))
+            levels = {}
+            for clients in args.clients:
+                record = LevelRecord(name, clients, args)
+                while record.wants_more():
+                    record.run(target, prompts)
+                levels[str(clients)] = record.result()
+            results[name] = {"levels": levels, "peak_rss_mib": target.peak_rss_mib()}
+        except Exception as err:  # one failing server must not lose the others' figures
+            print(f"  {name} failed: {err}", file=sys.stderr, flush=True)
+            results[name] = {"error": str(err)}
+        finally:
+            if target is not None:
+                target.close()
+    return results
+
+
+def run_interleaved(model: Path, tmp: Path, args: argparse.Namespace, prompts: Prompts) -> dict[str, Any]:
+    """All targets started (only one ever has work), rounds rotated between them.
+
+    On shared, noisy machines the host's state drifts over minutes; rotating the targets
+    round by round pairs their measurements in time, so a slow period hits all of them.
+    """
+    targets: dict[str, Target] = {}
+    results: dict[str, Any] = {}
+    try:
+        for name in args.servers:
+            print(f"{name}: starting", flush=True)
+            try:
+                targets[name] = Target(name, model, tmp / name, args)
+                targets[name].warm_up(prompts.make(10_000))
+            except Exception as err:
+                print(f"  {name} failed: {err}", file=sys.stderr, flush=True)
+                results[name] = {"error": str(err)}
+                if name in targets:
+                    targets.pop(name).close()
+        levels: dict[str, dict[str, Any]] = {name: {} for name in targets}
+        for clients in args.clients:
+            records = {name: LevelRecord(name, clients, args) for name in targets}
+            turn = 0
+            while any(r.wants_more() for r in records.values()):
+                names = list(records)
+                for name in names[turn % len(names):] + names[: turn % len(names)]:
+                    if records[name].wants_more():
+                        records[name].run(targets[name], prompts)
+                turn += 1
+            for name, record in records.items():
+                levels[name][str(clients)] = record.result()
+        for name, target in targets.items():
+            results[name] = {"levels": levels[name], "peak_rss_mib": target.peak_rss_mib()}
+    finally:
+        for target in targets.values():
+            target.close()
+    return {name: results[name] for name in args.servers if name in results}
 
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -553,11 +638,13 @@ def markdown(report: dict[str, Any]) -> str:
     def fmt(value: float | None, digits: int = 0) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
+    config = report["config"]
+    order = "servers interleaved round by round" if config.get("interleave") else "one server after the other"
     lines = [f"Model: {report['model']['name']} ({report['model']['parameters_m']:.0f}M params, Q4_K_M, "
-             f"{report['model']['size_mb']:.0f} MB); {report['config']['threads']} threads per server; "
-             f"{report['config']['tokens']} tokens per stream, ~{report['config']['prompt_tokens']} prompt tokens; "
-             f"median of {report['config']['rounds']} rounds. \"other load\": share of the CPUs used by other "
-             "processes during the level (the machines are shared; above a few % a row is suspect).", "",
+             f"{report['model']['size_mb']:.0f} MB); {config['threads']} threads per server; "
+             f"{config['tokens']} tokens per stream, ~{config['prompt_tokens']} prompt tokens; "
+             f"median of {config['rounds']} clean rounds, {order}. \"other load\": share of the CPUs used by "
+             "other processes during the level (the machines are shared; above a few % a row is suspect).", "",
              "| server | clients | tok/s aggregate (range) | TTFT mean (ms) | ITL p50 (ms) | ITL p95 (ms) | "
              "other load | FACTS.md tok/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -586,6 +673,9 @@ def parse_args() -> argparse.Namespace:
                         help="which servers, in order; add garrison-engine for the in-process engine without HTTP")
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 tokens: a smoke run of the plumbing")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per stream")
+    parser.add_argument("--interleave", action="store_true",
+                        help="start every server first and rotate rounds between them (paired in time; "
+                             "idle servers use no CPU), instead of one server after the other")
     parser.add_argument("--max-foreign", type=float, default=0.10,
                         help="rerun a round when other processes used more than this share of the CPUs")
     parser.add_argument("--max-retries", type=int, default=6, help="extra rounds allowed per level for disturbed ones")
@@ -630,6 +720,7 @@ def main() -> None:
         "model": {"name": spec.name, "path": str(model), "parameters_m": parameter_count(spec) / 1e6,
                   "size_mb": model.stat().st_size / 1e6, "spec": asdict(spec)},
         "config": {"clients": args.clients, "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads,
+                   "interleave": args.interleave, "max_foreign": args.max_foreign,
                    "n_parallel": N_PARALLEL, "ctx_per_slot": CTX_PER_SLOT, "prompt_tokens": PROMPT_TOKENS},
         "environment": environment(args.threads), "server_deps": deps, "servers": {},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -637,14 +728,9 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="garrison-bench-") as tmp:
             for name in args.servers:
-                print(f"{name}:", flush=True)
-                work = Path(tmp) / name
-                work.mkdir()
-                try:
-                    report["servers"][name] = bench_server(name, model, work, args, prompts)
-                except Exception as err:  # one failing server must not lose the others' figures
-                    print(f"  {name} failed: {err}", file=sys.stderr, flush=True)
-                    report["servers"][name] = {"error": str(err)}
+                (Path(tmp) / name).mkdir()
+            run = run_interleaved if args.interleave else run_sequential
+            report["servers"] = run(model, Path(tmp), args, prompts)
     finally:
         prompts.close()
     report["config"]["prompt_tokens"] = round(statistics.fmean(prompts.lengths), 1) if prompts.lengths else None

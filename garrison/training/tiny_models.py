@@ -20,7 +20,7 @@ from typing import Any
 
 from garrison.training.corpus import PARAGRAPHS, corpus_lines, corpus_text
 
-BUILDER_VERSION = "5"
+BUILDER_VERSION = "6"
 
 # Zephyr-style: plain-text role markers, so any tokenizer handles it, and </s> ends a turn.
 CHAT_TEMPLATE = (
@@ -111,7 +111,7 @@ def _train_causal_lm(model: Any, tokenizer: Any, spec: TinySpec) -> None:
     model.eval()
 
 
-def _pretrain(model: Any, tokenizer: Any, spec: TinySpec, corpus: str, seconds: float) -> None:
+def _pretrain(model: Any, tokenizer: Any, spec: TinySpec, corpus: str, seconds: float) -> dict[str, Any]:
     """Next-token training on random windows of a long corpus, for a fixed time budget.
 
     Every fourth batch is chat examples, so the chat template's turns are learned too.
@@ -130,6 +130,7 @@ def _pretrain(model: Any, tokenizer: Any, spec: TinySpec, corpus: str, seconds: 
     model.train()
     deadline = time.monotonic() + seconds
     step = 0
+    losses: list[float] = []
     while time.monotonic() < deadline and step < spec.train_steps:
         if step % 4 == 3:
             rows = [chats[i] for i in torch.randint(len(chats), (batch_size,), generator=gen).tolist()]
@@ -147,8 +148,11 @@ def _pretrain(model: Any, tokenizer: Any, spec: TinySpec, corpus: str, seconds: 
         opt.step()
         sched.step()
         opt.zero_grad()
+        losses.append(float(loss.detach()))
         step += 1
     model.eval()
+    tail = losses[-50:] or [float("nan")]
+    return {"steps": step, "seconds": seconds, "corpus_tokens": len(stream), "final_loss": sum(tail) / len(tail)}
 
 
 BASE_SPEC = TinySpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, context=1024, vocab=4000,
@@ -205,7 +209,9 @@ def _build_llama(out: Path, tokenizer: Any, spec: TinySpec, corpus: str | None =
     if corpus is None:
         _train_causal_lm(model, tokenizer, spec)
     else:
-        _pretrain(model, tokenizer, spec, corpus, train_seconds or 120.0)
+        stats = _pretrain(model, tokenizer, spec, corpus, train_seconds or 120.0)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "garrison_build.json").write_text(json.dumps(stats, indent=2))
     if model.generation_config is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
