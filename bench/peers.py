@@ -78,7 +78,7 @@ def _extract_llama_cpp(sdist: Path, dest: Path) -> None:
 
 # Targets worth building from the vendored tree: the server peer, the reference decode and batched
 # benchmarks (the ceiling a server can reach), and the importance-matrix tool quantize_gguf can use.
-TOOLS = ("llama-server", "llama-bench", "llama-batched-bench", "llama-imatrix")
+TOOLS = ("llama-server", "llama-bench", "llama-batched-bench", "llama-imatrix", "llama-quantize")
 
 
 def ensure_llama_server(log: Path | None = None) -> Path:

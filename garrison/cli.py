@@ -420,8 +420,8 @@ def quickstart(ctx: click.Context, config_file: str | None, state_dir: str | Non
         click.echo("==> 3/5 fine-tune and export: already done for this dataset (reusing it)", err=True)
     else:
         params = {"model": base_name, "training_file": data["dataset"], "suffix": SUFFIX,
-                  "hyperparameters": json.dumps({"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 5}),
-                  "max_steps": steps or (60 if size == "base" else 20), "max_seq_len": 512, "checkpoint_every": 20,
+                  "hyperparameters": json.dumps({"n_epochs": 30, "batch_size": 8, "learning_rate_multiplier": 20}),
+                  "max_steps": steps or (200 if size == "base" else 20), "max_seq_len": 512, "checkpoint_every": 50,
                   "export": "gguf:q4_k_m,onnx:int8"}
         stages.run("3/5 fine-tune a LoRA, export GGUF Q4_K_M and ONNX int8 (parity-gated)",
                    lambda: _run_job(config, catalog, "finetune", params))
