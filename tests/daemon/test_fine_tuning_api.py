@@ -90,3 +90,38 @@ def test_cancel_and_bad_requests(daemon: Daemon) -> None:
     reader = openai.OpenAI(base_url=daemon.url + "/v1", api_key=daemon.key("read"), max_retries=0)
     with pytest.raises(openai.PermissionDeniedError):
         reader.fine_tuning.jobs.create(model="tl", training_file=upload.id)
+
+
+def test_kill_9_of_the_daemon_mid_training_resumes_from_the_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import sqlite3
+
+    state = tmp_path / "state"
+    env = garrison_env(state)
+    run_cli(state, "models", "import", str(tiny_llama_dir), "--name", "tl", env=env)
+    (tmp_path / "train.jsonl").write_bytes(_jsonl())
+    run_cli(state, "ingest", str(tmp_path / "train.jsonl"), "--dataset", "gate", env=env)
+    d = Daemon(state, free_port(), env, tmp_path / "daemon.log").start()
+    params = {"model": "tl", "training_file": "gate", "max_steps": 60, "checkpoint_every": 10, "lora_r": 8,
+              "hyperparameters": json.dumps({"n_epochs": 30, "batch_size": 2})}
+    status, job = d.request("POST", "/v1/garrison/jobs", {"kind": "finetune", "params": params})
+    assert status == 201, job
+    deadline = time.monotonic() + 300
+    step = 0
+    while time.monotonic() < deadline and step < 25:
+        with sqlite3.connect(state / "catalog.db") as db:
+            done = db.execute("SELECT progress_done FROM jobs WHERE id=?", (job["id"],)).fetchone()[0]
+        step = int(done or 0)
+        time.sleep(0.1)
+    assert step >= 25, "training did not get past its second checkpoint"
+    d.stop(signal.SIGKILL)  # the worker dies with it (PDEATHSIG)
+    d.start()
+    status, final = d.request("GET", f"/v1/garrison/jobs/{job['id']}?wait=280", timeout=300)
+    d.stop()
+    assert final["state"] == "succeeded", final
+    result = final["result"]
+    # At most checkpoint_every steps lost (the step seen through throttled progress may lag the real one).
+    assert result["resumed_from_step"] is not None and step - 10 <= result["resumed_from_step"] < 60
+    assert result["steps"] == 60
+    steps = [s for s, _ in result["loss_history"]]
+    assert steps == sorted(steps) and steps[-1] == 60 and len(set(steps)) == len(steps)
