@@ -14,13 +14,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from garrison import __version__
-from garrison.config import Config, load_config, settings_help
+from garrison.cli_options import F, config_loader, config_options, echo_json
+from garrison.config import Config, settings_help
 from garrison.errors import GarrisonError, InvalidRequest, JobFailed, exit_code_for
 from garrison.jobs.kinds import JOB_KINDS
 from garrison.jobs.store import Job, JobStore
@@ -29,39 +29,13 @@ from garrison.policies.keys import KeyStore
 from garrison.policies.scopes import ROLE_DESCRIPTIONS, ROLES
 from garrison.store.catalog import Catalog
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 
 # -- configuration -------------------------------------------------------------
-def config_options(func: F) -> F:
-    """--config and --state-dir on every command, so they work before or after it."""
-    func = click.option("--state-dir", "state_dir", default=None, metavar="DIR",
-                        help="State folder (env GARRISON_STATE_DIR).")(func)
-    func = click.option("--config", "config_file", default=None, metavar="FILE",
-                        type=click.Path(dir_okay=False),
-                        help="TOML configuration (default /etc/garrison/garrison.toml if present).")(func)
-    return func
-
-
-def _loader(ctx: click.Context, config_file: str | None, state_dir: str | None,
-            listen: str | None = None) -> Callable[[], Config]:
-    root = ctx.find_root().obj or {}
-    file_ = config_file or root.get("config_file")
-    if file_:
-        os.environ["GARRISON_CONFIG"] = file_  # job workers started from here read the same file
-    overrides = {"state_dir": state_dir or root.get("state_dir"), "listen": listen}
-    return lambda: load_config(file_, overrides=overrides)
-
-
 def _open(ctx: click.Context, config_file: str | None, state_dir: str | None) -> tuple[Config, Catalog]:
-    config = _loader(ctx, config_file, state_dir)()
+    config = config_loader(ctx, config_file, state_dir)()
     layout = StateLayout(config.state_path)
     layout.ensure()
     return config, Catalog(layout.catalog)
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
 
 
 def _when(stamp: float | None) -> str:
@@ -87,7 +61,7 @@ def serve(ctx: click.Context, config_file: str | None, state_dir: str | None, li
     """Run the daemon: the HTTP API, and the job runner unless run_jobs is false."""
     from garrison.daemon.lifecycle import serve as run_serve
 
-    sys.exit(run_serve(_loader(ctx, config_file, state_dir, listen)))
+    sys.exit(run_serve(config_loader(ctx, config_file, state_dir, listen)))
 
 
 @cli.command()
@@ -97,7 +71,7 @@ def worker(ctx: click.Context, config_file: str | None, state_dir: str | None) -
     """Run the job runner alone (the garrison-worker systemd unit)."""
     from garrison.daemon.lifecycle import run_worker
 
-    sys.exit(run_worker(_loader(ctx, config_file, state_dir)))
+    sys.exit(run_worker(config_loader(ctx, config_file, state_dir)))
 
 
 @cli.group("config")
@@ -110,8 +84,8 @@ def config_group() -> None:
 @click.pass_context
 def config_show(ctx: click.Context, config_file: str | None, state_dir: str | None) -> None:
     """Print the effective configuration and where it came from."""
-    config = _loader(ctx, config_file, state_dir)()
-    _echo_json({"source": config.source, **config.as_dict()})
+    config = config_loader(ctx, config_file, state_dir)()
+    echo_json({"source": config.source, **config.as_dict()})
 
 
 @config_group.command("check")
@@ -119,7 +93,7 @@ def config_show(ctx: click.Context, config_file: str | None, state_dir: str | No
 @click.pass_context
 def config_check(ctx: click.Context, config_file: str | None, state_dir: str | None) -> None:
     """Validate the configuration; exit 2 naming the bad key."""
-    config = _loader(ctx, config_file, state_dir)()
+    config = config_loader(ctx, config_file, state_dir)()
     click.echo(f"configuration ok ({config.source})")
 
 
@@ -156,7 +130,7 @@ def keys_create(ctx: click.Context, config_file: str | None, state_dir: str | No
     record, secret = KeyStore(catalog).create(role, name=name, models=_names(models),
                                               datasets=_names(datasets), expires=expires)
     if as_json:
-        _echo_json({**record.to_json(), "key": secret})
+        echo_json({**record.to_json(), "key": secret})
         return
     click.echo(secret)
     click.echo(f"id {record.id}, role {record.role}; store the key now: it is not shown again.", err=True)
@@ -171,7 +145,7 @@ def keys_list(ctx: click.Context, config_file: str | None, state_dir: str | None
     _, catalog = _open(ctx, config_file, state_dir)
     records = KeyStore(catalog).list()
     if as_json:
-        _echo_json([r.to_json() for r in records])
+        echo_json([r.to_json() for r in records])
         return
     click.echo(f"{'ID':22} {'ROLE':9} {'STATUS':8} {'PREFIX':14} {'EXPIRES':19} NAME")
     for r in records:
@@ -248,7 +222,7 @@ def _follow(config: Config, catalog: Catalog, job: Job, *, show_bar: bool = True
 
 def _finish(job: Job, as_json: bool) -> None:
     if as_json:
-        _echo_json(job.to_json())
+        echo_json(job.to_json())
     else:
         click.echo(f"{job.id} {job.state}" + (f": {json.dumps(job.result)}" if job.result else ""))
     if job.state == "failed":
@@ -281,7 +255,7 @@ def submit_job(ctx: click.Context, config_file: str | None, state_dir: str | Non
                        default_max_attempts=config.job_max_attempts,
                        default_timeout_s=config.job_timeout_s)
     if detach:
-        _echo_json(job.to_json()) if as_json else click.echo(job.id)
+        echo_json(job.to_json()) if as_json else click.echo(job.id)
         return
     _finish(_follow(config, catalog, job), as_json)
 
@@ -305,7 +279,7 @@ def jobs_list(ctx: click.Context, config_file: str | None, state_dir: str | None
     _, catalog = _open(ctx, config_file, state_dir)
     found = JobStore(catalog).list(state=state, kind=kind, limit=limit)
     if as_json:
-        _echo_json([j.to_json() for j in found])
+        echo_json([j.to_json() for j in found])
         return
     click.echo(f"{'ID':25} {'KIND':12} {'STATE':10} {'PROGRESS':>8} {'TRIES':>5} CREATED")
     for j in found:
@@ -326,7 +300,7 @@ def jobs_show(ctx: click.Context, config_file: str | None, state_dir: str | None
     data = store.get(job_id).to_json()
     if with_events:
         data["events"] = [e.to_json() for e in store.events(job_id)]
-    _echo_json(data)
+    echo_json(data)
 
 
 @jobs.command("watch")
@@ -404,7 +378,7 @@ def quickstart(ctx: click.Context, config_file: str | None, state_dir: str | Non
     from garrison.models.registry import ModelRegistry
     from garrison.quickstart import SUFFIX, Stages, ask, sample_records, seal_and_ingest, snippets, start_daemon
 
-    load = _loader(ctx, config_file, state_dir, listen)
+    load = config_loader(ctx, config_file, state_dir, listen)
     config, catalog = _open(ctx, config_file, state_dir)
     click.echo(f"state folder: {config.state_path}", err=True)
     stages = Stages()
@@ -518,7 +492,7 @@ def models_import(ctx: click.Context, config_file: str | None, state_dir: str | 
     finally:
         bar.close()
     if as_json:
-        _echo_json(record.to_json())
+        echo_json(record.to_json())
     else:
         click.echo(f"{record.name} ({record.format}, {record.size_bytes} bytes, {len(record.manifest['files'])} "
                    f"file(s) hashed)")
@@ -532,7 +506,7 @@ def models_list(ctx: click.Context, config_file: str | None, state_dir: str | No
     """List models."""
     records = _registry(ctx, config_file, state_dir).list()
     if as_json:
-        _echo_json([r.to_json() for r in records])
+        echo_json([r.to_json() for r in records])
         return
     click.echo(f"{'NAME':32} {'FORMAT':6} {'SIZE':>12} {'SERVABLE':8} CREATED")
     for r in records:
@@ -548,7 +522,7 @@ def models_show(ctx: click.Context, config_file: str | None, state_dir: str | No
     """Show one model and its manifest as JSON."""
     from garrison.models.names import check_model_id
 
-    _echo_json(_registry(ctx, config_file, state_dir).get(check_model_id(name)).to_json())
+    echo_json(_registry(ctx, config_file, state_dir).get(check_model_id(name)).to_json())
 
 
 @models.command("rm")
@@ -646,7 +620,7 @@ def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None,
 def _client(ctx: click.Context, config_file: str | None, state_dir: str | None, key: str | None) -> Any:
     from garrison.client import DaemonClient, api_key, daemon_url
 
-    config = _loader(ctx, config_file, state_dir)()
+    config = config_loader(ctx, config_file, state_dir)()
     return DaemonClient(daemon_url(config), api_key(key))
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from garrison.converters.hf_to_gguf import ConversionError
+from garrison.store.durable import fsync_dir
 
 Kind = Literal["decoder", "encoder"]
 
@@ -214,15 +215,8 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -253,7 +247,7 @@ def _staging(out_dir: Path, overwrite: bool) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(work, out_dir)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -11,32 +11,15 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
 
 import click
 
-from garrison.config import Config, load_config
+from garrison.cli_options import config_options, load
 from garrison.errors import Conflict, InvalidRequest
 
 
-def _config_options(func: Any) -> Any:
-    """--config and --state-dir, as on every garrison command (same names, same precedence)."""
-    func = click.option("--state-dir", "state_dir", default=None, metavar="DIR",
-                        help="State folder (env GARRISON_STATE_DIR).")(func)
-    func = click.option("--config", "config_file", default=None, metavar="FILE",
-                        type=click.Path(dir_okay=False),
-                        help="TOML configuration (default /etc/garrison/garrison.toml if present).")(func)
-    return func
-
-
-def _config(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Config:
-    root = ctx.find_root().obj or {}
-    return load_config(config_file or root.get("config_file"),
-                       overrides={"state_dir": state_dir or root.get("state_dir")})
-
-
 @click.command("identity")
-@_config_options
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Print the recipient and the signing public key as JSON.")
 @click.pass_context
 def identity_command(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
@@ -46,7 +29,7 @@ def identity_command(ctx: click.Context, config_file: str | None, state_dir: str
     """
     from garrison.crypto.identity import load_appliance_identity
 
-    identity = load_appliance_identity(_config(ctx, config_file, state_dir))
+    identity = load_appliance_identity(load(ctx, config_file, state_dir))
     if as_json:
         click.echo(json.dumps(identity.public_json(), indent=2))
     else:
@@ -54,7 +37,7 @@ def identity_command(ctx: click.Context, config_file: str | None, state_dir: str
 
 
 @click.command("seal")
-@_config_options
+@config_options
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-r", "--recipient", "recipients", multiple=True, metavar="AGE1...",
               help="Seal for this recipient instead of the local appliance (repeatable).")
@@ -80,7 +63,7 @@ def seal_command(ctx: click.Context, config_file: str | None, state_dir: str | N
     else:
         from garrison.crypto.identity import load_appliance_identity
 
-        targets = [load_appliance_identity(_config(ctx, config_file, state_dir), create=False).recipient]
+        targets = [load_appliance_identity(load(ctx, config_file, state_dir), create=False).recipient]
     out = output or file.with_name(file.name + ".age")
     if not out.parent.is_dir():
         raise InvalidRequest(f"the output folder {out.parent} does not exist", param="output")

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from garrison.crypto.age import encode_identity, encode_recipient, parse_identity
 from garrison.errors import ConfigError, IntegrityError, NotFound
 from garrison.paths import StateLayout
+from garrison.store.durable import fsync_dir
 
 if TYPE_CHECKING:
     from garrison.config import Config
@@ -127,13 +128,6 @@ def _open(blob: bytes, master_key: bytes, path: Path) -> ApplianceIdentity:
                              float(fields["created"]))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_atomic(path: Path, data: bytes, *, replace: bool) -> None:
     """tmp + fsync + (link | rename) + fsync of the folder: a crash leaves the old file or the new.
@@ -155,7 +149,7 @@ def _write_atomic(path: Path, data: bytes, *, replace: bool) -> None:
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @contextmanager

@@ -17,27 +17,11 @@ from typing import Any
 
 import click
 
-from garrison.config import Config, load_config
+from garrison.cli_options import config_options, load
 from garrison.errors import ConfigError, InvalidRequest
 from garrison.ingest.formats import FORMATS, parse_columns
 
 __all__ = ["datasets_group", "ingest_command", "rotate_master_command"]
-
-
-def _config_options(func: Any) -> Any:
-    """--config and --state-dir, as on every garrison command (same names, same precedence)."""
-    func = click.option("--state-dir", "state_dir", default=None, metavar="DIR",
-                        help="State folder (env GARRISON_STATE_DIR).")(func)
-    func = click.option("--config", "config_file", default=None, metavar="FILE",
-                        type=click.Path(dir_okay=False),
-                        help="TOML configuration (default /etc/garrison/garrison.toml if present).")(func)
-    return func
-
-
-def _config(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Config:
-    root = ctx.find_root().obj or {}
-    return load_config(config_file or root.get("config_file"),
-                       overrides={"state_dir": state_dir or root.get("state_dir")})
 
 
 def _service(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Any:
@@ -45,7 +29,7 @@ def _service(ctx: click.Context, config_file: str | None, state_dir: str | None)
     from garrison.paths import StateLayout
     from garrison.store.catalog import Catalog
 
-    config = _config(ctx, config_file, state_dir)
+    config = load(ctx, config_file, state_dir)
     layout = StateLayout(config.state_path)
     layout.ensure()
     return IngestService(config, Catalog(layout.catalog))
@@ -67,7 +51,7 @@ def _human(n: float) -> str:
 
 
 @click.command("ingest")
-@_config_options
+@config_options
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.option("--dataset", "dataset", required=True, metavar="NAME", help="Dataset to add a version to.")
 @click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMATS),
@@ -138,7 +122,7 @@ def datasets_group() -> None:
 
 
 @datasets_group.command("list")
-@_config_options
+@config_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def datasets_list(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
@@ -157,7 +141,7 @@ def datasets_list(ctx: click.Context, config_file: str | None, state_dir: str | 
 
 
 @datasets_group.command("show")
-@_config_options
+@config_options
 @click.argument("reference", metavar="NAME[:VERSION]")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -183,7 +167,7 @@ def datasets_show(ctx: click.Context, config_file: str | None, state_dir: str | 
 
 
 @datasets_group.command("rm")
-@_config_options
+@config_options
 @click.argument("reference", metavar="NAME[:VERSION]")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
@@ -238,7 +222,7 @@ def _install_key(path: Path, key: bytes) -> None:
 
 
 @click.command("rotate-master")
-@_config_options
+@config_options
 @click.option("--new-key", "new_key_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="File holding the new master key (32 bytes or 64 hex digits, mode 0600).")
 @click.pass_context
@@ -256,7 +240,7 @@ def rotate_master_command(ctx: click.Context, config_file: str | None, state_dir
     from garrison.store.catalog import Catalog
     from garrison.store.master_key import load_master_key, master_key_path
 
-    config = _config(ctx, config_file, state_dir)
+    config = load(ctx, config_file, state_dir)
     layout = StateLayout(config.state_path)
     old = load_master_key(config)
     new = _read_key_file(Path(new_key_file))

@@ -44,6 +44,7 @@ from garrison.ingest.datasets import validate_name
 from garrison.ingest.formats import FORMATS, parse_columns
 from garrison.ingest.pipeline import IngestRequest, IngestService
 from garrison.logs import log_event
+from garrison.store.durable import fsync_dir
 
 __all__ = ["InboxWatcher", "Outcome", "dataset_for"]
 
@@ -68,13 +69,6 @@ class Outcome:
     code: str = ""
     message: str = ""
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _free_name(folder: Path, name: str) -> Path:
@@ -151,8 +145,8 @@ class InboxWatcher:
             os.rename(path, target)
             moved.append(target.name)
         if moved:
-            _fsync_dir(self.processing)
-            _fsync_dir(self.inbox)
+            fsync_dir(self.processing)
+            fsync_dir(self.inbox)
             log_event(log, "inbox.recovered", files=len(moved))
         return moved
 
@@ -204,8 +198,8 @@ class InboxWatcher:
         os.rename(path, taken)
         if sidecar_path.exists():
             os.rename(sidecar_path, taken_sidecar)
-        _fsync_dir(self.processing)
-        _fsync_dir(self.inbox)
+        fsync_dir(self.processing)
+        fsync_dir(self.inbox)
         self._seen.pop(name, None)
         dataset = ""
         try:
@@ -234,7 +228,7 @@ class InboxWatcher:
             return Outcome(name, "retry", dataset, code=code, message=str(exc)[:300])
         taken.unlink()
         taken_sidecar.unlink(missing_ok=True)
-        _fsync_dir(self.processing)
+        fsync_dir(self.processing)
         self._retry_at.pop(name, None)
         status = "duplicate" if result.duplicate else "ingested"
         log_event(log, f"inbox.{status}", file=name, dataset=dataset, version=result.version.version,
@@ -246,7 +240,7 @@ class InboxWatcher:
         if taken_sidecar.exists():
             os.rename(taken_sidecar, target.with_name(target.name + SIDECAR))
         os.rename(taken, target)
-        _fsync_dir(self.inbox)
+        fsync_dir(self.inbox)
 
     def _reject(self, taken: Path, taken_sidecar: Path, name: str, dataset: str, err: GarrisonError) -> Outcome:
         target = _free_name(self.rejected, name)
@@ -258,8 +252,8 @@ class InboxWatcher:
         if taken_sidecar.exists():
             os.rename(taken_sidecar, target.with_name(target.name + SIDECAR))
         os.rename(taken, target)
-        _fsync_dir(self.rejected)
-        _fsync_dir(self.processing)
+        fsync_dir(self.rejected)
+        fsync_dir(self.processing)
         self._retry_at.pop(name, None)
         log_event(log, "inbox.rejected", level=logging.WARNING, file=name, code=err.code, error=err.message[:300])
         return Outcome(name, "rejected", dataset, code=err.code, message=err.message)

@@ -54,6 +54,7 @@ from garrison.ingest.datasets import DatasetStore, VersionRecord, new_version_id
 from garrison.paths import StateLayout
 from garrison.policies.audit import append_audit
 from garrison.store.catalog import Catalog
+from garrison.store.durable import fsync_dir
 
 __all__ = [
     "CHUNK_SIZE",
@@ -115,13 +116,6 @@ def _chunk_aad(dataset: str, version_id: str, index: int, last: bool) -> bytes:
 
 # -- files -----------------------------------------------------------------------------------------
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _locked_by_live_writer(folder: Path, *, staging: bool) -> bool:
@@ -221,7 +215,7 @@ class VaultWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         self._finished = True
 
     def publish(self, catalog: Catalog, insert: Callable[[Any], Any]) -> Any:
@@ -240,7 +234,7 @@ class VaultWriter:
                     return result
                 os.rename(self.staging, final)
                 renamed = True
-                _fsync_dir(self.layout.vault)
+                fsync_dir(self.layout.vault)
         except BaseException:
             if renamed:  # the COMMIT failed: the folder must not stay under a published name
                 with contextlib.suppress(OSError):
@@ -456,7 +450,7 @@ class Vault:
         for record in records:
             shutil.rmtree(self.layout.vault / record.id, ignore_errors=True)
         if records and self.layout.vault.exists():
-            _fsync_dir(self.layout.vault)
+            fsync_dir(self.layout.vault)
         return records
 
     def delete_version(self, name: str, version: int, *, actor: str) -> VersionRecord:
@@ -494,7 +488,7 @@ class Vault:
             shutil.rmtree(entry, ignore_errors=True)
             removed += 1
         if removed:
-            _fsync_dir(self.layout.vault)
+            fsync_dir(self.layout.vault)
         return removed
 
     def rotate_master(self, old_key: bytes, new_key: bytes, *, actor: str = "local") -> dict[str, int]:

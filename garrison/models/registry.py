@@ -24,6 +24,7 @@ from garrison.errors import Conflict, IntegrityError, InvalidRequest, NotFound
 from garrison.models.names import check_model_id
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog
+from garrison.store.durable import fsync_dir
 
 GGUF_MAGIC = b"GGUF"
 _CHUNK = 4 << 20
@@ -132,13 +133,6 @@ def sha256_file(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_hashing(src: Path, dst: Path, on_bytes: Callable[[int], None]) -> str:
@@ -273,10 +267,10 @@ class ModelRegistry:
                 manifest["signed_by"] = identity.signing_public_key_hex
                 manifest["signature"] = identity.sign(canonical_manifest(manifest)).hex()
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            _fsync_dir(staging)
+            fsync_dir(staging)
             final = self.layout.models / folder_name
             os.replace(staging, final)
-            _fsync_dir(self.layout.models)
+            fsync_dir(self.layout.models)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from garrison.errors import IntegrityError, InvalidRequest
+from garrison.store.durable import fsync_dir
 
 MAGIC = b"GRCKPT01"
 _HEADER = struct.Struct(">8sIQ32s")
@@ -66,13 +67,6 @@ def _nonce(index: int) -> bytes:
 def _aad(header: bytes, index: int, final: bool) -> bytes:
     return header + struct.pack(">QB", index, int(final))
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _EncryptingWriter(io.RawIOBase):
@@ -213,7 +207,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], key: byte
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return final
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from garrison.errors import IntegrityError, InvalidRequest
+from garrison.store.durable import fsync_dir
 from garrison.training import checkpoints as ckpt
 from garrison.training import data as td
 
@@ -227,7 +228,7 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    ckpt._fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _replace_dir(staging: Path, final: Path) -> None:
@@ -237,7 +238,7 @@ def _replace_dir(staging: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
-    ckpt._fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
