@@ -163,11 +163,11 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_garrison(model: Path, work: Path, threads: int) -> Server:
+def start_garrison(model: Path, work: Path, threads: int, extra_env: dict[str, str]) -> Server:
     """`garrison serve` on a fresh state folder, the model imported with 8 slots of 1024 tokens."""
     state = work / "garrison-state"
     env = _clean_env(GARRISON_STATE_DIR=str(state), GARRISON_CONFIG="/dev/null",
-                     GARRISON_INFERENCE_THREADS=str(threads))
+                     GARRISON_INFERENCE_THREADS=str(threads), **extra_env)
     garrison = str(BIN / "garrison")
 
     def cli(*args: str) -> str:
@@ -188,21 +188,21 @@ def start_garrison(model: Path, work: Path, threads: int) -> Server:
     return server
 
 
-def start_llama_server(model: Path, work: Path, threads: int) -> Server:
+def start_llama_server(model: Path, work: Path, threads: int, extra_env: dict[str, str]) -> Server:
     """llama.cpp's server: 8 slots sharing 8192 tokens (1024 each), continuous batching (its default)."""
     binary = ensure_llama_server()
     port = free_port()
     log_path = work / "llama-server.log"
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(N_PARALLEL),
            "-c", str(N_PARALLEL * CTX_PER_SLOT), "-t", str(threads), "-tb", str(threads), "-cb", "-a", "bench"]
-    proc = _spawn(cmd, _clean_env(), log_path)
+    proc = _spawn(cmd, _clean_env(**extra_env), log_path)
     server = Server("llama-server", proc, f"http://127.0.0.1:{port}", log_path, "bench",
                     body_extra={"ignore_eos": True, "stream_options": {"include_usage": True}})
     server.wait_ready("/health")
     return server
 
 
-def start_llama_cpp_python(model: Path, work: Path, threads: int) -> Server:
+def start_llama_cpp_python(model: Path, work: Path, threads: int, extra_env: dict[str, str]) -> Server:
     """llama-cpp-python's own server: one Llama object, requests served one after the other.
 
     interrupt_requests is on by default there: a new request cuts the running stream short,
@@ -213,13 +213,13 @@ def start_llama_cpp_python(model: Path, work: Path, threads: int) -> Server:
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "bench",
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(CTX_PER_SLOT),
            "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
-    proc = _spawn(cmd, _clean_env(), log_path)
+    proc = _spawn(cmd, _clean_env(**extra_env), log_path)
     server = Server("llama-cpp-python", proc, f"http://127.0.0.1:{port}", log_path, "bench")
     server.wait_ready("/v1/models")
     return server
 
 
-LAUNCHERS: dict[str, Callable[[Path, Path, int], Server]] = {
+LAUNCHERS: dict[str, Callable[[Path, Path, int, dict[str, str]], Server]] = {
     "garrison": start_garrison,
     "llama-server": start_llama_server,
     "llama-cpp-python": start_llama_cpp_python,
@@ -477,6 +477,19 @@ def environment(threads: int) -> dict[str, Any]:
 # --- driver -----------------------------------------------------------------------------------------------
 
 
+def parse_target(spec: str) -> tuple[str, dict[str, str]]:
+    """"garrison+OMP_WAIT_POLICY=ACTIVE" -> ("garrison", {"OMP_WAIT_POLICY": "ACTIVE"}): a server variant
+    with extra environment, so one run can compare settings side by side."""
+    base, *pairs = spec.split("+")
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad environment setting {pair!r} in {spec!r} (want KEY=VALUE)")
+        env[key] = value
+    return base, env
+
+
 class Target:
     """One thing under test: a server process over HTTP, or Garrison's engine in this process."""
 
@@ -485,13 +498,15 @@ class Target:
         self.args = args
         self.server: Server | None = None
         self.engine: Any = None
-        if name == "garrison-engine":
+        base, extra_env = parse_target(name)
+        work.mkdir(parents=True, exist_ok=True)
+        if base == "garrison-engine":
             from garrison.engine.llama_engine import LlamaEngine
 
             self.engine = LlamaEngine(model, n_ctx_per_slot=CTX_PER_SLOT, n_parallel=N_PARALLEL, n_batch=512,
                                       n_threads=args.threads)
         else:
-            self.server = LAUNCHERS[name](model, work, args.threads)
+            self.server = LAUNCHERS[base](model, work, args.threads, extra_env)
 
     def once(self, prompts: list[str], max_tokens: int) -> dict[str, Any]:
         """One level: all prompts at once; the result carries the CPU accounting of the level."""
@@ -562,7 +577,7 @@ def run_sequential(model: Path, tmp: Path, args: argparse.Namespace, prompts: Pr
         print(f"{name}:", flush=True)
         target: Target | None = None
         try:
-            target = Target(name, model, tmp / name, args)
+            target = Target(name, model, tmp / f"target{len(results)}", args)
             target.warm_up(prompts.make(10_000))
             levels = {}
             for clients in args.clients:
@@ -592,7 +607,7 @@ def run_interleaved(model: Path, tmp: Path, args: argparse.Namespace, prompts: P
         for name in args.servers:
             print(f"{name}: starting", flush=True)
             try:
-                targets[name] = Target(name, model, tmp / name, args)
+                targets[name] = Target(name, model, tmp / f"target{len(targets) + len(results)}", args)
                 targets[name].warm_up(prompts.make(10_000))
             except Exception as err:
                 print(f"  {name} failed: {err}", file=sys.stderr, flush=True)
@@ -670,7 +685,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="repetitions per level; the table shows the median")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per server (default 2)")
     parser.add_argument("--servers", default="garrison,llama-server,llama-cpp-python",
-                        help="which servers, in order; add garrison-engine for the in-process engine without HTTP")
+                        help="which servers, in order; add garrison-engine for the in-process engine without HTTP; "
+                             "NAME+KEY=VALUE runs a variant with extra environment (garrison+OMP_WAIT_POLICY=ACTIVE)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 tokens: a smoke run of the plumbing")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per stream")
     parser.add_argument("--interleave", action="store_true",
@@ -686,9 +702,15 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = set(args.servers) - {*LAUNCHERS, "garrison-engine"}
+    try:
+        specs = [parse_target(spec) for spec in args.servers]
+    except ValueError as err:
+        parser.error(str(err))
+    unknown = {base for base, _ in specs} - {*LAUNCHERS, "garrison-engine"}
     if unknown:
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    if any(base == "garrison-engine" and env for base, env in specs):
+        parser.error("garrison-engine runs in this process: set its environment when starting the script")
     if max(args.clients) > N_PARALLEL:
         parser.error(f"at most {N_PARALLEL} clients: every server has {N_PARALLEL} slots")
     if args.quick and args.tokens == 128:
@@ -711,10 +733,11 @@ def main() -> None:
     spec = STANDIN_QUICK if args.quick else STANDIN_124M
     print(f"model: {spec.name} ({parameter_count(spec) / 1e6:.1f}M parameters)", flush=True)
     model = ensure_standin(spec)
-    if "llama-server" in args.servers:
+    bases = {parse_target(spec)[0] for spec in args.servers}
+    if "llama-server" in bases:
         print("llama-server: building once from the vendored llama.cpp if needed", flush=True)
         ensure_llama_server()
-    deps = ensure_server_deps() if "llama-cpp-python" in args.servers else {}
+    deps = ensure_server_deps() if "llama-cpp-python" in bases else {}
     prompts = Prompts(model)
     report: dict[str, Any] = {
         "model": {"name": spec.name, "path": str(model), "parameters_m": parameter_count(spec) / 1e6,
@@ -727,8 +750,6 @@ def main() -> None:
     }
     try:
         with tempfile.TemporaryDirectory(prefix="garrison-bench-") as tmp:
-            for name in args.servers:
-                (Path(tmp) / name).mkdir()
             run = run_interleaved if args.interleave else run_sequential
             report["servers"] = run(model, Path(tmp), args, prompts)
     finally:

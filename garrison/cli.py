@@ -777,9 +777,6 @@ _register_commands()
 def main(argv: list[str] | None = None) -> None:
     from garrison.policies import network_guard
 
-    # Before any torch import: OpenMP threads that spin while another process holds their core
-    # make CPU training many times slower on a shared machine (measured: 6 vs 77 steps in 20 s).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     network_guard.install()
     try:
