@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from model_fixtures import *  # noqa: F403
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see garrison.cli.main
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch in test processes; see garrison.jobs.worker
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
