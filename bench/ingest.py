@@ -5,7 +5,7 @@ A throwaway appliance is made in a temporary folder; the input is sealed to it w
 (or garrison.crypto.age when age is missing). The pipeline runs in a child process that times only
 the `ingest()` call; peak RSS comes from wait4(). Writes bench/out/ingest_throughput.json and .md.
 
-    .venv/bin/python bench/ingest_throughput.py [--mb 100]
+    .venv/bin/python bench/ingest.py [--mb 100]
 """
 
 from __future__ import annotations
