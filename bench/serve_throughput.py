@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -510,6 +511,8 @@ class Target:
 
     def once(self, prompts: list[str], max_tokens: int) -> dict[str, Any]:
         """One level: all prompts at once; the result carries the CPU accounting of the level."""
+        if self.server is not None and self.server.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.server.proc.returncode}:\n{self.server.log_tail()}")
         meter = CpuMeter(self.server.proc.pid if self.server else None)  # in-process engine: all "client"
         if self.server is not None:
             level = asyncio.run(run_level(self.server, prompts, max_tokens, self.args.timeout))
@@ -530,6 +533,12 @@ class Target:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+            # Keep the server's log beside the results (the work folder is temporary).
+            logs = self.args.out / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.server.log_path, logs / f"{safe}.log")
         if self.engine is not None:
             self.engine.close()
 
@@ -616,18 +625,23 @@ def run_interleaved(model: Path, tmp: Path, args: argparse.Namespace, prompts: P
                     targets.pop(name).close()
         levels: dict[str, dict[str, Any]] = {name: {} for name in targets}
         for clients in args.clients:
-            records = {name: LevelRecord(name, clients, args) for name in targets}
+            records = {name: LevelRecord(name, clients, args) for name in targets if name not in results}
             turn = 0
             while any(r.wants_more() for r in records.values()):
                 names = list(records)
                 for name in names[turn % len(names):] + names[: turn % len(names)]:
-                    if records[name].wants_more():
-                        records[name].run(targets[name], prompts)
+                    if name in records and records[name].wants_more():
+                        try:
+                            records[name].run(targets[name], prompts)
+                        except Exception as err:  # a dead server: keep measuring the others
+                            print(f"  {name} failed: {err}", file=sys.stderr, flush=True)
+                            results[name] = {"error": str(err), "levels": levels[name]}
+                            del records[name]
                 turn += 1
             for name, record in records.items():
                 levels[name][str(clients)] = record.result()
         for name, target in targets.items():
-            results[name] = {"levels": levels[name], "peak_rss_mib": target.peak_rss_mib()}
+            results.setdefault(name, {"levels": levels[name], "peak_rss_mib": target.peak_rss_mib()})
     finally:
         for target in targets.values():
             target.close()
@@ -665,9 +679,9 @@ def markdown(report: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in report["servers"].items():
         if "error" in result:
-            lines.append(f"| {name} | - | failed: {result['error'][:80]} | | | | | |")
-            continue
-        for clients, level in result["levels"].items():
+            first_line = result["error"].strip().splitlines()[0][:80] if result["error"].strip() else "?"
+            lines.append(f"| {name} | - | failed: {first_line} | | | | | |")
+        for clients, level in result.get("levels", {}).items():
             ref = FACTS_REFERENCE.get(name, {}).get(int(clients))
             errs = f" ({len(level['errors'])} errors)" if level["errors"] else ""
             spread = f" ({level['tok_s_min']:.0f}-{level['tok_s_max']:.0f})" if len(level["rounds"]) > 1 else ""
