@@ -115,7 +115,7 @@ def test_errors_use_the_clients_own_exception_classes(served: Daemon) -> None:
     assert bad.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as long:
         client(served).completions.create(model="tiny", prompt="word " * 600, max_tokens=8)
-    assert long.value.code == "context_length_exceeded"
+    assert long.value.code == "context_length_exceeded" and long.value.param == "prompt"
     with pytest.raises(openai.BadRequestError) as traversal:
         client(served).chat.completions.create(model="../etc/passwd", messages=CHAT)  # type: ignore[arg-type]
     assert traversal.value.code == "invalid_model_name"

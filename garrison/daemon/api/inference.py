@@ -21,7 +21,7 @@ from aiohttp import web
 from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
-from garrison.engine.types import Finish, GenerationRequest, SamplingParams, TokenEvent
+from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest, SamplingParams, TokenEvent
 from garrison.errors import GarrisonError, InvalidRequest
 from garrison.models.names import check_model_id
 from garrison.policies.access import allowed, authorize
@@ -91,7 +91,7 @@ async def _collect(engine: Any, req: GenerationRequest, request: web.Request) ->
             parts.append(item.text)
             events.append(item)
     if finish is None:
-        raise web.HTTPException(reason="client disconnected")  # nobody reads this response
+        raise ConnectionResetError("the client disconnected")  # nobody reads this response
     return fmt.Collected(text="".join(parts), finish=finish, logprobs=events)
 
 
@@ -153,9 +153,13 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             tokens = engine.tokenize(fmt.completion_prompt(body), add_special=True, parse_special=False)
         req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request),
                                 lora_path=loaded.lora_path)
-        if stream:
-            return await _stream(request, engine, req, model, kind, include_usage)
-        collected = await _collect(engine, req, request)
+        try:
+            if stream:
+                return await _stream(request, engine, req, model, kind, include_usage)
+            collected = await _collect(engine, req, request)
+        except ContextLengthExceeded as exc:
+            exc.param = "messages" if kind == "chat" else "prompt"  # name the field the client sent
+            raise
     rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
     make = fmt.chat_response if kind == "chat" else fmt.completion_response
     return json_response(make(rid, model, collected, params.logprobs))
