@@ -56,7 +56,6 @@ import llama_cpp
 
 from garrison.engine.llama_sampling import SamplerChain, TextAssembler, log_softmax_row, top_k_indices
 from garrison.engine.types import (
-    ContextLengthExceeded,
     DeadlineExceeded,
     EngineClosed,
     EngineStats,
@@ -355,20 +354,7 @@ class LlamaEngine:
         """
         loop = asyncio.get_running_loop()
         params = req.params
-        params.validate()
-        prompt = list(req.prompt_tokens)
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if min(prompt) < 0 or max(prompt) >= self.n_vocab:
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.n_vocab})", param="prompt")
-        needed = len(prompt) + params.max_tokens
-        if needed > self._n_ctx_slot:
-            raise ContextLengthExceeded(
-                f"this model's context per request is {self._n_ctx_slot} tokens; the prompt has "
-                f"{len(prompt)} tokens and max_tokens is {params.max_tokens} ({needed} in all). "
-                "Shorten the prompt or lower max_tokens.", param="messages",
-                details={"context_per_request": self._n_ctx_slot, "prompt_tokens": len(prompt),
-                         "max_tokens": params.max_tokens})
+        prompt = req.checked_prompt(self.n_vocab, self._n_ctx_slot)
         adapter_key: tuple[str, float] | None = None
         if req.lora_path is not None and req.lora_scale != 0:
             lora = Path(req.lora_path)

@@ -433,18 +433,7 @@ class OnnxDecoderEngine:
         if req.lora_path is not None and req.lora_scale != 0:
             raise InvalidRequest("LoRA adapters are not supported by the ONNX engine; merge the adapter before "
                                  "exporting", code="unsupported_parameter", param="model")
-        prompt = list(req.prompt_tokens)
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if min(prompt) < 0 or max(prompt) >= self.n_vocab:
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.n_vocab})", param="prompt")
-        needed = len(prompt) + params.max_tokens
-        if needed > self.n_ctx:
-            raise ContextLengthExceeded(
-                f"this model's context is {self.n_ctx} tokens; the prompt has {len(prompt)} tokens and "
-                f"max_tokens is {params.max_tokens} ({needed} in all). Shorten the prompt or lower max_tokens.",
-                param="messages", details={"context_length": self.n_ctx, "prompt_tokens": len(prompt),
-                                           "max_tokens": params.max_tokens})
+        prompt = req.checked_prompt(self.n_vocab, self.n_ctx)
         if self._waiting >= self.max_queue:
             raise RateLimited(f"the generation queue is full ({self.max_queue} waiting); retry shortly")
         return self._stream(req, prompt)

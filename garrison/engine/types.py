@@ -105,6 +105,23 @@ class GenerationRequest:
     lora_scale: float = 1.0
     deadline: float | None = None
 
+    def checked_prompt(self, n_vocab: int, n_ctx: int) -> list[int]:
+        """Every engine's admission check: valid sampling, token ids in range, prompt + max_tokens in context."""
+        self.params.validate()
+        prompt = list(self.prompt_tokens)
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if min(prompt) < 0 or max(prompt) >= n_vocab:
+            raise InvalidRequest(f"prompt token ids must be in [0, {n_vocab})", param="prompt")
+        needed = len(prompt) + self.params.max_tokens
+        if needed > n_ctx:
+            raise ContextLengthExceeded(
+                f"this model's context per request is {n_ctx} tokens; the prompt has {len(prompt)} tokens and "
+                f"max_tokens is {self.params.max_tokens} ({needed} in all). Shorten the prompt or lower max_tokens.",
+                param="messages", details={"context_per_request": n_ctx, "prompt_tokens": len(prompt),
+                                           "max_tokens": self.params.max_tokens})
+        return prompt
+
 
 @dataclass(frozen=True)
 class TokenEvent:
