@@ -54,7 +54,13 @@ from typing import Any
 
 import llama_cpp
 
-from garrison.engine.llama_sampling import SamplerChain, TextAssembler, log_softmax_row, top_k_indices
+from garrison.engine.llama_sampling import (
+    SamplerChain,
+    TextAssembler,
+    end_of_generation_ids,
+    log_softmax_row,
+    top_k_indices,
+)
 from garrison.engine.types import (
     DeadlineExceeded,
     EngineClosed,
@@ -271,6 +277,7 @@ class LlamaEngine:
         self._chat_template = self._meta("tokenizer.chat_template")
         self._bos_id = int(llama_cpp.llama_vocab_bos(self._vocab))
         self._eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
+        self._eog_ids = end_of_generation_ids(self._vocab, self.n_vocab)
 
         self._slots = [_Slot(seq_id=i) for i in range(n_parallel)]
         self._adapters: dict[str, Any] = {}
@@ -368,7 +375,7 @@ class LlamaEngine:
             if self._n_busy + len(self._pending) >= self.n_parallel and self._waiting_locked() >= self.max_queue:
                 raise RateLimited(f"the generation queue is full ({self.max_queue} waiting); retry shortly",
                                   retry_after_s=self._retry_after_locked())
-        chain = SamplerChain(self._vocab, self.n_vocab, params, prompt)
+        chain = SamplerChain(self._vocab, self.n_vocab, params, prompt, self._eog_ids)
         state = _Request(rid=next(self._ids), req=req, chain=chain, loop=loop, queue=asyncio.Queue(),
                          adapter_key=adapter_key, assembler=TextAssembler(params.stop), to_eval=prompt)
         with self._cond:
