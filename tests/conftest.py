@@ -130,6 +130,19 @@ class Daemon:
 
 
 @pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A developer install isolated in tmp_path, in this process: its own state folder and ~/.config (master key)."""
+    for name in list(os.environ):
+        if name.startswith("GARRISON_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    values = {"GARRISON_CONFIG": "/dev/null", "GARRISON_STATE_DIR": str(tmp_path / "state"),
+              "HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+@pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()

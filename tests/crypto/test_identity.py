@@ -46,19 +46,6 @@ def layout(tmp_path: Path) -> StateLayout:
     return StateLayout(tmp_path / "state")
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A developer install isolated in tmp_path: its own state folder and ~/.config."""
-    for name in list(os.environ):
-        if name.startswith("GARRISON_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    values = {"GARRISON_CONFIG": "/dev/null", "GARRISON_STATE_DIR": str(tmp_path / "state"),
-              "HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
-
-
 def test_created_once_encrypted_and_private(layout: StateLayout) -> None:
     first = load_or_create_identity(layout, KEY_A)
     again = load_or_create_identity(layout, KEY_A)

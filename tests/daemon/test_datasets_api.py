@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -29,16 +28,10 @@ needs_age = pytest.mark.skipif(shutil.which("age") is None, reason="Debian's age
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in list(os.environ):
-        if name.startswith("GARRISON_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    values = {"GARRISON_CONFIG": "/dev/null", "GARRISON_STATE_DIR": str(tmp_path / "state"),
-              "GARRISON_RUN_JOBS": "false", "HOME": str(tmp_path / "home"),
-              "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
+def env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The shared developer-install env, with the daemon's job runner off (these tests drive the API only)."""
+    monkeypatch.setenv("GARRISON_RUN_JOBS", "false")
+    return {**env, "GARRISON_RUN_JOBS": "false"}
 
 
 @pytest.fixture

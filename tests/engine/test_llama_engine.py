@@ -100,8 +100,7 @@ def tiny_lora_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_llama_gguf: Pa
     from garrison.paths import converter_dir
 
     gguf_py = converter_dir() / "gguf-py"
-    if not gguf_py.is_dir():
-        pytest.skip(f"llama.cpp's gguf-py is not installed at {gguf_py}; run ./install.sh")
+    assert gguf_py.is_dir(), f"llama.cpp's gguf-py is not installed at {gguf_py}; run ./install.sh"
     sys.path.insert(0, str(gguf_py))
     try:
         import gguf

@@ -11,42 +11,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from garrison.config import load_config
 from garrison.errors import ConfigError
 from garrison.ingest.inbox import InboxWatcher, Outcome, dataset_for
 from garrison.ingest.pipeline import IngestService
-from garrison.paths import StateLayout
-from garrison.store.catalog import Catalog
 
 pytestmark = pytest.mark.skipif(shutil.which("age") is None or shutil.which("age-keygen") is None,
                                 reason="Debian's age (apt install age) is needed")
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in list(os.environ):
-        if name.startswith("GARRISON_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    values = {"GARRISON_CONFIG": "/dev/null", "GARRISON_STATE_DIR": str(tmp_path / "state"),
-              "HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
-
-
-@pytest.fixture
-def service(env: dict[str, str]) -> Iterator[IngestService]:
-    config = load_config()
-    layout = StateLayout(config.state_path)
-    layout.ensure()
-    catalog = Catalog(layout.catalog)
-    yield IngestService(config, catalog, chunk_size=4096)
-    catalog.close()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,29 +39,6 @@ secret = "drop"
 [redaction.word_lists.codenames]
 words = ["Project Falcon"]
 """
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A developer install isolated in tmp_path: its own state folder and ~/.config (master key)."""
-    for name in list(os.environ):
-        if name.startswith("GARRISON_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    values = {"GARRISON_CONFIG": "/dev/null", "GARRISON_STATE_DIR": str(tmp_path / "state"),
-              "HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
-
-
-@pytest.fixture
-def service(env: dict[str, str]) -> Iterator[IngestService]:
-    config = load_config()
-    layout = StateLayout(config.state_path)
-    layout.ensure()
-    catalog = Catalog(layout.catalog)
-    yield IngestService(config, catalog, chunk_size=4096)
-    catalog.close()
 
 
 def seal(data: bytes, recipient: str, *, armor: bool = False) -> bytes:
