@@ -143,6 +143,22 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 @pytest.fixture
+def service(env: dict[str, str]) -> Iterator[Any]:
+    """An ingestion service on that isolated install (small vault chunks, so tests see several)."""
+    from garrison.config import load_config
+    from garrison.ingest.pipeline import IngestService
+    from garrison.paths import StateLayout
+    from garrison.store.catalog import Catalog
+
+    config = load_config()
+    layout = StateLayout(config.state_path)
+    layout.ensure()
+    catalog = Catalog(layout.catalog)
+    yield IngestService(config, catalog, chunk_size=4096)
+    catalog.close()
+
+
+@pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
