@@ -15,6 +15,15 @@ Design, in the order a request meets it:
   tokens to asyncio with loop.call_soon_threadsafe into the request's asyncio.Queue. The
   thread never waits on a consumer, so one slow client cannot stall the others; the
   per-request queue is unbounded, and max_tokens bounds it.
+* That thread is the same for every engine of the process (`_ComputeThread`), which
+  takes one step of each engine with work in turn. Why not a thread per engine: ggml's
+  CPU backend is built with OpenMP, whose barriers (one per graph node) spin only while
+  libgomp believes it has a CPU per thread. Every thread that ever ran a decode keeps
+  its own OpenMP team, so two engines on two threads count twice the threads, libgomp
+  throttles its spinning to ~100 iterations and each barrier becomes a futex sleep:
+  measured on 2 cores, a second decoding thread halved tokens/s (360 -> 185) even with
+  the first one idle. Models on one CPU share its cores anyway; taking turns costs
+  nothing that running side by side would have gained.
 * A slot is a llama.cpp sequence id with its own KV stream (kv_unified=False): n_ctx is
   n_ctx_per_slot * n_parallel and one long request cannot starve the others of cache.
   Each slot remembers the tokens its cache holds. A new request goes to the free slot
@@ -278,13 +287,23 @@ class LlamaEngine:
         self._bos_id = int(llama_cpp.llama_vocab_bos(self._vocab))
         self._eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
         self._eog_ids = end_of_generation_ids(self._vocab, self.n_vocab)
+        self._eog_set = frozenset(self._eog_ids)
+        # Token id -> bytes, filled on first use: the loop needs one piece per generated token,
+        # and a ctypes call (which drops and retakes the GIL) per token is what the loop
+        # thread must avoid; see _flush.
+        self._pieces: dict[int, bytes] = {}
+        # Items produced during one pass of the loop, per consumer event loop; handed over
+        # with one call_soon_threadsafe per pass (see _flush).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, _Item]]] = {}
 
         self._slots = [_Slot(seq_id=i) for i in range(n_parallel)]
         self._adapters: dict[str, Any] = {}
         self._current_adapter: tuple[str, float] | None = None
         self._rr = 0
         self._ids = count(1)
-        self._cond = threading.Condition()
+        self._compute = _compute_thread()
+        self._cond = self._compute.cond
+        self._stopped = threading.Event()
         self._pending: collections.deque[_Request] = collections.deque()
         self._active: list[_Request] = []
         self._n_busy = 0  # slots taken, counted under _cond from the moment of admission
@@ -294,8 +313,7 @@ class LlamaEngine:
         self._prompt_reused = 0
         self._finished = 0
         self._steps = 0
-        self._thread = threading.Thread(target=self._run, name=f"llama-engine:{path.name}", daemon=True)
-        self._thread.start()
+        self._compute.add(self)
 
     # -- model facts -------------------------------------------------------------------
 
@@ -339,6 +357,14 @@ class LlamaEngine:
     def token_piece(self, token: int, special: bool = False) -> bytes:
         """The raw bytes of one token (a byte-fallback token may be half a character)."""
         self._check_open()
+        if not special:
+            piece = self._pieces.get(token)
+            if piece is None:
+                piece = self._pieces[token] = self._native_piece(token, False)
+            return piece
+        return self._native_piece(token, True)
+
+    def _native_piece(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -407,9 +433,9 @@ class LlamaEngine:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-        if not self._thread.is_alive():
+        if self._compute.is_current():
+            self._shutdown()  # closed from inside a step (a consumer's callback): stop now
+        if self._stopped.wait(timeout):
             self._free_native()
 
     async def aclose(self) -> None:
@@ -461,32 +487,41 @@ class LlamaEngine:
 
     # -- the loop thread ---------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _has_work_locked(self) -> bool:
+        return self._closed or bool(self._pending) or bool(self._active)
+
+    def _pass(self) -> None:
+        """One turn of this engine on the compute thread: admit, reap, one decode step, hand over."""
+        with self._cond:
+            admitted = None if self._closed else self._take_pending_locked()
+        if admitted is None:
+            self._shutdown()
+            return
         try:
-            while True:
-                with self._cond:
-                    while not self._closed and not self._pending and not self._active:
-                        self._cond.wait()
-                    if self._closed:
-                        return
-                    admitted = self._take_pending_locked()
-                try:
-                    for state in admitted:
-                        self._admit(state)
-                    self._reap_active()
-                    if self._active:
-                        self._step()
-                except Exception as err:  # a bug or a native failure: fail what is running, keep serving
-                    log.exception("llama engine step failed")
-                    for state in [*admitted, *self._active]:
-                        self._fail(state, Unavailable(f"generation failed: {err}"), reset_slot=True)
-        finally:
-            with self._cond:
-                self._closed = True
-                leftovers = list(self._pending) + list(self._active)
-                self._pending.clear()
-            for state in leftovers:
-                self._fail(state, EngineClosed("the engine was closed"), reset_slot=False)
+            for state in admitted:
+                self._admit(state)
+            self._reap_active()
+            if self._active:
+                self._step()
+        except Exception as err:  # a bug or a native failure: fail what is running, keep serving
+            log.exception("llama engine step failed")
+            for state in [*admitted, *self._active]:
+                self._fail(state, Unavailable(f"generation failed: {err}"), reset_slot=True)
+        self._flush()
+
+    def _shutdown(self) -> None:
+        """Fail what is pending or running, leave the compute thread; close() frees native memory after."""
+        if self._stopped.is_set():
+            return
+        with self._cond:
+            self._closed = True
+            leftovers = list(self._pending) + list(self._active)
+            self._pending.clear()
+        for state in leftovers:
+            self._fail(state, EngineClosed("the engine was closed"), reset_slot=False)
+        self._flush()
+        self._compute.remove(self)
+        self._stopped.set()
 
     def _take_pending_locked(self) -> list[_Request]:
         """Drop cancelled / expired queued requests; pop as many as there are free slots."""
@@ -637,7 +672,7 @@ class LlamaEngine:
         slot = state.slot
         assert slot is not None
         slot.last_used = self._steps
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if token in self._eog_set:
             self._finish(state, "stop")
             return
         state.n_generated += 1
@@ -661,11 +696,26 @@ class LlamaEngine:
         state.next_token = token
 
     def _emit(self, state: _Request, item: _Item) -> None:
-        try:
-            state.loop.call_soon_threadsafe(state.queue.put_nowait, item)
-        except RuntimeError:
-            # The consumer's event loop is closed: nobody will read this stream again.
-            state.cancelled = True
+        self._outbox.setdefault(state.loop, []).append((state, item))
+
+    def _flush(self) -> None:
+        """Hand this pass's items to their event loops, one wake-up per loop, not per token.
+
+        Why batch: each call_soon_threadsafe writes to the loop's self-pipe and wakes the
+        event-loop thread, which then competes for the GIL and the CPU with this thread and
+        with llama.cpp's workers. With 8 streams that was 8 wake-ups per decode step; now it
+        is one, delivered while the next llama_decode runs with the GIL released.
+        """
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:
+                # The consumers' event loop is closed: nobody will read these streams again.
+                for state, _ in items:
+                    state.cancelled = True
 
     def _finish(self, state: _Request, reason: str, flush: bool = True) -> None:
         tail = state.assembler.flush() if flush else ""
@@ -740,6 +790,66 @@ class LlamaEngine:
         """(seq_id, cached tokens, busy) per slot, for debugging and tests."""
         for slot in self._slots:
             yield slot.seq_id, len(slot.tokens), slot.request is not None
+
+
+class _ComputeThread:
+    """The one thread that runs every LlamaEngine's steps in this process; see the module docstring.
+
+    Engines share its condition variable, so a request queued on any engine wakes it. It
+    starts with the first engine and stays (idle, waiting) for the life of the process.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self._engines: list[LlamaEngine] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, engine: LlamaEngine) -> None:
+        with self.cond:
+            self._engines.append(engine)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llama-compute", daemon=True)
+                self._thread.start()
+            self.cond.notify_all()
+
+    def remove(self, engine: LlamaEngine) -> None:
+        with self.cond:
+            if engine in self._engines:
+                self._engines.remove(engine)
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                ready = [e for e in self._engines if e._has_work_locked()]
+                while not ready:
+                    self.cond.wait()
+                    ready = [e for e in self._engines if e._has_work_locked()]
+            for engine in ready:
+                try:
+                    engine._pass()
+                except Exception:  # never let one engine's bug stop every model of the process
+                    log.exception("llama engine pass failed; closing that engine")
+                    engine._shutdown()
+
+
+_compute_lock = threading.Lock()
+_compute: _ComputeThread | None = None
+
+
+def _compute_thread() -> _ComputeThread:
+    global _compute
+    with _compute_lock:
+        if _compute is None:
+            _compute = _ComputeThread()
+        return _compute
+
+
+def _deliver(items: list[tuple[_Request, _Item]]) -> None:
+    for state, item in items:
+        state.queue.put_nowait(item)
 
 
 def _cpu_count() -> int:

@@ -21,13 +21,15 @@ reasons), dropped by the redaction policy, redactions per entity type, bytes in,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import threading
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +41,15 @@ from garrison.crypto.age import ARMOR_BEGIN, MAGIC, AgeReader, decrypt_stream
 from garrison.crypto.age import CHUNK_SIZE as CHUNK_SIZE_AGE
 from garrison.errors import InvalidRequest, PayloadTooLarge
 from garrison.ingest.datasets import DatasetStore, VersionRecord, validate_name
-from garrison.ingest.formats import BadLine, Parser
+from garrison.ingest.formats import JSONL_KINDS, BadLine, Parser
+from garrison.ingest.parallel import (
+    PARALLEL_MIN_BYTES,
+    RecordRedactor,
+    Segment,
+    parallel_segments,
+    segments,
+    worker_count,
+)
 from garrison.ingest.pii import Redactor
 from garrison.ingest.policy import RedactionPolicy
 from garrison.ingest.vault import CHUNK_SIZE, Vault
@@ -214,35 +224,6 @@ def _looks_sealed(head: bytes) -> bool:
     return head.startswith(MAGIC) or head.lstrip(b" \t\r\n").startswith(ARMOR_BEGIN)
 
 
-class _RecordRedactor:
-    """Applies the redactor to the text of a record, never to its schema (roles stay roles)."""
-
-    def __init__(self, redactor: Redactor) -> None:
-        self.redactor = redactor
-        self.counts: Counter[str] = Counter()
-
-    def __call__(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        if "messages" in record and isinstance(record["messages"], list):
-            messages = []
-            for message in record["messages"]:
-                rest = {k: v for k, v in message.items() if k != "role"}
-                result = self.redactor.redact_record(rest)
-                self.counts.update(result.counts)
-                if result.dropped:
-                    return None
-                messages.append({"role": message["role"], **result.value})
-            others = {k: v for k, v in record.items() if k != "messages"}
-            extra = self.redactor.redact_record(others) if others else None
-            if extra is not None:
-                self.counts.update(extra.counts)
-                if extra.dropped:
-                    return None
-            return {"messages": messages, **(extra.value if extra is not None else {})}
-        result = self.redactor.redact_record(record)
-        self.counts.update(result.counts)
-        return None if result.dropped else dict(result.value)
-
-
 def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: ApplianceIdentity,
            policy: IngestPolicy | None = None, progress: Callable[[int], None] | None = None) -> IngestResult:
     """Run one delivery through the pipeline; see the module docstring for the guarantees.
@@ -263,7 +244,9 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
     plain_meter = _Metered(AgeReader(decrypt_stream(raw, [identity.age_identity])) if sealed else raw, digest=False)
     plain = io.BufferedReader(plain_meter, buffer_size=CHUNK_SIZE_AGE)
     parser = Parser(plain, request.format, name_hint=request.source_name, columns=request.columns)
-    redact = _RecordRedactor(Redactor(policy.redaction, pseudonym_key(identity)))
+    key = pseudonym_key(identity)
+    redact = RecordRedactor(Redactor(policy.redaction, key))
+    redactions: Counter[str] = Counter()
     refused: list[dict[str, Any]] = []
     refused_count = dropped = 0
     skip = policy.on_bad_lines == "skip"
@@ -272,13 +255,20 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
         return {"dataset": request.dataset, "format": parser.format or parser.container, "source": request.source,
                 "source_name": request.source_name, "sealed": bool(sealed), "records_accepted": accepted,
                 "records_refused": refused, "records_refused_count": refused_count, "records_dropped": dropped,
-                "redactions": dict(sorted(redact.counts.items())), "bytes_in": metered.count,
+                "redactions": dict(sorted(redactions.items())), "bytes_in": metered.count,
                 "plaintext_bytes": plain_meter.count, "stored_bytes": stored, "chunks": chunks,
                 "duration_s": round(time.monotonic() - started, 3), "policy": policy.summary()}
 
+    workers = worker_count() if _large(src, request) else 0
+    if workers >= 2 and parser.container in ("jsonl", *JSONL_KINDS):
+        kind = parser.container if parser.container in JSONL_KINDS else None
+        source: Iterator[Segment | BadLine] = parallel_segments(plain, kind, parser.state, redact, policy.redaction,
+                                                                key, workers)
+    else:
+        source = segments(parser, redact)
     writer = vault.writer(request.dataset)
-    with writer:
-        for item in parser:
+    with writer, contextlib.closing(source):
+        for item in source:
             if isinstance(item, BadLine):
                 refused_count += 1
                 if len(refused) < MAX_REFUSED_LISTED:
@@ -287,12 +277,11 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
                     writer.abort()  # the file will be refused: stop holding its records, keep reading for the report
                 continue
             if refused_count and not skip:
-                continue
-            value = redact(item.value)
-            if value is None:
-                dropped += 1
-                continue
-            writer.write_record(value)
+                continue  # records after a refused line are not counted (nor kept)
+            redactions.update(item.counts)
+            dropped += item.dropped
+            if item.count:
+                writer.write_lines(item.data, item.count)
         if refused_count and not skip:
             raise IngestRefused(
                 f"{refused_count} bad line(s) (first at line {refused[0]['line']}: {refused[0]['reason']}); the policy "
@@ -334,6 +323,15 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
         return IngestResult(existing, existing.report, duplicate=True)
     version = published["version"]
     return IngestResult(version, version.report)
+
+
+def _large(src: Any, request: IngestRequest) -> bool:
+    """Whether the delivery is a file large enough for the worker pool (streams of unknown size stay in-process)."""
+    try:
+        size = os.fstat(src.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return size >= PARALLEL_MIN_BYTES and (request.max_bytes is None or size <= request.max_bytes)
 
 
 def _version_in(conn: sqlite3.Connection, version_id: str) -> VersionRecord:

@@ -44,6 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -62,6 +63,7 @@ __all__ = [
     "Vault",
     "VaultWriter",
     "derive_kek",
+    "encode_record",
     "read_plaintext",
     "rotate_master",
     "unwrap_key",
@@ -107,6 +109,35 @@ def unwrap_key(kek: bytes, wrapped: bytes, version_id: str) -> bytes:
         raise IntegrityError(f"the data key of dataset version {version_id} does not open with this master key "
                              "(wrong master key, or the catalog row was altered)",
                              code="vault_key_unwrap_failed") from None
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_record(record: Any, *, has_float: bool | None = None) -> bytes:
+    """A record as one line of the version's plaintext: compact JSON, UTF-8, newline.
+
+    The bytes are json.dumps(ensure_ascii=False, separators=(",", ":")) exactly. orjson writes
+    the same bytes ~15x faster except for floats (it writes 1e-05 as 0.00001) and integers
+    beyond 64 bits (it refuses them); those records, or any it refuses, go through json.
+    `has_float` is what the caller already knows (None: look).
+    """
+    if has_float is None:
+        has_float = _has_float(record)
+    if not has_float:
+        try:
+            return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            pass
+    return _ENCODER.encode(record).encode() + b"\n"
+
+
+def _has_float(v: Any) -> bool:
+    if isinstance(v, dict):
+        return any(_has_float(x) for x in v.values())
+    if isinstance(v, list | tuple):
+        return any(_has_float(x) for x in v)
+    return isinstance(v, float)
 
 
 def _chunk_aad(dataset: str, version_id: str, index: int, last: bool) -> bytes:
@@ -193,8 +224,13 @@ class VaultWriter:
             del self._buf[:size]
 
     def write_record(self, record: Any) -> None:
-        self.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        self.write(encode_record(record))
         self.records += 1
+
+    def write_lines(self, data: bytes, count: int) -> None:
+        """Append `count` records already serialized by `encode_record` (one line each)."""
+        self.write(data)
+        self.records += count
 
     def _seal(self, plain: bytes, *, last: bool) -> None:
         assert self._file is not None

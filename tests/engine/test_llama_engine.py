@@ -186,6 +186,35 @@ async def test_concurrent_batched_outputs_equal_solo_outputs(tiny_llama_gguf: Pa
     assert stats.requests_finished == len(PROMPTS)
 
 
+async def test_two_engines_share_one_compute_thread(tiny_llama_gguf: Path) -> None:
+    """Two models in one process take turns on one thread (one OpenMP team, see the engine's
+    docstring); each answers as it does alone, and closing one mid-stream leaves the other running."""
+    import threading
+
+    with LlamaEngine(tiny_llama_gguf, n_ctx_per_slot=256, n_parallel=2, n_batch=32, n_threads=2) as solo:
+        alone = [await run(solo, greedy(solo, p, max_tokens=24)) for p in PROMPTS[:4]]
+    before = {t.name for t in threading.enumerate()}
+    first = LlamaEngine(tiny_llama_gguf, n_ctx_per_slot=256, n_parallel=2, n_batch=32, n_threads=2)
+    second = LlamaEngine(tiny_llama_gguf, n_ctx_per_slot=256, n_parallel=2, n_batch=32, n_threads=2)
+    try:
+        assert [t.name for t in threading.enumerate()].count("llama-compute") == 1
+        assert {t.name for t in threading.enumerate()} - before <= {"llama-compute"}
+        doomed = first.generate(greedy(first, "A job is", max_tokens=200))
+        await doomed.__anext__()
+        together = await asyncio.gather(*(run(e, greedy(e, p, max_tokens=24))
+                                          for e, p in zip([second] * 4, PROMPTS[:4], strict=True)),
+                                        first.aclose())
+        with pytest.raises(EngineClosed):
+            async for _ in doomed:
+                pass
+        for a, b in zip(alone, together[:4], strict=True):
+            assert isinstance(b, Result) and b.tokens == a.tokens
+        assert (await run(second, greedy(second, PROMPTS[0], max_tokens=24))).tokens == alone[0].tokens
+    finally:
+        first.close()
+        second.close()
+
+
 async def test_same_seed_same_output(engine: LlamaEngine) -> None:
     def req(seed: int) -> GenerationRequest:
         return GenerationRequest(engine.tokenize("The catalog"), SamplingParams(temperature=1.0, seed=seed,

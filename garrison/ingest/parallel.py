@@ -1,0 +1,287 @@
+"""Redaction of records in batches, in this process or in a small pool of worker processes.
+
+The pipeline consumes *segments* in file order: a `BadLine`, or a `Segment` (consecutive
+records already redacted and serialized for the vault, with their counts). The sequential
+source groups a parser's items (`segments`); the parallel one (`parallel_segments`) hands
+blocks of whole JSONL lines (about 1 MiB, cut at newlines, with their first line number) to
+worker processes that parse, validate, redact and serialize them, and gives the results back
+in order. The main process only decrypts, cuts and encrypts.
+
+Workers are started with `spawn` (never `fork` from a threaded daemon), receive plaintext only
+over pipes (memory), hold nothing on disk, and die with their parent (PR_SET_PDEATHSIG), so a
+`kill -9` of the daemon leaves no worker behind; the pool is shut down when the ingestion ends,
+however it ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import ctypes
+import multiprocessing
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from garrison.ingest import formats
+from garrison.ingest.formats import BadLine, Item, Record, block_lines, jsonl_items, raw_blocks
+from garrison.ingest.pii import RedactionResult, Redactor
+from garrison.ingest.policy import RedactionPolicy
+from garrison.ingest.vault import encode_record
+
+__all__ = ["PARALLEL_MIN_BYTES", "RecordRedactor", "Segment", "parallel_segments", "segments", "worker_count"]
+
+REDACT_BATCH = 512  # records per prefilter scan: large enough to amortise the call, small enough for memory
+BLOCK_BYTES = 1024 * 1024
+#: Inputs smaller than this stay in-process: starting workers costs about a second of CPU.
+PARALLEL_MIN_BYTES = 48 * 1024 * 1024
+MAX_WORKERS = 4
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive records: `data` holds the `count` kept ones as vault lines; `dropped` were withdrawn."""
+
+    data: bytes
+    count: int
+    dropped: int
+    counts: dict[str, int]
+
+
+class RecordRedactor:
+    """Applies the redactor to the text of a record, never to its schema (roles stay roles).
+
+    Records go through in batches: every string of a batch is found with one prefilter scan
+    (`Redactor.redact_many`), and a record in which nothing was found is serialized as it
+    came, without being copied. `counts` sums the redactions of every record seen.
+    """
+
+    def __init__(self, redactor: Redactor) -> None:
+        self.redactor = redactor
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        texts: list[str] = []
+        _collect_record(record, texts)
+        return self._rebuild(record, iter(self.redactor.redact_many(texts)))
+
+    def encode_batch(self, records: Sequence[dict[str, Any]]) -> list[bytes | None]:
+        """Each record redacted and serialized for the vault (`encode_record`), or None if dropped."""
+        texts: list[str] = []
+        bounds = [0]
+        floats: list[bool] = []
+        for record in records:
+            floats.append(_collect_record(record, texts))
+            bounds.append(len(texts))
+        results = self.redactor.redact_many(texts)
+        out: list[bytes | None] = []
+        for i, record in enumerate(records):
+            found = results[bounds[i]:bounds[i + 1]]
+            value = record if not any(found) and _canonical(record) else self._rebuild(record, iter(found))
+            out.append(None if value is None else encode_record(value, has_float=floats[i]))
+        return out
+
+    def segment(self, records: Sequence[dict[str, Any]]) -> Segment:
+        before = self.counts
+        self.counts = Counter()
+        try:
+            lines = [line for line in self.encode_batch(records) if line is not None]
+            counts = dict(self.counts)
+        finally:
+            before.update(self.counts)
+            self.counts = before
+        return Segment(b"".join(lines), len(lines), len(records) - len(lines), counts)
+
+    def _rebuild(self, record: dict[str, Any], results: Iterator[RedactionResult | None]) -> dict[str, Any] | None:
+        """The record with its strings replaced, in `_collect_record`'s order; counted as `redact_record`
+        does: a whole message at a time, and nothing after the message that drops the record."""
+        counts: dict[str, int] = {}
+        state = [False]  # dropped
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, str):
+                r = next(results)
+                if r is None:
+                    return v
+                for t, n in r.counts.items():
+                    counts[t] = counts.get(t, 0) + n
+                if r.dropped:
+                    state[0] = True
+                return r.text
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            if isinstance(v, list | tuple):
+                return [walk(x) for x in v]
+            return v
+
+        def part(value: dict[str, Any]) -> dict[str, Any] | None:
+            counts.clear()
+            state[0] = False
+            out = walk(value)
+            for t, n in counts.items():
+                self.counts[t] += n
+            return None if state[0] else out
+
+        if "messages" in record and isinstance(record["messages"], list):
+            messages = []
+            for message in record["messages"]:
+                rest = part({k: v for k, v in message.items() if k != "role"})
+                if rest is None:
+                    return None
+                messages.append({"role": message["role"], **rest})
+            others = {k: v for k, v in record.items() if k != "messages"}
+            extra = part(others) if others else {}
+            if extra is None:
+                return None
+            return {"messages": messages, **extra}
+        return part(record)
+
+
+def _collect(v: Any, out: list[str]) -> bool:
+    """Append the strings inside `v` in walk order; True if it holds a float (see encode_record)."""
+    if isinstance(v, str):
+        out.append(v)
+        return False
+    if isinstance(v, dict):
+        v = v.values()
+    elif not isinstance(v, list | tuple):
+        return isinstance(v, float)
+    has_float = False
+    for x in v:
+        if type(x) is str:
+            out.append(x)
+        elif _collect(x, out):
+            has_float = True
+    return has_float
+
+
+def _collect_record(record: dict[str, Any], out: list[str]) -> bool:
+    """The strings `RecordRedactor` redacts, in its order: each message but its role, then the other keys."""
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        return _collect(record, out)
+    has_float = False
+    for message in messages:
+        for k, v in message.items():
+            if k != "role" and _collect(v, out):
+                has_float = True
+    for k, v in record.items():
+        if k != "messages" and _collect(v, out):
+            has_float = True
+    return has_float
+
+
+def _canonical(record: dict[str, Any]) -> bool:
+    """True if rebuilding would give the same key order (messages first, each role first)."""
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        return True
+    if next(iter(record)) != "messages":
+        return False
+    return all(next(iter(m), None) == "role" for m in messages)
+
+
+# -------------------------------------------------------------------------- sources of segments
+
+def segments(items: Iterable[Item], redact: RecordRedactor) -> Iterator[Segment | BadLine]:
+    """A parser's items as segments, in order: records are redacted REDACT_BATCH at a time."""
+    pending: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, Record):
+            pending.append(item.value)
+            if len(pending) >= REDACT_BATCH:
+                yield redact.segment(pending)
+                pending = []
+            continue
+        if pending:
+            yield redact.segment(pending)
+            pending = []
+        yield item
+    if pending:
+        yield redact.segment(pending)
+
+
+def _block_segments(first: int, data: bytes, kind: str | None, redact: RecordRedactor,
+                    state: dict[str, str]) -> list[Segment | BadLine]:
+    lines, long_numbers = block_lines(first, data)
+    return list(segments(jsonl_items(lines, long_numbers, kind, state), redact))
+
+
+_WORKER: RecordRedactor | None = None
+
+
+def _init_worker(policy: RedactionPolicy, hmac_key: bytes) -> None:
+    """Runs in each worker: die with the parent, ignore the terminal's ^C, build the redactor once."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe closing still ends the worker
+        pass
+    if os.getppid() == 1:
+        os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _WORKER
+    _WORKER = RecordRedactor(Redactor(policy, hmac_key))
+
+
+def _work(first: int, data: bytes, kind: str) -> list[Segment | BadLine]:
+    assert _WORKER is not None
+    return _block_segments(first, data, kind, _WORKER, {})
+
+
+def worker_count() -> int:
+    """Workers for this machine: one per core the process may use, the main process included."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(MAX_WORKERS, cores))
+
+
+def parallel_segments(stream: Any, kind: str | None, state: dict[str, str], redact: RecordRedactor,
+                      policy: RedactionPolicy, hmac_key: bytes, workers: int) -> Iterator[Segment | BadLine]:
+    """JSONL segments, in file order, with blocks parsed and redacted by `workers` processes.
+
+    Blocks are handled here until the record kind is known (the first valid record decides it for
+    `jsonl`), so every worker checks records against the same kind, as the sequential parser does.
+    """
+    blocks = raw_blocks(stream, BLOCK_BYTES)
+    for first, data in blocks:
+        if data is None:
+            yield from segments([BadLine(first, f"line longer than {formats.MAX_RECORD_BYTES} bytes")], redact)
+            continue
+        yield from _block_segments(first, data, kind, redact, state)
+        kind = state.get("format") or kind
+        if kind is not None:
+            break
+    if kind is None:
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                  initializer=_init_worker, initargs=(policy, hmac_key))
+    try:
+        window: collections.deque[concurrent.futures.Future[list[Segment | BadLine]] | list[Segment | BadLine]]
+        window = collections.deque()
+        for first, data in blocks:
+            if data is None:
+                window.append([BadLine(first, f"line longer than {formats.MAX_RECORD_BYTES} bytes")])
+            else:
+                window.append(pool.submit(_work, first, data, kind))
+            while len(window) > 2 * workers + 1:
+                yield from _take(window.popleft(), redact)
+        while window:
+            yield from _take(window.popleft(), redact)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _take(done: concurrent.futures.Future[list[Segment | BadLine]] | list[Segment | BadLine],
+          redact: RecordRedactor) -> list[Segment | BadLine]:
+    result = done.result() if isinstance(done, concurrent.futures.Future) else done
+    for seg in result:
+        if isinstance(seg, Segment):
+            redact.counts.update(seg.counts)  # as if this process had redacted them
+    return result
