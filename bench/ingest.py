@@ -31,6 +31,9 @@ from garrison.config import load_config
 from garrison.ingest.pipeline import IngestRequest, IngestService
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog
+if len(sys.argv) > 2 and sys.argv[2] == "sequential":
+    from garrison.ingest import parallel
+    parallel.PARALLEL_MIN_BYTES = 1 << 62  # the in-process path, for an honest one-process row
 config = load_config()
 layout = StateLayout(config.state_path)
 service = IngestService(config, Catalog(layout.catalog))
@@ -124,6 +127,8 @@ def main() -> None:
                 records += 1
         parse_s = time.perf_counter() - started
         wall, rss, out = run_child([sys.executable, "-c", CHILD, str(sealed)], env)
+        _, seq_rss, seq_out = run_child([sys.executable, "-c", CHILD, str(sealed), "sequential"], env)
+        seq_s = json.loads(seq_out)["seconds"]
         child = json.loads(out)
         seconds = child["seconds"]
         report = child["report"]
@@ -137,6 +142,8 @@ def main() -> None:
             "garrison_ingest": {"seconds": round(seconds, 3), "mb_s": round(size / 1e6 / seconds, 1),
                                 "records_s": round(records / seconds), "peak_rss_mib": round(rss),
                                 "wall_with_startup_s": round(wall, 3)},
+            "garrison_ingest_one_process": {"seconds": round(seq_s, 3), "mb_s": round(size / 1e6 / seq_s, 1),
+                                            "peak_rss_mib": round(seq_rss)},
             "ratio_to_parse_only": round(parse_s / seconds, 3),
             "redactions": report["redactions"], "records_accepted": report["records_accepted"],
             "temp_files_left": leftovers,
@@ -144,7 +151,8 @@ def main() -> None:
         OUT.mkdir(exist_ok=True)
         (OUT / "ingest_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
         rows = [("age -d (Debian)", age_d), ("parse-only Python (json.loads per line)", result["parse_only"]),
-                ("garrison ingest (open, parse, redact, encrypt, durable)", result["garrison_ingest"])]
+                ("garrison ingest (open, parse, redact, encrypt, durable)", result["garrison_ingest"]),
+                ("garrison ingest, one process (no worker pool)", result["garrison_ingest_one_process"])]
         md = [f"Ingest of {result['plaintext_mb']} MB sealed JSONL ({records} chat records with PII), "
               f"{result['cpus']} CPUs, Python {result['python']}.", "", "| pass | MB/s | seconds |", "|---|---|---|"]
         md += [f"| {name} | {r['mb_s']} | {r['seconds']} |" for name, r in rows if r]

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -65,16 +66,17 @@ from models import STANDIN_124M, STANDIN_QUICK, ensure_standin, parameter_count
 from peers import ensure_llama_server
 
 OUT = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 N_PARALLEL = 8
 CTX_PER_SLOT = 1024
 PROMPT_TOKENS = 32  # BOS included
 
-# llama-cpp-python[server]'s extras (its pyproject at 0.3.36), installed directly so pip never
-# touches the llama-cpp-python build that is already installed.
-SERVER_REQUIREMENTS = ("uvicorn>=0.22.0", "fastapi>=0.100.0", "pydantic-settings>=2.0.1", "sse-starlette>=1.6.1",
-                       "starlette-context>=0.3.6,<0.4", "PyYAML>=5.1")
+# llama-cpp-python[server]'s extras, pinned in pyproject.toml's `bench` extra and installed from there
+# directly, so pip never touches the llama-cpp-python build that is already installed.
+SERVER_REQUIREMENTS = tuple(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+                            ["bench"])
 SERVER_MODULES = {"uvicorn": "uvicorn", "fastapi": "fastapi", "pydantic-settings": "pydantic_settings",
                   "sse-starlette": "sse_starlette", "starlette-context": "starlette_context", "PyYAML": "yaml"}
 

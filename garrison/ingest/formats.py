@@ -379,10 +379,7 @@ def raw_blocks(stream: io.BufferedIOBase, size: int) -> Iterator[tuple[int, byte
             if have >= size:
                 break
         data = b"".join(parts)
-        if eof:
-            cut = len(data) - 1 if data.endswith(b"\n") else len(data)
-        else:
-            cut = data.rfind(b"\n")
+        cut = (len(data) - 1 if data.endswith(b"\n") else len(data)) if eof else data.rfind(b"\n")
         if cut < 0:
             if len(data) > MAX_RECORD_BYTES:
                 number += 1
@@ -409,6 +406,10 @@ def block_lines(first: int, data: bytes) -> tuple[Lines, bool]:
     lines: Lines = []
     number = first
     for raw in data.split(b"\n"):
+        if len(raw) > MAX_RECORD_BYTES:
+            lines.append((number, None))
+            number += 1
+            continue
         if number == 1 and raw.startswith(_BOM):
             raw = raw[3:]
         lines.append((number, raw.rstrip(b"\r")))

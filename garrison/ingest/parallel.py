@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -216,10 +217,8 @@ _WORKER: RecordRedactor | None = None
 
 def _init_worker(policy: RedactionPolicy, hmac_key: bytes) -> None:
     """Runs in each worker: die with the parent, ignore the terminal's ^C, build the redactor once."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the pipe closing still ends the worker
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the pipe closing still ends the worker
-        pass
     if os.getppid() == 1:
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

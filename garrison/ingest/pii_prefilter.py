@@ -53,10 +53,10 @@ _ERRORS = "garrison-prefilter-fffd"
 _MAX_BOUND = 16
 
 
-def _surrogate_to_fffd(exc: UnicodeError) -> tuple[str, int]:
+def _surrogate_to_fffd(exc: UnicodeError) -> tuple[bytes, int]:
     if not isinstance(exc, UnicodeEncodeError):
         raise exc
-    return "\ufffd" * (exc.end - exc.start), exc.end
+    return "\ufffd".encode() * (exc.end - exc.start), exc.end  # the UTF-8 encoder takes bytes, not non-ASCII str
 
 
 codecs.register_error(_ERRORS, _surrogate_to_fffd)

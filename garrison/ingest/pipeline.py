@@ -40,10 +40,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from garrison.crypto.age import ARMOR_BEGIN, MAGIC, AgeReader, decrypt_stream
 from garrison.crypto.age import CHUNK_SIZE as CHUNK_SIZE_AGE
 from garrison.errors import InvalidRequest, PayloadTooLarge
+from garrison.ingest import parallel
 from garrison.ingest.datasets import DatasetStore, VersionRecord, validate_name
 from garrison.ingest.formats import JSONL_KINDS, BadLine, Parser
 from garrison.ingest.parallel import (
-    PARALLEL_MIN_BYTES,
     RecordRedactor,
     Segment,
     parallel_segments,
@@ -267,7 +267,7 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
     else:
         source = segments(parser, redact)
     writer = vault.writer(request.dataset)
-    with writer, contextlib.closing(source):
+    with writer, contextlib.closing(source):  # type: ignore[type-var]
         for item in source:
             if isinstance(item, BadLine):
                 refused_count += 1
@@ -331,7 +331,7 @@ def _large(src: Any, request: IngestRequest) -> bool:
         size = os.fstat(src.fileno()).st_size
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return False
-    return size >= PARALLEL_MIN_BYTES and (request.max_bytes is None or size <= request.max_bytes)
+    return size >= parallel.PARALLEL_MIN_BYTES and (request.max_bytes is None or size <= request.max_bytes)
 
 
 def _version_in(conn: sqlite3.Connection, version_id: str) -> VersionRecord:

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -274,8 +273,10 @@ layout = StateLayout(config.state_path)
 layout.ensure()
 service = IngestService(config, Catalog(layout.catalog), chunk_size=8192)
 print("started", flush=True)
+# "random": report every read so the test can kill at a chosen point of the stream.
+progress = (lambda n: print("read", n, flush=True)) if mode == "random" else None
 with open(sys.argv[1], "rb") as src:
-    result = service.ingest(src, IngestRequest(dataset="big", source="cli"))
+    result = service.ingest(src, IngestRequest(dataset="big", source="cli"), progress=progress)
 print("done", result.version.version, result.version.record_count, flush=True)
 """
 
@@ -315,7 +316,14 @@ def test_kill_9_mid_ingestion_leaves_no_partial_version(service: IngestService, 
         proc = _launch(script, source, "random", env)
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "started"
-        time.sleep(rng.uniform(0.02, 0.4))
+        # Kill once a random share of the sealed file has been read: mid-ingestion whatever the
+        # machine's speed (a timed sleep let a fast ingestion finish first).
+        target, seen = rng.uniform(0.05, 0.95) * source.stat().st_size, 0
+        while seen < target:
+            line = proc.stdout.readline()
+            if not line.startswith("read "):
+                break
+            seen += int(line.split()[1])
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         if proc.returncode == -signal.SIGKILL:
@@ -326,7 +334,7 @@ def test_kill_9_mid_ingestion_leaves_no_partial_version(service: IngestService, 
             if rows:
                 break
             check_clean()
-    assert kills >= 2
+    assert kills >= 3
 
     proc = _launch(script, source, "complete", env)
     _, err = proc.communicate(timeout=120)

@@ -1,0 +1,120 @@
+"""The native prefilter and the block-parallel path: both must change speed, never results."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+import pytest
+from pii_corpus import generate
+
+from garrison.ingest import formats, parallel
+from garrison.ingest.formats import BadLine, Parser, block_lines, raw_blocks
+from garrison.ingest.parallel import RecordRedactor, Segment, parallel_segments, segments
+from garrison.ingest.pii import Redactor
+from garrison.ingest.pii_prefilter import FOLD_EXTRAS, Prefilter, translate
+from garrison.ingest.policy import RedactionPolicy
+
+KEY = b"k" * 32
+POLICY: dict[str, Any] = {
+    "actions": {"email": "hash", "phone": "mask"},
+    "patterns": {"employee_id": {"regex": r"(?<![A-Z])EMP-(?P<value>\d{6})\b", "action": "tag"},
+                 "ticket": {"regex": r"(?i)\bT\d{3,}(?=\W|$)"}},
+    "word_lists": {"codenames": {"words": ["Project Falcon", "Nightjar", "Müller", "张伟"], "action": "hash"}},
+}
+
+
+def test_ignorecase_extras_are_exactly_the_non_ascii_folds_of_ascii() -> None:
+    everything = "".join(chr(c) for c in range(0x80, 0x110000) if not 0xD800 <= c <= 0xDFFF)
+    found = {ord(m.group()) for m in re.finditer("[\x00-\x7f]", everything, re.IGNORECASE)}
+    assert found == set(FOLD_EXTRAS)
+
+
+@pytest.mark.parametrize("policy", [None, POLICY])
+def test_prefiltered_find_equals_exhaustive_find_on_the_labelled_corpus(policy: dict[str, Any] | None) -> None:
+    redactor = Redactor(RedactionPolicy.from_dict(policy), KEY)
+    texts = [r.text for r in generate(3000, seed=20240506)]
+    texts += ["EMP-123456 met nightjar and PROJECT  falcon", "张伟的邮箱 zw@example.cn", "Herr MÜLLER", "t1234 T99"]
+    assert not redactor._prefilter.always, "every built-in and policy row should compile"
+    batched = redactor.find_many(texts)
+    for text, spans in zip(texts, batched, strict=True):
+        assert spans == redactor.find_exhaustive(text), text
+    assert [redactor.redact(t) for t in texts[:300]] == [
+        redactor._apply(t, redactor.find_exhaustive(t)) for t in texts[:300]]
+
+
+def test_unicode_and_surrogates_reach_the_exact_pass() -> None:
+    redactor = Redactor(RedactionPolicy.from_dict(POLICY), KEY)
+    texts = ["\ud800 mail a@b.example \udfff", "ＥＭＰ-١٢٣٤٥٦", "emp-123456", "ｂｏｂ@example.com"]
+    for text, spans in zip(texts, redactor.find_many(texts), strict=True):
+        assert spans == redactor.find_exhaustive(text)
+
+
+def test_untranslatable_or_empty_patterns_always_run() -> None:
+    pf = Prefilter([re.compile(r"(?<=a)\b"), re.compile(r"x+")])
+    assert pf.always == frozenset({0})
+    assert pf.flags(["zzz", "axx"]) == [frozenset({0}), frozenset({0, 1})]
+    assert "(?" not in translate(re.compile(r"(?i)(?<!q)ab(?=c)")).replace("(?:", "")
+
+
+# ------------------------------------------------------------------------- blocks and workers
+
+def _jsonl(n: int) -> bytes:
+    lines = []
+    for i in range(n):
+        if i % 97 == 5:
+            lines.append("{not json")
+        elif i % 131 == 7:
+            lines.append("")
+        elif i % 53 == 3:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": f"drop me DROPME {i}"},
+                                                  {"role": "assistant", "content": "ok"}]}))
+        else:
+            lines.append(json.dumps({"messages": [{"content": f"mail u{i}@example.com card 4111 1111 1111 1111",
+                                                   "role": "user"},
+                                                  {"role": "assistant", "content": f"call +44 20 7946 {i % 9999:04d}",
+                                                   "weight": 1}], "meta": {"n": i, "x": 0.5 if i % 7 else 1e-05}}))
+    return ("\ufeff" + "\r\n".join(lines) + "\n").encode()
+
+
+def _policy() -> RedactionPolicy:
+    return RedactionPolicy.from_dict({"patterns": {"marker": {"regex": "DROPME", "action": "drop"}}})
+
+
+def _flatten(segs: list[Segment | BadLine]) -> tuple[bytes, list[BadLine], dict[str, int], int, int]:
+    data = b"".join(s.data for s in segs if isinstance(s, Segment))
+    bad = [s for s in segs if isinstance(s, BadLine)]
+    counts: dict[str, int] = {}
+    for s in segs:
+        if isinstance(s, Segment):
+            for k, v in s.counts.items():
+                counts[k] = counts.get(k, 0) + v
+    return (data, bad, counts, sum(s.count for s in segs if isinstance(s, Segment)),
+            sum(s.dropped for s in segs if isinstance(s, Segment)))
+
+
+def test_raw_blocks_number_lines_as_the_line_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(formats, "MAX_RECORD_BYTES", 300)
+    data = _jsonl(400) + b"x" * 1000 + b"\n" + b'{"text": "tail"}' + b"y" * 700
+    expected = list(formats._lines(io.BufferedReader(io.BytesIO(data))))
+    got: list[tuple[int, bytes | None]] = []
+    for first, block in raw_blocks(io.BufferedReader(io.BytesIO(data)), 2000):
+        got += [(first, None)] if block is None else block_lines(first, block)[0]
+    assert [x for x in got if x[1] != b""] == [x for x in expected if x[1] != b""]
+
+
+def test_parallel_segments_equal_sequential(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _jsonl(3000)
+    policy = _policy()
+    sequential = list(segments(Parser(io.BufferedReader(io.BytesIO(data)), "jsonl"),
+                               RecordRedactor(Redactor(policy, KEY))))
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 16 * 1024)  # many blocks, bad lines on both sides of cuts
+    state: dict[str, str] = {}
+    stream = io.BufferedReader(io.BytesIO(data))
+    got = list(parallel_segments(stream, None, state, RecordRedactor(Redactor(policy, KEY)), policy, KEY, 2))
+    assert state["format"] == "chat"
+    seq, par = _flatten(sequential), _flatten(got)
+    assert par == seq
+    assert seq[3] > 2000 and seq[4] > 20 and len(seq[1]) > 20 and seq[2]["email"] > 2000
