@@ -167,7 +167,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def start_garrison(model: Path, work: Path, threads: int, extra_env: dict[str, str]) -> Server:
-    """`garrison serve` on a fresh state folder, the model imported with 8 slots of 1024 tokens."""
+    """`garrison serve` on a fresh state folder, the model imported with N_PARALLEL slots of 1024 tokens."""
     state = work / "garrison-state"
     env = _clean_env(GARRISON_STATE_DIR=str(state), GARRISON_CONFIG="/dev/null",
                      GARRISON_INFERENCE_THREADS=str(threads), **extra_env)
@@ -192,7 +192,7 @@ def start_garrison(model: Path, work: Path, threads: int, extra_env: dict[str, s
 
 
 def start_llama_server(model: Path, work: Path, threads: int, extra_env: dict[str, str]) -> Server:
-    """llama.cpp's server: 8 slots sharing 8192 tokens (1024 each), continuous batching (its default)."""
+    """llama.cpp's server: N_PARALLEL slots of 1024 tokens each, continuous batching (its default)."""
     binary = ensure_llama_server()
     port = free_port()
     log_path = work / "llama-server.log"
@@ -699,6 +699,9 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Garrison vs llama-server vs llama-cpp-python, streamed completions")
     parser.add_argument("--clients", default="1,4,8", help="concurrency levels, comma-separated (default 1,4,8)")
+    parser.add_argument("--slots", type=int, default=0,
+                        help="parallel sequences per server (default: the larger of 8 and the most clients), "
+                             "so that every client of a level is batched, never queued")
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per stream (default 128)")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions per level; the table shows the median")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per server (default 2)")
@@ -729,8 +732,9 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
     if any(base == "garrison-engine" and env for base, env in specs):
         parser.error("garrison-engine runs in this process: set its environment when starting the script")
-    if max(args.clients) > N_PARALLEL:
-        parser.error(f"at most {N_PARALLEL} clients: every server has {N_PARALLEL} slots")
+    args.slots = args.slots or max(N_PARALLEL, *args.clients)
+    if max(args.clients) > args.slots:
+        parser.error(f"at most {args.slots} clients: every server has --slots {args.slots} slots")
     if args.quick and args.tokens == 128:
         args.tokens = 16
     if PROMPT_TOKENS + args.tokens > CTX_PER_SLOT:
@@ -747,7 +751,9 @@ def main() -> None:
     # blocks, so every server is stopped; prctl in the children covers SIGKILL.
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    global N_PARALLEL
     args = parse_args()
+    N_PARALLEL = args.slots  # every launcher reads it: the same slot count for every server
     spec = STANDIN_QUICK if args.quick else STANDIN_124M
     print(f"model: {spec.name} ({parameter_count(spec) / 1e6:.1f}M parameters)", flush=True)
     model = ensure_standin(spec)

@@ -30,6 +30,13 @@ Design, in the order a request meets it:
   with the longest common prefix; only the diverging tail is removed
   (llama_memory_seq_rm from p) and evaluated, and at least the last prompt token is
   always evaluated again, because its logits are what the first sample needs.
+* Batches follow sequence ids. With a KV stream per sequence, llama.cpp splits a batch
+  into micro-batches that each hold a run of consecutive sequence ids in batch order
+  (llama_batch_allocr::split_equal, sequential), and every micro-batch is a full pass
+  over the weights. So the batch is built in sequence-id order and a request goes to the
+  free slot that keeps busy ids in one run where prefix reuse does not decide otherwise.
+  Measured at 16 streams: batches in admission order (slots reused out of order after
+  the first wave of requests) made each step 2x slower.
 * Each step spends at most n_batch tokens: first one token for every running decode, then
   prompt chunks of newcomers with what is left, so a long prompt joining never freezes
   the streams already flowing.
@@ -87,6 +94,10 @@ _backend_ready = False
 
 # What a stream's queue carries: events, then exactly one Finish or one exception.
 _Item = TokenEvent | Finish | BaseException
+
+#: A cached prefix at least this long decides a request's slot on its own; a shorter one only
+#: breaks ties, because a slot out of line with the busy ones costs a pass per step.
+MIN_PREFIX_REUSE = 64
 
 
 _native_log = logging.getLogger("garrison.llama_cpp")
@@ -290,11 +301,8 @@ class LlamaEngine:
         self._eog_set = frozenset(self._eog_ids)
         # Token id -> bytes, filled on first use: the loop needs one piece per generated token,
         # and a ctypes call (which drops and retakes the GIL) per token is what the loop
-        # thread must avoid; see _flush.
+        # thread must avoid; see _ComputeThread.flush.
         self._pieces: dict[int, bytes] = {}
-        # Items produced during one pass of the loop, per consumer event loop; handed over
-        # with one call_soon_threadsafe per pass (see _flush).
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, _Item]]] = {}
 
         self._slots = [_Slot(seq_id=i) for i in range(n_parallel)]
         self._adapters: dict[str, Any] = {}
@@ -507,7 +515,6 @@ class LlamaEngine:
             log.exception("llama engine step failed")
             for state in [*admitted, *self._active]:
                 self._fail(state, Unavailable(f"generation failed: {err}"), reset_slot=True)
-        self._flush()
 
     def _shutdown(self) -> None:
         """Fail what is pending or running, leave the compute thread; close() frees native memory after."""
@@ -519,7 +526,7 @@ class LlamaEngine:
             self._pending.clear()
         for state in leftovers:
             self._fail(state, EngineClosed("the engine was closed"), reset_slot=False)
-        self._flush()
+        self._compute.flush()
         self._compute.remove(self)
         self._stopped.set()
 
@@ -545,16 +552,22 @@ class LlamaEngine:
     def _admit(self, state: _Request) -> None:
         """Bind a request to the free slot sharing the longest prefix; trim that slot's cache."""
         prompt = state.to_eval
+        busy = {slot.seq_id for slot in self._slots if slot.request is not None}
         best: _Slot | None = None
-        best_common = -1
+        best_rank: tuple[int, int, int, int] | None = None
+        best_common = 0
         for slot in self._slots:
             if slot.request is not None:
                 continue
             common = _common_prefix(slot.tokens, prompt) if slot.adapter_key == state.adapter_key else 0
-            # Ties go to the least recently used slot, keeping fresher caches for later.
-            if common > best_common or (common == best_common and best is not None
-                                        and slot.last_used < best.last_used):
-                best, best_common = slot, common
+            # A long cached prefix first; then the slot that keeps the busy sequence ids in the
+            # fewest runs (each run is one more pass over the weights per step, see the module
+            # docstring: worth more than a few prompt tokens saved); then any prefix; then the
+            # least recently used, keeping fresher caches for later.
+            rank = (common if common >= MIN_PREFIX_REUSE else 0, -_runs(busy | {slot.seq_id}), common,
+                    -slot.last_used)
+            if best_rank is None or rank > best_rank:
+                best, best_rank, best_common = slot, rank, common
         assert best is not None, "admitted without a free slot"
         slot = best
         try:
@@ -602,7 +615,8 @@ class LlamaEngine:
         return groups[key]
 
     def _step(self) -> None:
-        group = self._pick_group()
+        # In sequence-id order: see "Batches follow sequence ids" in the module docstring.
+        group = sorted(self._pick_group(), key=_seq_id)
         batch = self._batch
         n = 0
         budget = self.n_batch
@@ -632,6 +646,7 @@ class LlamaEngine:
         if n == 0:
             return
         batch.n_tokens = n
+        self._compute.flush()  # the last step's tokens go out while this decode runs without the GIL
         rc = llama_cpp.llama_decode(self._ctx, batch)
         self._steps += 1
         if rc != 0:
@@ -696,26 +711,7 @@ class LlamaEngine:
         state.next_token = token
 
     def _emit(self, state: _Request, item: _Item) -> None:
-        self._outbox.setdefault(state.loop, []).append((state, item))
-
-    def _flush(self) -> None:
-        """Hand this pass's items to their event loops, one wake-up per loop, not per token.
-
-        Why batch: each call_soon_threadsafe writes to the loop's self-pipe and wakes the
-        event-loop thread, which then competes for the GIL and the CPU with this thread and
-        with llama.cpp's workers. With 8 streams that was 8 wake-ups per decode step; now it
-        is one, delivered while the next llama_decode runs with the GIL released.
-        """
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:
-                # The consumers' event loop is closed: nobody will read these streams again.
-                for state, _ in items:
-                    state.cancelled = True
+        self._compute.emit(state, item)
 
     def _finish(self, state: _Request, reason: str, flush: bool = True) -> None:
         tail = state.assembler.flush() if flush else ""
@@ -803,6 +799,8 @@ class _ComputeThread:
         self.cond = threading.Condition()
         self._engines: list[LlamaEngine] = []
         self._thread: threading.Thread | None = None
+        # Items produced since the last hand-over, per consumer event loop (see flush).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, _Item]]] = {}
 
     def add(self, engine: LlamaEngine) -> None:
         with self.cond:
@@ -820,11 +818,38 @@ class _ComputeThread:
     def is_current(self) -> bool:
         return threading.current_thread() is self._thread
 
+    def emit(self, state: _Request, item: _Item) -> None:
+        self._outbox.setdefault(state.loop, []).append((state, item))
+
+    def flush(self) -> None:
+        """Hand every waiting item to its event loop: one wake-up per loop, not one per token.
+
+        Called just before each llama_decode and before going idle. Why then: the event-loop
+        thread that wakes up formats and writes every stream's chunk, and it needs the GIL to
+        do so. Woken while this thread is still sampling or building the next batch (Python,
+        holding the GIL between ctypes calls), the two take turns on the GIL and the next
+        decode starts late, by up to the interpreter's 5 ms switch interval; woken just as
+        the decode starts (llama_decode releases the GIL for its whole duration), it finishes
+        its writes long before the decode returns. Measured at 16 streams: a hand-over after
+        sampling made each step ~30% slower than llama-server's.
+        """
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:
+                # The consumers' event loop is closed: nobody will read these streams again.
+                for state, _ in items:
+                    state.cancelled = True
+
     def _run(self) -> None:
         while True:
             with self.cond:
                 ready = [e for e in self._engines if e._has_work_locked()]
                 while not ready:
+                    self.flush()
                     self.cond.wait()
                     ready = [e for e in self._engines if e._has_work_locked()]
             for engine in ready:
@@ -845,6 +870,16 @@ def _compute_thread() -> _ComputeThread:
         if _compute is None:
             _compute = _ComputeThread()
         return _compute
+
+
+def _seq_id(state: _Request) -> int:
+    assert state.slot is not None
+    return state.slot.seq_id
+
+
+def _runs(ids: set[int]) -> int:
+    """How many maximal runs of consecutive integers `ids` holds ({0, 1, 2, 5} -> 2)."""
+    return sum(1 for i in ids if i - 1 not in ids)
 
 
 def _deliver(items: list[tuple[_Request, _Item]]) -> None:

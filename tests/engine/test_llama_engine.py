@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from garrison.engine.llama_engine import LlamaEngine
+from garrison.engine.llama_engine import LlamaEngine, _runs
 from garrison.engine.llama_sampling import InvalidGrammar, TextAssembler, json_schema_grammar
 from garrison.engine.types import (
     ContextLengthExceeded,
@@ -213,6 +213,23 @@ async def test_two_engines_share_one_compute_thread(tiny_llama_gguf: Path) -> No
     finally:
         first.close()
         second.close()
+
+
+async def test_new_requests_keep_busy_slots_in_one_run(tiny_llama_gguf: Path) -> None:
+    """llama.cpp gives each run of consecutive sequence ids its own pass over the weights, so a
+    request goes next to the busy slots, not to the least recently used one (which here is 2)."""
+    assert _runs({0, 1, 2, 5}) == 2 and _runs(set()) == 0 and _runs({3}) == 1
+    with LlamaEngine(tiny_llama_gguf, n_ctx_per_slot=256, n_parallel=4, n_batch=64, n_threads=2) as eng:
+        lengths = [2, 12, 4, 12]  # slot 0 finishes first, then slot 2: the LRU order is 0, 2
+        await asyncio.gather(*(run(eng, greedy(eng, p, max_tokens=n, ignore_eos=True))
+                               for p, n in zip(PROMPTS[:4], lengths, strict=True)))
+        streams = [eng.generate(greedy(eng, p, max_tokens=40, ignore_eos=True)) for p in PROMPTS[5:7]]
+        for stream in streams:
+            await stream.__anext__()
+        busy = {seq for seq, _, taken in eng.iter_slots() if taken}
+        for stream in streams:
+            await stream.aclose()
+    assert busy == {0, 1}, busy
 
 
 async def test_same_seed_same_output(engine: LlamaEngine) -> None:
