@@ -136,6 +136,11 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
     layout = StateLayout(config.state_path)
     notifier = SystemdNotifier()
     info = {"pid": os.getpid(), "url": config.base_url, "listen": config.listen}
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        # Right for training workers (garrison.jobs.worker sets it there), ruinous here: llama.cpp's
+        # OpenMP barriers then sleep on every graph node (~3x slower decoding, measured 46 vs 140 tok/s).
+        log_event(log, "daemon.omp_passive", level=logging.WARNING,
+                  hint="unset OMP_WAIT_POLICY in the serving daemon's environment; inference will be slow")
     with daemon_lock(layout, info):
         catalog = Catalog(layout.catalog)
         app = create_app(config, catalog)
