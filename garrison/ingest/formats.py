@@ -245,7 +245,27 @@ def _check_content(content: Any, i: int) -> str | None:
 
 
 def _check_chat(obj: dict[str, Any]) -> str | None:
+    # Nearly every message is exactly {"role", "content": string}: those records are accepted in one
+    # cheap pass; anything else (or a record this pass cannot accept) gets the full check and its reason.
     messages = obj.get("messages")
+    if type(messages) is list and 0 < len(messages) <= MAX_MESSAGES:
+        assistant = False
+        roles = CHAT_ROLES
+        for message in messages:
+            if type(message) is not dict or len(message) != 2:
+                break
+            role = message.get("role")
+            if type(message.get("content")) is not str or type(role) is not str or role not in roles:
+                break
+            if role == "assistant":
+                assistant = True
+        else:
+            if assistant:
+                return None
+    return _check_chat_fully(messages)
+
+
+def _check_chat_fully(messages: Any) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "messages must be a non-empty list"
     if len(messages) > MAX_MESSAGES:
@@ -335,7 +355,7 @@ def jsonl_items(lines: Lines, long_numbers: bool, kind: str | None, state: dict[
         if not isinstance(obj, dict):
             yield BadLine(number, f"a record must be a JSON object, not {type(obj).__name__}")
             continue
-        found = _kind_of(obj)
+        found = "chat" if "messages" in obj else _kind_of(obj)
         if found is None:
             yield BadLine(number, "unrecognised record: expected 'messages', 'prompt'/'completion' or 'text'")
             continue

@@ -74,14 +74,25 @@ class RecordRedactor:
         """Each record redacted and serialized for the vault (`encode_record`), or None if dropped."""
         texts: list[str] = []
         bounds = [0]
+        # Per record: True for the plain chat shape (`_chat_contents`), else whether it holds a float.
+        chat: list[bool] = []
         floats: list[bool] = []
         for record in records:
-            floats.append(_collect_record(record, texts))
+            if _chat_contents(record, texts):
+                chat.append(True)
+                floats.append(False)
+            else:
+                chat.append(False)
+                floats.append(_collect_record(record, texts))
             bounds.append(len(texts))
         results = self.redactor.redact_many(texts)
         out: list[bytes | None] = []
         for i, record in enumerate(records):
             found = results[bounds[i]:bounds[i + 1]]
+            if chat[i]:
+                value = self._rebuild_chat(record, found)
+                out.append(None if value is None else encode_record(value, has_float=False))
+                continue
             value = record if not any(found) and _canonical(record) else self._rebuild(record, iter(found))
             out.append(None if value is None else encode_record(value, has_float=floats[i]))
         return out
@@ -96,6 +107,30 @@ class RecordRedactor:
             before.update(self.counts)
             self.counts = before
         return Segment(b"".join(lines), len(lines), len(records) - len(lines), counts)
+
+    def _rebuild_chat(self, record: dict[str, Any],
+                      found: list[RedactionResult | None]) -> dict[str, Any] | None:
+        """`_rebuild` for the plain chat shape (one text per message, nothing beside `messages`): only
+        the messages that change are copied, and the record itself comes back when none does."""
+        messages = record["messages"]
+        copied: list[Any] | None = None
+        counts = self.counts
+        for i, r in enumerate(found):
+            message = messages[i]
+            if r is None:
+                if next(iter(message)) == "role":
+                    continue
+                text = message["content"]  # rebuilt only to put the role first, as `_rebuild` does
+            else:
+                for t, n in r.counts.items():
+                    counts[t] += n
+                if r.dropped:
+                    return None
+                text = r.text
+            if copied is None:
+                copied = list(messages)
+            copied[i] = {"role": message["role"], "content": text}
+        return record if copied is None else {"messages": copied}
 
     def _rebuild(self, record: dict[str, Any], results: Iterator[RedactionResult | None]) -> dict[str, Any] | None:
         """The record with its strings replaced, in `_collect_record`'s order; counted as `redact_record`
@@ -158,6 +193,33 @@ def _collect(v: Any, out: list[str]) -> bool:
         elif _collect(x, out):
             has_float = True
     return has_float
+
+
+def _chat_contents(record: dict[str, Any], out: list[str]) -> bool:
+    """For the plain chat shape, `{"messages": [{"role": str, "content": str}, ...]}` and nothing else,
+    append each content (what `_collect_record` would) and say True; else append nothing and say False.
+
+    Nearly every record has this shape; knowing it spares the generic walk, the float search and
+    the key-order check (`RecordRedactor._rebuild_chat`).
+    """
+    if len(record) != 1:
+        return False
+    messages = record.get("messages")
+    if type(messages) is not list:
+        return False
+    start = len(out)
+    append = out.append
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            break
+        content = message.get("content")
+        if type(content) is not str or type(message.get("role")) is not str:
+            break
+        append(content)
+    else:
+        return True
+    del out[start:]
+    return False
 
 
 def _collect_record(record: dict[str, Any], out: list[str]) -> bool:

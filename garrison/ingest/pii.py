@@ -50,6 +50,8 @@ MIN_KEY_BYTES = 16
 # Trimming retries the validator once per separator; the rows that trim have bounded
 # patterns, and this bound keeps a custom or future row from turning that quadratic.
 MAX_TRIM_CHARS = 256
+# Distinct sets of flagged rows remembered per redactor (a handful in practice; the bound is for safety).
+_MAX_PLANS = 4096
 
 
 class Span(NamedTuple):
@@ -161,6 +163,8 @@ class Redactor:
         self._actions = {t: self.policy.action_for(t) for t in self.policy.entity_types}
         self._word_lists = frozenset(wl.name for wl in self.policy.word_lists)
         self._prefilter = Prefilter([det.pattern for det in rows])
+        # A cache, not state: filled in any order by any thread, each entry computed the same way.
+        self._plans: dict[frozenset[int], tuple[tuple[Detector, ...], tuple[str, ...]]] = {}
 
     @property
     def detectors(self) -> tuple[Detector, ...]:
@@ -176,15 +180,16 @@ class Redactor:
         prefilter); `find` passes the rows the prefilter flagged.
         """
         if rows is None:
+            dets = self._rows
             low = text.lower()
             present = {h for h in self._hints if h in low}
         else:
-            hints = [h for i in rows for h in self._rows[i].hints]
+            dets, hints = self._plan(rows)
             low = text.lower() if hints else text
             present = {h for h in hints if h in low}
         required: dict[re.Pattern[str], bool] = {}
         found: list[Span] = []
-        for det in self._rows if rows is None else [self._rows[i] for i in sorted(rows)]:
+        for det in dets:
             if det.hints and present.isdisjoint(det.hints):
                 continue
             if det.requires is not None:
@@ -204,6 +209,19 @@ class Redactor:
                         continue
                 found.append(Span(start, end, det.entity, det.name))
         return found
+
+    def _plan(self, rows: Collection[int]) -> tuple[tuple[Detector, ...], tuple[str, ...]]:
+        """The flagged rows in table order and their hints; the prefilter hands out few distinct
+        sets of rows, so each is worked out once per redactor rather than once per text."""
+        plan = self._plans.get(rows) if isinstance(rows, frozenset) else None
+        if plan is None:
+            dets = tuple(self._rows[i] for i in sorted(rows))
+            plan = (dets, tuple(dict.fromkeys(h for det in dets for h in det.hints)))
+            if isinstance(rows, frozenset):
+                if len(self._plans) >= _MAX_PLANS:
+                    self._plans.clear()
+                self._plans[rows] = plan
+        return plan
 
     def find(self, text: str) -> list[Span]:
         """Non-overlapping findings in text order; higher priority wins, then the longer span."""
@@ -251,7 +269,9 @@ class Redactor:
         counts: dict[str, int] = {}
         for s in spans:
             counts[s.type] = counts.get(s.type, 0) + 1
-        if any(self._actions.get(s.type, self.policy.default) == "drop" for s in spans):
+        actions = self._actions
+        default = self.policy.default
+        if any(actions.get(t, default) == "drop" for t in counts):  # per type, not per span: the same answer
             return RedactionResult("", counts, True)
         if not spans:
             return RedactionResult(text, counts, False)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import bisect
 import codecs
 import functools
+import itertools
+import operator
 import re
 import re._constants as _sre_c  # the parse tree of CPython's re (Python is pinned to 3.11)
 import re._parser as _sre_p
@@ -43,7 +45,7 @@ import hyperscan
 
 __all__ = ["Prefilter", "PrefilterRow", "translate"]
 
-_SEP = b"\n"
+_SEP = "\n"
 _MAX_CODEPOINT = 0x10FFFF
 # Non-ASCII characters that CPython's IGNORECASE matches against an ASCII letter (KELVIN SIGN
 # and friends); checked exhaustively by the tests.
@@ -295,23 +297,27 @@ class Prefilter:
         always = self.always or None
         if self._db is None:
             return [always] * len(texts)
-        encoded = [t.encode("utf-8", _ERRORS) for t in texts]
-        ends: list[int] = []
-        pos = -1
-        for b in encoded:
-            pos += len(b) + 1
-            ends.append(pos)
+        # One encode of the joined batch; a text's byte length is its length in characters unless the
+        # batch has a non-ASCII character (every one encodes to 2+ bytes), and then each is encoded.
+        joined = _SEP.join(texts)
+        data = joined.encode("utf-8", _ERRORS)
+        lengths = (map(len, texts) if len(data) == len(joined)
+                   else [len(t) if t.isascii() else len(t.encode("utf-8", _ERRORS)) for t in texts])
+        # Text i ends at the separator after it: its bytes and those before it, plus i separators.
+        ends = list(map(operator.add, itertools.accumulate(lengths), range(len(texts))))
         hits: list[tuple[int, int]] = []
         append = hits.append
 
         def on_match(row: int, start: int, end: int, flags: int, context: Any) -> None:
             append((end, row))
 
-        self._db.scan(_SEP.join(encoded), match_event_handler=on_match, scratch=self._thread_scratch())
+        self._db.scan(data, match_event_handler=on_match, scratch=self._thread_scratch())
         found: list[set[int] | None] = [None] * len(texts)
+        count = len(found)
+        bisect_left = bisect.bisect_left
         for end, row in hits:
-            i = bisect.bisect_left(ends, end)
-            if i >= len(found):
+            i = bisect_left(ends, end)
+            if i >= count:
                 continue
             rows = found[i]
             if rows is None:

@@ -166,3 +166,24 @@ def test_streaming_does_not_read_ahead_unboundedly() -> None:
     first = next(iterator)
     assert isinstance(first, Record) and first.value == {"text": "line 0"}
     assert source.read_bytes <= 2 * 65536 < len(source.data.getvalue())
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    [{"content": "q", "role": "user"}, {"content": "a", "role": "assistant"}],
+    [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}],
+    [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}],
+    [{"role": "user", "content": "q"}, {"role": 1, "content": "a"}],
+    [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [{}]}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "text": "a"}],
+    [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}],
+    [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a"}],
+    [["user", "q"], {"role": "assistant", "content": "a"}],
+    [], {"role": "assistant", "content": "a"}, None,
+    [{"role": "assistant", "content": "a"}] * (formats.MAX_MESSAGES + 1),
+])
+def test_chat_quick_check_agrees_with_the_full_check(messages: Any) -> None:
+    assert formats._check_chat({"messages": messages}) == formats._check_chat_fully(messages)

@@ -118,3 +118,75 @@ def test_parallel_segments_equal_sequential(monkeypatch: pytest.MonkeyPatch) -> 
     seq, par = _flatten(sequential), _flatten(got)
     assert par == seq
     assert seq[3] > 2000 and seq[4] > 20 and len(seq[1]) > 20 and seq[2]["email"] > 2000
+
+
+# ------------------------------------------------------------------------- the plain chat fast path
+
+def _chat(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"messages": list(messages), **extra}
+
+
+def _mixed_records() -> list[dict[str, Any]]:
+    u, a = "user", "assistant"
+    return [
+        _chat({"role": u, "content": "mail bob@example.com"}, {"role": a, "content": "noted"}),
+        _chat({"role": u, "content": "nothing here"}, {"role": a, "content": "fine"}),
+        _chat({"content": "nothing here", "role": u}, {"role": a, "content": "fine"}),  # role not first
+        _chat({"role": u, "content": "T1234 and EMP-123456"}, {"content": "call +44 20 7946 0018", "role": a}),
+        # dropped at the second message: the first is counted, the third is not
+        _chat({"role": u, "content": "a@b.example"}, {"role": a, "content": "x DROPME y a@b.example"},
+              {"role": u, "content": "call +44 20 7946 0018"}, {"role": a, "content": "ok"}),
+        _chat({"role": u, "content": "DROPME first"}, {"role": a, "content": "mail z@example.com"}),
+        _chat({"role": u, "content": "Project  Falcon and Müller, 张伟。"}, {"role": a, "content": "naïve é x"}),
+        _chat({"role": u, "content": "mail c@example.com"}, {"role": a, "content": "ok"}, meta={"n": 1, "x": 1e-05}),
+        {"meta": "first c@example.com", "messages": [{"role": u, "content": "x"}, {"role": a, "content": "y"}]},
+        _chat({"role": u, "content": [{"type": "text", "text": "parts d@example.com"}]},
+              {"role": a, "content": None, "tool_calls": [{"id": "1", "function": {"arguments": "e@example.com"}}]},
+              {"role": "tool", "content": "card 4111 1111 1111 1111", "tool_call_id": "1"},
+              {"role": a, "content": "done"}),
+        _chat({"role": u, "content": "f@example.com", "weight": 0}, {"role": a, "content": "ok", "weight": 1}),
+        _chat({"role": u, "content": 5}, {"role": a, "content": "g@example.com"}),
+        _chat({"role": 3, "content": "h@example.com"}, {"role": a, "content": "ok"}),
+        _chat(),
+        {"messages": "i@example.com"},
+        {"text": "j@example.com DROPME"},
+        {"prompt": "k@example.com", "completion": "call +44 20 7946 0018"},
+    ]
+
+
+def test_chat_fast_path_gives_the_generic_bytes_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = RedactionPolicy.from_dict({**POLICY, "patterns": {**POLICY["patterns"],
+                                                               "marker": {"regex": "DROPME", "action": "drop"}}})
+    records = _mixed_records() * 3
+    fast = RecordRedactor(Redactor(policy, KEY))
+    fast_lines = [fast.encode_batch([r]) for r in records] + [fast.encode_batch(records)]
+    fast_segment = fast.segment(records)
+
+    taken: list[bool] = []
+    real = parallel._chat_contents
+
+    def generic(record: dict[str, Any], out: list[str]) -> bool:
+        taken.append(real(record, []))
+        return False
+
+    monkeypatch.setattr(parallel, "_chat_contents", generic)
+    slow = RecordRedactor(Redactor(policy, KEY))
+    slow_lines = [slow.encode_batch([r]) for r in records] + [slow.encode_batch(records)]
+    slow_segment = slow.segment(records)
+
+    assert fast_lines == slow_lines
+    assert fast_segment == slow_segment
+    assert list(fast.counts.items()) == list(slow.counts.items())
+    assert list(fast_segment.counts.items()) == list(slow_segment.counts.items())
+    assert 0 < sum(taken) < len(taken)  # both paths were exercised
+    assert fast_segment.dropped == 3 * 3 and fast.counts["marker"] > 0 and fast.counts["email"] > 0
+    clean = records[1]
+    assert fast._rebuild_chat(clean, [None, None]) is clean  # nothing found, canonical: not copied
+
+
+@pytest.mark.parametrize("odd", ["", "é", "张", "\ud800", "\udfff\ud800"])
+def test_batch_offsets_name_the_right_text(odd: str) -> None:
+    redactor = Redactor(RedactionPolicy.from_dict(POLICY), KEY)
+    texts = ["a@b.example", "", "x", "call +44 20 7946 0018", f"{odd}T1234", "none", f"c@d.example{odd}",
+             "EMP-123456", "Nightjar", "\n", "4111 1111 1111 1111"] * 3
+    assert redactor.find_many(texts) == [redactor.find_exhaustive(t) for t in texts]
