@@ -72,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DONE  # superseded before it started
     ctx = JobContext(store, job, args.token)
 
-    def on_term(_sig: int, _frame: FrameType | None) -> None:
+    # Each handler ignores its signal before it touches the Event: Event.set() takes a lock, and a
+    # second SIGTERM (the parent's shutdown plus its death signal) arriving while the first handler
+    # held that lock ran the handler again inside it, on the same thread: a deadlocked worker.
+    def on_term(sig: int, _frame: FrameType | None) -> None:
+        signal.signal(sig, signal.SIG_IGN)
         ctx.shutdown_event.set()
 
-    def on_cancel(_sig: int, _frame: FrameType | None) -> None:
+    def on_cancel(sig: int, _frame: FrameType | None) -> None:
+        signal.signal(sig, signal.SIG_IGN)
         ctx.cancel_event.set()
 
     signal.signal(signal.SIGTERM, on_term)
