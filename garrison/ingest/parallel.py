@@ -29,7 +29,7 @@ from typing import Any
 
 from garrison.ingest import formats
 from garrison.ingest.formats import BadLine, Item, Record, block_lines, jsonl_items, raw_blocks
-from garrison.ingest.pii import RedactionResult, Redactor
+from garrison.ingest.pii import RedactionResult, Redactor, map_strings
 from garrison.ingest.policy import RedactionPolicy
 from garrison.ingest.vault import encode_record
 
@@ -138,26 +138,20 @@ class RecordRedactor:
         counts: dict[str, int] = {}
         state = [False]  # dropped
 
-        def walk(v: Any) -> Any:
-            if isinstance(v, str):
-                r = next(results)
-                if r is None:
-                    return v
-                for t, n in r.counts.items():
-                    counts[t] = counts.get(t, 0) + n
-                if r.dropped:
-                    state[0] = True
-                return r.text
-            if isinstance(v, dict):
-                return {k: walk(x) for k, x in v.items()}
-            if isinstance(v, list | tuple):
-                return [walk(x) for x in v]
-            return v
+        def one(text: str) -> str:
+            r = next(results)
+            if r is None:
+                return text
+            for t, n in r.counts.items():
+                counts[t] = counts.get(t, 0) + n
+            if r.dropped:
+                state[0] = True
+            return r.text
 
         def part(value: dict[str, Any]) -> dict[str, Any] | None:
             counts.clear()
             state[0] = False
-            out = walk(value)
+            out = map_strings(value, one)
             for t, n in counts.items():
                 self.counts[t] += n
             return None if state[0] else out

@@ -41,6 +41,7 @@ __all__ = [
     "RedactionResult",
     "Redactor",
     "Span",
+    "map_strings",
 ]
 
 #: Hex characters of the HMAC kept in a pseudonym (40 bits: collisions start to be likely
@@ -289,20 +290,14 @@ class Redactor:
         counts: Counter[str] = Counter()
         dropped = False
 
-        def walk(v: Any) -> Any:
+        def one(text: str) -> str:
             nonlocal dropped
-            if isinstance(v, str):
-                r = self.redact(v)
-                counts.update(r.counts)
-                dropped = dropped or r.dropped
-                return r.text
-            if isinstance(v, dict):
-                return {k: walk(x) for k, x in v.items()}
-            if isinstance(v, list | tuple):
-                return [walk(x) for x in v]
-            return v
+            r = self.redact(text)
+            counts.update(r.counts)
+            dropped = dropped or r.dropped
+            return r.text
 
-        out = walk(value)
+        out = map_strings(value, one)
         return RecordRedaction(None if dropped else out, dict(counts), dropped)
 
     def replacement(self, entity: str, value: str) -> str:
@@ -327,6 +322,18 @@ class Redactor:
             return " ".join(value.casefold().split())
         fn = _NORMALIZE.get(entity)
         return fn(value) if fn is not None else value
+
+
+def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """A copy of a JSON-like value with every string passed through fn, in document order; dict
+    keys are kept as they are (they are schema, not data)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_strings(x, fn) for k, x in value.items()}
+    if isinstance(value, list | tuple):
+        return [map_strings(x, fn) for x in value]
+    return value
 
 
 def _value_span(m: re.Match[str], groups: tuple[str, ...]) -> tuple[int, int]:
