@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from garrison.errors import InvalidRequest
+from garrison.ingest.records import MAX_MESSAGES, ROLES
 
 __all__ = [
     "FORMATS",
@@ -52,8 +53,7 @@ __all__ = [
 FORMATS = ("auto", "jsonl", "chat", "completion", "text", "csv", "plain")
 JSONL_KINDS = ("chat", "completion", "text")
 MAX_RECORD_BYTES = 8 * 1024 * 1024
-MAX_MESSAGES = 4096
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+CHAT_ROLES = ROLES
 CSV_TARGETS = ("prompt", "completion", "text", "system", "user", "assistant")
 _PEEK = 64 * 1024
 
@@ -559,7 +559,7 @@ class Parser:
 
     @property
     def state(self) -> dict[str, str]:
-        """The parse state ("format" once known), shared with `parallel_segments` when it parses instead."""
+        """The parse state ("format" once known), shared with `parallel.jsonl_segments` when it parses instead."""
         return self._state
 
     @property

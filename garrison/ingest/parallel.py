@@ -30,10 +30,11 @@ from typing import Any
 from garrison.ingest import formats
 from garrison.ingest.formats import BadLine, Item, Record, block_lines, jsonl_items, raw_blocks
 from garrison.ingest.pii import RedactionResult, Redactor, map_strings
+from garrison.ingest.pii_prefilter import Prefilter
 from garrison.ingest.policy import RedactionPolicy
-from garrison.ingest.vault import encode_record
+from garrison.ingest.records import ChatRecord, decode_chat_block, encode_chat_records, encode_record
 
-__all__ = ["PARALLEL_MIN_BYTES", "RecordRedactor", "Segment", "parallel_segments", "segments", "worker_count"]
+__all__ = ["PARALLEL_MIN_BYTES", "RecordRedactor", "Segment", "jsonl_segments", "segments", "worker_count"]
 
 REDACT_BATCH = 512  # records per prefilter scan: large enough to amortise the call, small enough for memory
 BLOCK_BYTES = 1024 * 1024
@@ -96,6 +97,37 @@ class RecordRedactor:
             value = record if not any(found) and _canonical(record) else self._rebuild(record, iter(found))
             out.append(None if value is None else encode_record(value, has_float=floats[i]))
         return out
+
+    def chat_segment(self, data: bytes) -> Segment | None:
+        """A block of whole lines as one segment when every line is a plain chat record (decoded,
+        checked and encoded in C by `records`; only the texts in which something was found are
+        touched here), else None: the block then goes through the general path.
+
+        Counted as `_rebuild_chat` counts: message by message, and nothing after the message that
+        drops its record.
+        """
+        records = decode_chat_block(data)
+        if records is None:
+            return None
+        messages = [m for r in records for m in r.messages]
+        changed = self.redactor.redact_changed([m.content for m in messages])
+        counts: Counter[str] = Counter()
+        owner: list[int] | None = None  # record index of each message, worked out at the first drop
+        dropped: set[int] = set()
+        for i, result in changed:
+            if result.dropped or dropped:
+                if owner is None:
+                    owner = [k for k, r in enumerate(records) for _ in r.messages]
+                if owner[i] in dropped:
+                    continue
+                if result.dropped:
+                    dropped.add(owner[i])
+            counts.update(result.counts)
+            messages[i].content = result.text
+        kept: list[ChatRecord] = (records if not dropped
+                                  else [r for k, r in enumerate(records) if k not in dropped])
+        self.counts.update(counts)
+        return Segment(encode_chat_records(kept), len(kept), len(dropped), dict(counts))
 
     def segment(self, records: Sequence[dict[str, Any]]) -> Segment:
         before = self.counts
@@ -264,6 +296,10 @@ def segments(items: Iterable[Item], redact: RecordRedactor) -> Iterator[Segment 
 
 def _block_segments(first: int, data: bytes, kind: str | None, redact: RecordRedactor,
                     state: dict[str, str]) -> list[Segment | BadLine]:
+    if kind == "chat" and len(data) <= formats.MAX_RECORD_BYTES:
+        segment = redact.chat_segment(data)
+        if segment is not None:
+            return [segment]
     lines, long_numbers = block_lines(first, data)
     return list(segments(jsonl_items(lines, long_numbers, kind, state), redact))
 
@@ -271,13 +307,15 @@ def _block_segments(first: int, data: bytes, kind: str | None, redact: RecordRed
 _WORKER: RecordRedactor | None = None
 
 
-def _init_worker(policy: RedactionPolicy, hmac_key: bytes) -> None:
-    """Runs in each worker: die with the parent, ignore the terminal's ^C, build the redactor once."""
+def _init_worker(policy: RedactionPolicy, hmac_key: bytes, prefilter: Any) -> None:
+    """Runs in each worker: die with the parent, ignore the terminal's ^C, build the redactor once
+    (on the parent's compiled prefilter, `Prefilter.export`)."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the pipe closing still ends the worker
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Prefilter.preload(prefilter)
     global _WORKER
     _WORKER = RecordRedactor(Redactor(policy, hmac_key))
 
@@ -296,9 +334,10 @@ def worker_count() -> int:
     return max(0, min(MAX_WORKERS, cores))
 
 
-def parallel_segments(stream: Any, kind: str | None, state: dict[str, str], redact: RecordRedactor,
-                      policy: RedactionPolicy, hmac_key: bytes, workers: int) -> Iterator[Segment | BadLine]:
-    """JSONL segments, in file order, with blocks parsed and redacted by `workers` processes.
+def jsonl_segments(stream: Any, kind: str | None, state: dict[str, str], redact: RecordRedactor,
+                   policy: RedactionPolicy, hmac_key: bytes, workers: int = 0) -> Iterator[Segment | BadLine]:
+    """JSONL segments, in file order, a block of whole lines at a time: in this process, or with
+    blocks parsed and redacted by `workers` processes when that is 2 or more.
 
     Blocks are handled here until the record kind is known (the first valid record decides it for
     `jsonl`), so every worker checks records against the same kind, as the sequential parser does.
@@ -314,9 +353,17 @@ def parallel_segments(stream: Any, kind: str | None, state: dict[str, str], reda
             break
     if kind is None:
         return
+    if workers < 2:
+        for first, data in blocks:
+            if data is None:
+                yield BadLine(first, f"line longer than {formats.MAX_RECORD_BYTES} bytes")
+            else:
+                yield from _block_segments(first, data, kind, redact, state)
+        return
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                                  initializer=_init_worker, initargs=(policy, hmac_key))
+                                                  initializer=_init_worker,
+                                                  initargs=(policy, hmac_key, redact.redactor.prefilter.export()))
     try:
         window: collections.deque[concurrent.futures.Future[list[Segment | BadLine]] | list[Segment | BadLine]]
         window = collections.deque()

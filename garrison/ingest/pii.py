@@ -162,10 +162,18 @@ class Redactor:
         # Each distinct hint is looked for once per text, not once per row that names it.
         self._hints = tuple(sorted({h for det in rows for h in det.hints}))
         self._actions = {t: self.policy.action_for(t) for t in self.policy.entity_types}
+        entities = {*self._actions, *(det.entity for det in rows)}
+        self._drops = frozenset(t for t in entities if self._actions.get(t, self.policy.default) == "drop")
+        # Per entity type, what a found value becomes: decided once here, not per value.
+        self._replace: dict[str, Callable[[str], str]] = {t: self._replacer(t) for t in entities}
         self._word_lists = frozenset(wl.name for wl in self.policy.word_lists)
         self._prefilter = Prefilter([det.pattern for det in rows])
         # A cache, not state: filled in any order by any thread, each entry computed the same way.
         self._plans: dict[frozenset[int], tuple[tuple[Detector, ...], tuple[str, ...]]] = {}
+
+    @property
+    def prefilter(self) -> Prefilter:
+        return self._prefilter
 
     @property
     def detectors(self) -> tuple[Detector, ...]:
@@ -234,8 +242,10 @@ class Redactor:
 
     def find_many(self, texts: Sequence[str]) -> list[list[Span]]:
         """`find` for each text, with one prefilter scan for the whole batch."""
-        return [[] if rows is None else self._resolve(self.candidates(text, rows))
-                for text, rows in zip(texts, self._prefilter.flags(texts), strict=True)]
+        found: list[list[Span]] = [[] for _ in texts]
+        for i, rows in self._prefilter.flagged(texts):
+            found[i] = self._resolve(self.candidates(texts[i], rows))
+        return found
 
     def _resolve(self, cands: list[Span]) -> list[Span]:
         if len(cands) <= 1:
@@ -263,24 +273,36 @@ class Redactor:
 
     def redact_many(self, texts: Sequence[str]) -> list[RedactionResult | None]:
         """`redact` for each text (one prefilter scan); None where nothing was found (text unchanged)."""
-        return [self._apply(text, spans) if spans else None
-                for text, spans in zip(texts, self.find_many(texts), strict=True)]
+        results: list[RedactionResult | None] = [None] * len(texts)
+        for i, result in self.redact_changed(texts):
+            results[i] = result
+        return results
+
+    def redact_changed(self, texts: Sequence[str]) -> list[tuple[int, RedactionResult]]:
+        """(index, result) for each text in which something was found, in text order; one prefilter
+        scan for the batch, and no work at all for the texts it clears (most of them)."""
+        out: list[tuple[int, RedactionResult]] = []
+        for i, rows in self._prefilter.flagged(texts):
+            text = texts[i]
+            spans = self._resolve(self.candidates(text, rows))
+            if spans:
+                out.append((i, self._apply(text, spans)))
+        return out
 
     def _apply(self, text: str, spans: list[Span]) -> RedactionResult:
         counts: dict[str, int] = {}
         for s in spans:
             counts[s.type] = counts.get(s.type, 0) + 1
-        actions = self._actions
-        default = self.policy.default
-        if any(actions.get(t, default) == "drop" for t in counts):  # per type, not per span: the same answer
+        if not self._drops.isdisjoint(counts):  # per type, not per span: the same answer
             return RedactionResult("", counts, True)
         if not spans:
             return RedactionResult(text, counts, False)
+        replace = self._replace
         out: list[str] = []
         pos = 0
         for s in spans:
             out.append(text[pos:s.start])
-            out.append(self.replacement(s.type, text[s.start:s.end]))
+            out.append(replace[s.type](text[s.start:s.end]))
             pos = s.end
         out.append(text[pos:])
         return RedactionResult("".join(out), counts, False)
@@ -302,14 +324,19 @@ class Redactor:
 
     def replacement(self, entity: str, value: str) -> str:
         """What one found value becomes under the policy (drop is handled per record by `redact`)."""
+        fn = self._replace.get(entity)
+        return (fn or self._replacer(entity))(value)
+
+    def _replacer(self, entity: str) -> Callable[[str], str]:
         action = self._actions.get(entity, self.policy.default)
-        if action == "keep" or action == "drop":
-            return value
         if action == "mask":
-            return "*" * len(value)
+            return lambda value: "*" * len(value)
         if action == "tag":
-            return f"[{entity.upper()}]"
-        return f"<{entity.upper()}:{self.pseudonym(entity, value)}>"
+            tag = f"[{entity.upper()}]"
+            return lambda value: tag
+        if action == "hash":
+            return lambda value: f"<{entity.upper()}:{self.pseudonym(entity, value)}>"
+        return str  # keep, and drop (handled per record)
 
     def pseudonym(self, entity: str, value: str) -> str:
         """The keyed hash of a value: stable on this appliance, unlinkable across appliances."""

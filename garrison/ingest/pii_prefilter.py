@@ -269,9 +269,28 @@ def _compile(expressions: list[str | None]) -> tuple[tuple[PrefilterRow, ...], h
     raise AssertionError("unreachable")
 
 
-@functools.lru_cache(maxsize=32)
-def _cached(key: tuple[tuple[str, int], ...]) -> tuple[tuple[PrefilterRow, ...], hyperscan.Database | None]:
-    return _compile([_translate_or_none(re.compile(source, flags)) for source, flags in key])
+_Compiled = tuple[tuple["PrefilterRow", ...], "hyperscan.Database | None"]
+_Key = tuple[tuple[str, int], ...]
+#: Compiled databases by pattern set (read-only once built, so shared by every redactor and thread).
+_DATABASES: dict[_Key, _Compiled] = {}
+_DATABASES_LOCK = threading.Lock()
+_MAX_DATABASES = 32
+
+
+def _cached(key: _Key) -> _Compiled:
+    with _DATABASES_LOCK:
+        found = _DATABASES.get(key)
+    if found is None:
+        found = _compile([_translate_or_none(re.compile(source, flags)) for source, flags in key])
+        _remember(key, found)
+    return found
+
+
+def _remember(key: _Key, compiled: _Compiled) -> None:
+    with _DATABASES_LOCK:
+        if len(_DATABASES) >= _MAX_DATABASES:
+            _DATABASES.clear()
+        _DATABASES[key] = compiled
 
 
 class Prefilter:
@@ -280,11 +299,25 @@ class Prefilter:
     def __init__(self, patterns: Sequence[re.Pattern[str]]) -> None:
         # Compiling costs a fraction of a second; every ingestion builds a redactor, mostly from
         # the same table, so databases are shared per pattern set (they are read-only).
-        self.rows, self._db = _cached(tuple((p.pattern, p.flags) for p in patterns))
+        self._key: _Key = tuple((p.pattern, p.flags) for p in patterns)
+        self.rows, self._db = _cached(self._key)
         self.always = frozenset(r.index for r in self.rows if r.expression is None)
         self._local = threading.local()
         if self._db is not None:
             self._scratch = hyperscan.Scratch(self._db)
+
+    def export(self) -> tuple[_Key, tuple[tuple[int, str | None, int], ...], bytes | None]:
+        """This prefilter's compiled form as plain data, for `preload` in another process: a redaction
+        worker then skips the translation and compilation (a fraction of a second of CPU each)."""
+        rows = tuple((r.index, r.expression, r.flags) for r in self.rows)
+        return self._key, rows, None if self._db is None else hyperscan.dumpb(self._db)
+
+    @staticmethod
+    def preload(exported: tuple[_Key, tuple[tuple[int, str | None, int], ...], bytes | None]) -> None:
+        """Make `export`'s database the one every Prefilter of the same patterns uses in this process."""
+        key, rows, data = exported
+        db = None if data is None else hyperscan.loadb(data, hyperscan.HS_MODE_BLOCK)
+        _remember(key, (tuple(PrefilterRow(*row) for row in rows), db))
 
     def _thread_scratch(self) -> Any:
         scratch = getattr(self._local, "scratch", None)
@@ -294,9 +327,17 @@ class Prefilter:
 
     def flags(self, texts: Sequence[str]) -> list[frozenset[int] | None]:
         """Per text, the rows that may match it (the always-run rows included), or None for "none"."""
-        always = self.always or None
+        out: list[frozenset[int] | None] = [None] * len(texts)
+        for i, rows in self.flagged(texts):
+            out[i] = rows
+        return out
+
+    def flagged(self, texts: Sequence[str]) -> list[tuple[int, frozenset[int]]]:
+        """(index, rows that may match it) for each text some row may match, in text order; the
+        always-run rows count as matching every text. Most texts hold no PII: they cost nothing here."""
+        always = self.always
         if self._db is None:
-            return [always] * len(texts)
+            return [(i, always) for i in range(len(texts))] if always else []
         # One encode of the joined batch; a text's byte length is its length in characters unless the
         # batch has a non-ASCII character (every one encodes to 2+ bytes), and then each is encoded.
         joined = _SEP.join(texts)
@@ -312,18 +353,18 @@ class Prefilter:
             append((end, row))
 
         self._db.scan(data, match_event_handler=on_match, scratch=self._thread_scratch())
-        found: list[set[int] | None] = [None] * len(texts)
-        count = len(found)
+        found: dict[int, set[int]] = {}
+        count = len(texts)
         bisect_left = bisect.bisect_left
         for end, row in hits:
             i = bisect_left(ends, end)
             if i >= count:
                 continue
-            rows = found[i]
+            rows = found.get(i)
             if rows is None:
                 found[i] = {row}
             else:
                 rows.add(row)
-        if self.always:
-            return [self.always if rows is None else self.always | rows for rows in found]
-        return [None if rows is None else frozenset(rows) for rows in found]
+        if always:
+            return [(i, always | found[i] if i in found else always) for i in range(count)]
+        return [(i, frozenset(found[i])) for i in sorted(found)]

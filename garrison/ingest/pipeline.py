@@ -46,7 +46,7 @@ from garrison.ingest.formats import JSONL_KINDS, BadLine, Parser
 from garrison.ingest.parallel import (
     RecordRedactor,
     Segment,
-    parallel_segments,
+    jsonl_segments,
     segments,
     worker_count,
 )
@@ -259,11 +259,11 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
                 "plaintext_bytes": plain_meter.count, "stored_bytes": stored, "chunks": chunks,
                 "duration_s": round(time.monotonic() - started, 3), "policy": policy.summary()}
 
-    workers = worker_count() if _large(src, request) else 0
-    if workers >= 2 and parser.container in ("jsonl", *JSONL_KINDS):
+    if parser.container in ("jsonl", *JSONL_KINDS):
         kind = parser.container if parser.container in JSONL_KINDS else None
-        source: Iterator[Segment | BadLine] = parallel_segments(plain, kind, parser.state, redact, policy.redaction,
-                                                                key, workers)
+        workers = worker_count() if _large(src, request) else 0
+        source: Iterator[Segment | BadLine] = jsonl_segments(plain, kind, parser.state, redact, policy.redaction,
+                                                             key, workers)
     else:
         source = segments(parser, redact)
     writer = vault.writer(request.dataset)

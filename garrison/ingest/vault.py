@@ -44,7 +44,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -52,6 +51,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from garrison.errors import ConfigError, IntegrityError, NotFound
 from garrison.ingest.datasets import DatasetStore, VersionRecord, new_version_id, validate_name
+from garrison.ingest.records import encode_record
 from garrison.paths import StateLayout
 from garrison.policies.audit import append_audit
 from garrison.store.catalog import Catalog
@@ -109,35 +109,6 @@ def unwrap_key(kek: bytes, wrapped: bytes, version_id: str) -> bytes:
         raise IntegrityError(f"the data key of dataset version {version_id} does not open with this master key "
                              "(wrong master key, or the catalog row was altered)",
                              code="vault_key_unwrap_failed") from None
-
-
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
-def encode_record(record: Any, *, has_float: bool | None = None) -> bytes:
-    """A record as one line of the version's plaintext: compact JSON, UTF-8, newline.
-
-    The bytes are json.dumps(ensure_ascii=False, separators=(",", ":")) exactly. orjson writes
-    the same bytes ~15x faster except for floats (it writes 1e-05 as 0.00001) and integers
-    beyond 64 bits (it refuses them); those records, or any it refuses, go through json.
-    `has_float` is what the caller already knows (None: look).
-    """
-    if has_float is None:
-        has_float = _has_float(record)
-    if not has_float:
-        try:
-            return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-        except orjson.JSONEncodeError:
-            pass
-    return _ENCODER.encode(record).encode() + b"\n"
-
-
-def _has_float(v: Any) -> bool:
-    if isinstance(v, dict):
-        return any(_has_float(x) for x in v.values())
-    if isinstance(v, list | tuple):
-        return any(_has_float(x) for x in v)
-    return isinstance(v, float)
 
 
 def _chunk_aad(dataset: str, version_id: str, index: int, last: bool) -> bytes:

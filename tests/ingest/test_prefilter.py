@@ -12,7 +12,7 @@ from pii_corpus import generate
 
 from garrison.ingest import formats, parallel
 from garrison.ingest.formats import BadLine, Parser, block_lines, raw_blocks
-from garrison.ingest.parallel import RecordRedactor, Segment, parallel_segments, segments
+from garrison.ingest.parallel import RecordRedactor, Segment, jsonl_segments, segments
 from garrison.ingest.pii import Redactor
 from garrison.ingest.pii_prefilter import FOLD_EXTRAS, Prefilter, translate
 from garrison.ingest.policy import RedactionPolicy
@@ -105,7 +105,7 @@ def test_raw_blocks_number_lines_as_the_line_reader(monkeypatch: pytest.MonkeyPa
     assert [x for x in got if x[1] != b""] == [x for x in expected if x[1] != b""]
 
 
-def test_parallel_segments_equal_sequential(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_jsonl_segments_equal_sequential(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _jsonl(3000)
     policy = _policy()
     sequential = list(segments(Parser(io.BufferedReader(io.BytesIO(data)), "jsonl"),
@@ -113,7 +113,7 @@ def test_parallel_segments_equal_sequential(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 16 * 1024)  # many blocks, bad lines on both sides of cuts
     state: dict[str, str] = {}
     stream = io.BufferedReader(io.BytesIO(data))
-    got = list(parallel_segments(stream, None, state, RecordRedactor(Redactor(policy, KEY)), policy, KEY, 2))
+    got = list(jsonl_segments(stream, None, state, RecordRedactor(Redactor(policy, KEY)), policy, KEY, 2))
     assert state["format"] == "chat"
     seq, par = _flatten(sequential), _flatten(got)
     assert par == seq
