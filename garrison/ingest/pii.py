@@ -68,9 +68,11 @@ class Span(NamedTuple):
     detector: str
 
 
-@dataclass(frozen=True)
-class RedactionResult:
-    """The redacted text (empty when dropped) and how many values of each type were found."""
+class RedactionResult(NamedTuple):
+    """The redacted text (empty when dropped) and how many values of each type were found.
+
+    A named tuple, like `Span`: one is made per text in which something was found.
+    """
 
     text: str
     counts: dict[str, int]
@@ -169,7 +171,7 @@ class Redactor:
         self._word_lists = frozenset(wl.name for wl in self.policy.word_lists)
         self._prefilter = Prefilter([det.pattern for det in rows])
         # A cache, not state: filled in any order by any thread, each entry computed the same way.
-        self._plans: dict[frozenset[int], tuple[tuple[Detector, ...], tuple[str, ...]]] = {}
+        self._plans: dict[frozenset[int], tuple[Detector, ...]] = {}
 
     @property
     def prefilter(self) -> Prefilter:
@@ -186,46 +188,45 @@ class Redactor:
         """Every validated match of every row (or of the row indices in `rows`), overlaps included.
 
         Without `rows` this is the exhaustive pass (diagnostics, and the tests' reference for the
-        prefilter); `find` passes the rows the prefilter flagged.
+        prefilter), which skips a row whose hints do not occur; with `rows` (the ones the prefilter
+        flagged, a finer test than the hints) it runs exactly those.
         """
-        if rows is None:
-            dets = self._rows
-            low = text.lower()
-            present = {h for h in self._hints if h in low}
-        else:
-            dets, hints = self._plan(rows)
-            low = text.lower() if hints else text
-            present = {h for h in hints if h in low}
-        required: dict[re.Pattern[str], bool] = {}
+        if rows is not None:
+            return self._candidates(text, self._plan(rows))
+        low = text.lower()
+        present = {h for h in self._hints if h in low}
+        return self._candidates(text, tuple(det for det in self._rows
+                                            if not det.hints or not present.isdisjoint(det.hints)))
+
+    @staticmethod
+    def _candidates(text: str, dets: tuple[Detector, ...]) -> list[Span]:
         found: list[Span] = []
         for det in dets:
-            if det.hints and present.isdisjoint(det.hints):
+            if det.requires is not None and det.requires.search(text) is None:
                 continue
-            if det.requires is not None:
-                ok = required.get(det.requires)
-                if ok is None:
-                    ok = required[det.requires] = det.requires.search(text) is not None
-                if not ok:
-                    continue
-            spans = det.finder(text) if det.finder is not None else (
-                _value_span(m, det.value_groups) for m in det.pattern.finditer(text))
+            if det.finder is not None:
+                spans: Iterable[tuple[int, int]] = det.finder(text)
+            elif det.value_groups:
+                spans = [_value_span(m, det.value_groups) for m in det.pattern.finditer(text)]
+            else:
+                spans = [m.span() for m in det.pattern.finditer(text)]
+            validator = det.validator
             for start, end in spans:
                 if start == end:
                     continue
-                if det.validator is not None and not det.validator(text[start:end]):
+                if validator is not None and not validator(text[start:end]):
                     end = _trim(text, start, end, det)
                     if end < 0:
                         continue
                 found.append(Span(start, end, det.entity, det.name))
         return found
 
-    def _plan(self, rows: Collection[int]) -> tuple[tuple[Detector, ...], tuple[str, ...]]:
-        """The flagged rows in table order and their hints; the prefilter hands out few distinct
-        sets of rows, so each is worked out once per redactor rather than once per text."""
+    def _plan(self, rows: Collection[int]) -> tuple[Detector, ...]:
+        """The flagged rows in table order; the prefilter hands out few distinct sets of rows, so
+        each is worked out once per redactor rather than once per text."""
         plan = self._plans.get(rows) if isinstance(rows, frozenset) else None
         if plan is None:
-            dets = tuple(self._rows[i] for i in sorted(rows))
-            plan = (dets, tuple(dict.fromkeys(h for det in dets for h in det.hints)))
+            plan = tuple(self._rows[i] for i in sorted(rows))
             if isinstance(rows, frozenset):
                 if len(self._plans) >= _MAX_PLANS:
                     self._plans.clear()
@@ -282,11 +283,13 @@ class Redactor:
         """(index, result) for each text in which something was found, in text order; one prefilter
         scan for the batch, and no work at all for the texts it clears (most of them)."""
         out: list[tuple[int, RedactionResult]] = []
+        plan = self._plan
+        candidates = self._candidates
         for i, rows in self._prefilter.flagged(texts):
             text = texts[i]
-            spans = self._resolve(self.candidates(text, rows))
+            spans = candidates(text, plan(rows))
             if spans:
-                out.append((i, self._apply(text, spans)))
+                out.append((i, self._apply(text, spans if len(spans) == 1 else self._resolve(spans))))
         return out
 
     def _apply(self, text: str, spans: list[Span]) -> RedactionResult:

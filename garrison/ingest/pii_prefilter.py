@@ -137,10 +137,48 @@ def _one_char(source: str, flags: int, non_ascii: bool) -> str:
 
 
 class _Translator:
-    def __init__(self, flags: int) -> None:
+    def __init__(self, flags: int, state: Any) -> None:
         if flags & re.LOCALE:
             raise Untranslatable("LOCALE flag")
         self.groups: dict[int, str] = {}
+        self.state = state
+
+    def min_width(self, item: tuple[Any, Any]) -> int:
+        return int(_sre_p.SubPattern(self.state, [item]).getwidth()[0])
+
+    def tail(self, sub: Any, flags: int) -> str:
+        r"""`seq` for the end of a pattern, where only the shortest way to finish matters.
+
+        Every match of `A B` starts with a match of `A` when `B` may match nothing, and with a match
+        of `A X` when `B` is `X{m,n}` (m >= 1): so, at the end, parts that may match nothing are
+        dropped and a repeat keeps its minimum. The prefilter's question is "may this row match in
+        this text", which a match's prefix answers as well, from the same text; and Hyperscan reports
+        every end offset of every match, so a variable tail (`\+\d{7,15}`) meant up to ten callbacks
+        per value where one now comes.
+        """
+        items = list(sub)
+        while items and self.min_width(items[-1]) == 0:
+            items.pop()
+        if not items:
+            return ""
+        *head, (op, av) = items
+        return "".join(self.node(o, a, flags) for o, a in head) + self.tail_node(op, av, flags)
+
+    def tail_node(self, op: Any, av: Any, flags: int) -> str:
+        c = _sre_c
+        if op is c.BRANCH:
+            return "(?:" + "|".join(self.tail(alt, flags) for alt in av[1]) + ")"
+        if op is c.SUBPATTERN:
+            _, add, delete, sub = av
+            return f"(?:{self.tail(sub, (flags | add) & ~delete)})"
+        if op is c.ATOMIC_GROUP:
+            return f"(?:{self.tail(av, flags)})"
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            low, _, sub = av
+            low = min(low, _MAX_BOUND)
+            last = f"(?:{self.tail(sub, flags)})"
+            return (f"(?:{self.seq(sub, flags)}){{{low - 1}}}" if low > 1 else "") + last
+        return self.node(op, av, flags)
 
     def one_char(self, source: str, flags: int, non_ascii: bool) -> str:
         return _one_char(source, flags & (re.IGNORECASE | re.ASCII | re.DOTALL), non_ascii)
@@ -208,12 +246,12 @@ class _Translator:
 
 
 def translate(pattern: re.Pattern[str]) -> str:
-    """A Hyperscan (UTF-8 mode) pattern whose matches include every match of `pattern`."""
+    """A Hyperscan (UTF-8 mode) pattern that matches a prefix of every match of `pattern`."""
     if not isinstance(pattern.pattern, str):
         raise Untranslatable("a bytes pattern")
     tree = _sre_p.parse(pattern.pattern, pattern.flags)
     flags = pattern.flags | tree.state.flags
-    return _Translator(flags).seq(tree, flags)
+    return _Translator(flags, tree.state).tail(tree, flags)
 
 
 # -------------------------------------------------------------------------- the database
