@@ -111,7 +111,7 @@ class RecordRedactor:
             return None
         messages = [m for r in records for m in r.messages]
         changed = self.redactor.redact_changed([m.content for m in messages])
-        counts: Counter[str] = Counter()
+        counts: dict[str, int] = {}
         owner: list[int] | None = None  # record index of each message, worked out at the first drop
         dropped: set[int] = set()
         for i, result in changed:
@@ -122,12 +122,13 @@ class RecordRedactor:
                     continue
                 if result.dropped:
                     dropped.add(owner[i])
-            counts.update(result.counts)
+            for entity, n in result.counts.items():
+                counts[entity] = counts.get(entity, 0) + n
             messages[i].content = result.text
         kept: list[ChatRecord] = (records if not dropped
                                   else [r for k, r in enumerate(records) if k not in dropped])
         self.counts.update(counts)
-        return Segment(encode_chat_records(kept), len(kept), len(dropped), dict(counts))
+        return Segment(encode_chat_records(kept), len(kept), len(dropped), counts)
 
     def segment(self, records: Sequence[dict[str, Any]]) -> Segment:
         before = self.counts

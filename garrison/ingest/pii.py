@@ -171,7 +171,7 @@ class Redactor:
         self._word_lists = frozenset(wl.name for wl in self.policy.word_lists)
         self._prefilter = Prefilter([det.pattern for det in rows])
         # A cache, not state: filled in any order by any thread, each entry computed the same way.
-        self._plans: dict[frozenset[int], tuple[Detector, ...]] = {}
+        self._plans: dict[int, tuple[Detector, ...]] = {}
 
     @property
     def prefilter(self) -> Prefilter:
@@ -192,7 +192,7 @@ class Redactor:
         flagged, a finer test than the hints) it runs exactly those.
         """
         if rows is not None:
-            return self._candidates(text, self._plan(rows))
+            return self._candidates(text, self._plan(sum(1 << k for k in set(rows))))
         low = text.lower()
         present = {h for h in self._hints if h in low}
         return self._candidates(text, tuple(det for det in self._rows
@@ -221,16 +221,15 @@ class Redactor:
                 found.append(Span(start, end, det.entity, det.name))
         return found
 
-    def _plan(self, rows: Collection[int]) -> tuple[Detector, ...]:
-        """The flagged rows in table order; the prefilter hands out few distinct sets of rows, so
-        each is worked out once per redactor rather than once per text."""
-        plan = self._plans.get(rows) if isinstance(rows, frozenset) else None
+    def _plan(self, mask: int) -> tuple[Detector, ...]:
+        """The rows of a bit mask (`Prefilter.flagged`) in table order; the prefilter hands out few
+        distinct sets of rows, so each is worked out once per redactor rather than once per text."""
+        plan = self._plans.get(mask)
         if plan is None:
-            plan = tuple(self._rows[i] for i in sorted(rows))
-            if isinstance(rows, frozenset):
-                if len(self._plans) >= _MAX_PLANS:
-                    self._plans.clear()
-                self._plans[rows] = plan
+            plan = tuple(det for k, det in enumerate(self._rows) if mask >> k & 1)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[mask] = plan
         return plan
 
     def find(self, text: str) -> list[Span]:
@@ -244,8 +243,8 @@ class Redactor:
     def find_many(self, texts: Sequence[str]) -> list[list[Span]]:
         """`find` for each text, with one prefilter scan for the whole batch."""
         found: list[list[Span]] = [[] for _ in texts]
-        for i, rows in self._prefilter.flagged(texts):
-            found[i] = self._resolve(self.candidates(texts[i], rows))
+        for i, mask in self._prefilter.flagged(texts):
+            found[i] = self._resolve(self._candidates(texts[i], self._plan(mask)))
         return found
 
     def _resolve(self, cands: list[Span]) -> list[Span]:
@@ -285,14 +284,20 @@ class Redactor:
         out: list[tuple[int, RedactionResult]] = []
         plan = self._plan
         candidates = self._candidates
-        for i, rows in self._prefilter.flagged(texts):
+        for i, mask in self._prefilter.flagged(texts):
             text = texts[i]
-            spans = candidates(text, plan(rows))
+            spans = candidates(text, plan(mask))
             if spans:
                 out.append((i, self._apply(text, spans if len(spans) == 1 else self._resolve(spans))))
         return out
 
     def _apply(self, text: str, spans: list[Span]) -> RedactionResult:
+        if len(spans) == 1:  # the usual case, without the loops
+            start, end, entity, _ = spans[0]
+            if entity in self._drops:
+                return RedactionResult("", {entity: 1}, True)
+            return RedactionResult(text[:start] + self._replace[entity](text[start:end]) + text[end:], {entity: 1},
+                                   False)
         counts: dict[str, int] = {}
         for s in spans:
             counts[s.type] = counts.get(s.type, 0) + 1

@@ -340,6 +340,7 @@ class Prefilter:
         self._key: _Key = tuple((p.pattern, p.flags) for p in patterns)
         self.rows, self._db = _cached(self._key)
         self.always = frozenset(r.index for r in self.rows if r.expression is None)
+        self._always_mask = sum(1 << k for k in self.always)
         self._local = threading.local()
         if self._db is not None:
             self._scratch = hyperscan.Scratch(self._db)
@@ -366,14 +367,15 @@ class Prefilter:
     def flags(self, texts: Sequence[str]) -> list[frozenset[int] | None]:
         """Per text, the rows that may match it (the always-run rows included), or None for "none"."""
         out: list[frozenset[int] | None] = [None] * len(texts)
-        for i, rows in self.flagged(texts):
-            out[i] = rows
+        for i, mask in self.flagged(texts):
+            out[i] = frozenset(k for k in range(mask.bit_length()) if mask >> k & 1)
         return out
 
-    def flagged(self, texts: Sequence[str]) -> list[tuple[int, frozenset[int]]]:
-        """(index, rows that may match it) for each text some row may match, in text order; the
-        always-run rows count as matching every text. Most texts hold no PII: they cost nothing here."""
-        always = self.always
+    def flagged(self, texts: Sequence[str]) -> list[tuple[int, int]]:
+        """(index, rows that may match it, as a bit mask: bit k for row k) for each text some row may
+        match, in text order; the always-run rows count as matching every text. Most texts hold no
+        PII: they cost nothing here, and the others a few integer operations."""
+        always = self._always_mask
         if self._db is None:
             return [(i, always) for i in range(len(texts))] if always else []
         # One encode of the joined batch; a text's byte length is its length in characters unless the
@@ -391,18 +393,14 @@ class Prefilter:
             append((end, row))
 
         self._db.scan(data, match_event_handler=on_match, scratch=self._thread_scratch())
-        found: dict[int, set[int]] = {}
+        found: dict[int, int] = {}
         count = len(texts)
         bisect_left = bisect.bisect_left
+        get = found.get
         for end, row in hits:
             i = bisect_left(ends, end)
-            if i >= count:
-                continue
-            rows = found.get(i)
-            if rows is None:
-                found[i] = {row}
-            else:
-                rows.add(row)
+            if i < count:
+                found[i] = get(i, always) | 1 << row
         if always:
-            return [(i, always | found[i] if i in found else always) for i in range(count)]
-        return [(i, frozenset(found[i])) for i in sorted(found)]
+            return [(i, get(i, always)) for i in range(count)]
+        return sorted(found.items())
