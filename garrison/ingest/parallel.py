@@ -34,7 +34,8 @@ from garrison.ingest.pii_prefilter import Prefilter
 from garrison.ingest.policy import RedactionPolicy
 from garrison.ingest.records import ChatRecord, decode_chat_block, encode_chat_records, encode_record
 
-__all__ = ["PARALLEL_MIN_BYTES", "RecordRedactor", "Segment", "jsonl_segments", "segments", "worker_count"]
+__all__ = ["PARALLEL_MIN_BYTES", "RecordRedactor", "RedactionPool", "Segment", "jsonl_segments", "segments",
+           "worker_count"]
 
 REDACT_BATCH = 512  # records per prefilter scan: large enough to amortise the call, small enough for memory
 BLOCK_BYTES = 1024 * 1024
@@ -305,25 +306,32 @@ def _block_segments(first: int, data: bytes, kind: str | None, redact: RecordRed
     return list(segments(jsonl_items(lines, long_numbers, kind, state), redact))
 
 
-_WORKER: RecordRedactor | None = None
+_WORKER: tuple[Any, RecordRedactor] | None = None  # (prefilter key, redactor), built at the first block
+_INIT: tuple[RedactionPolicy, bytes] | None = None
 
 
-def _init_worker(policy: RedactionPolicy, hmac_key: bytes, prefilter: Any) -> None:
-    """Runs in each worker: die with the parent, ignore the terminal's ^C, build the redactor once
-    (on the parent's compiled prefilter, `Prefilter.export`)."""
+def _init_worker(policy: RedactionPolicy, hmac_key: bytes) -> None:
+    """Runs in each worker: die with the parent, ignore the terminal's ^C, keep what the redactor needs."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the pipe closing still ends the worker
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Prefilter.preload(prefilter)
+    global _INIT
+    _INIT = (policy, hmac_key)
+
+
+def _started() -> None:
+    """A no-op task: submitting one per worker starts them all at once."""
+
+
+def _work(first: int, data: bytes, kind: str, prefilter: Any) -> list[Segment | BadLine]:
     global _WORKER
-    _WORKER = RecordRedactor(Redactor(policy, hmac_key))
-
-
-def _work(first: int, data: bytes, kind: str) -> list[Segment | BadLine]:
-    assert _WORKER is not None
-    return _block_segments(first, data, kind, _WORKER, {})
+    if _WORKER is None or _WORKER[0] != prefilter[0]:
+        assert _INIT is not None
+        Prefilter.preload(prefilter)  # the parent's compiled database: no translation, no compilation here
+        _WORKER = (prefilter[0], RecordRedactor(Redactor(*_INIT)))
+    return _block_segments(first, data, kind, _WORKER[1], {})
 
 
 def worker_count() -> int:
@@ -335,18 +343,52 @@ def worker_count() -> int:
     return max(0, min(MAX_WORKERS, cores))
 
 
+class RedactionPool:
+    """Worker processes for one ingestion, started as soon as the ingestion knows it will use them.
+
+    Starting a worker (an interpreter and its imports) costs a fifth of a second of CPU; asking
+    for them before the parent builds its redactor (a Hyperscan compilation) lets the two overlap.
+    The workers get the policy and key now and the parent's compiled prefilter with each block.
+    """
+
+    def __init__(self, workers: int, policy: RedactionPolicy, hmac_key: bytes) -> None:
+        self.workers = workers
+        context = multiprocessing.get_context("spawn")
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(policy, hmac_key))
+        for _ in range(workers):
+            self._executor.submit(_started)
+
+    def submit(self, first: int, data: bytes, kind: str,
+               prefilter: Any) -> concurrent.futures.Future[list[Segment | BadLine]]:
+        return self._executor.submit(_work, first, data, kind, prefilter)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
 def jsonl_segments(stream: Any, kind: str | None, state: dict[str, str], redact: RecordRedactor,
-                   policy: RedactionPolicy, hmac_key: bytes, workers: int = 0) -> Iterator[Segment | BadLine]:
+                   pool: RedactionPool | None = None) -> Iterator[Segment | BadLine]:
     """JSONL segments, in file order, a block of whole lines at a time: in this process, or with
-    blocks parsed and redacted by `workers` processes when that is 2 or more.
+    blocks parsed and redacted by the pool's workers. The pool is closed when this ends.
 
     Blocks are handled here until the record kind is known (the first valid record decides it for
     `jsonl`), so every worker checks records against the same kind, as the sequential parser does.
     """
+    try:
+        yield from _jsonl_segments(stream, kind, state, redact, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _jsonl_segments(stream: Any, kind: str | None, state: dict[str, str], redact: RecordRedactor,
+                    pool: RedactionPool | None) -> Iterator[Segment | BadLine]:
+    too_long = f"line longer than {formats.MAX_RECORD_BYTES} bytes"
     blocks = raw_blocks(stream, BLOCK_BYTES)
     for first, data in blocks:
         if data is None:
-            yield from segments([BadLine(first, f"line longer than {formats.MAX_RECORD_BYTES} bytes")], redact)
+            yield BadLine(first, too_long)
             continue
         yield from _block_segments(first, data, kind, redact, state)
         kind = state.get("format") or kind
@@ -354,31 +396,22 @@ def jsonl_segments(stream: Any, kind: str | None, state: dict[str, str], redact:
             break
     if kind is None:
         return
-    if workers < 2:
+    if pool is None:
         for first, data in blocks:
             if data is None:
-                yield BadLine(first, f"line longer than {formats.MAX_RECORD_BYTES} bytes")
+                yield BadLine(first, too_long)
             else:
                 yield from _block_segments(first, data, kind, redact, state)
         return
-    context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                                  initializer=_init_worker,
-                                                  initargs=(policy, hmac_key, redact.redactor.prefilter.export()))
-    try:
-        window: collections.deque[concurrent.futures.Future[list[Segment | BadLine]] | list[Segment | BadLine]]
-        window = collections.deque()
-        for first, data in blocks:
-            if data is None:
-                window.append([BadLine(first, f"line longer than {formats.MAX_RECORD_BYTES} bytes")])
-            else:
-                window.append(pool.submit(_work, first, data, kind))
-            while len(window) > 2 * workers + 1:
-                yield from _take(window.popleft(), redact)
-        while window:
+    prefilter = redact.redactor.prefilter.export()
+    window: collections.deque[concurrent.futures.Future[list[Segment | BadLine]] | list[Segment | BadLine]]
+    window = collections.deque()
+    for first, data in blocks:
+        window.append([BadLine(first, too_long)] if data is None else pool.submit(first, data, kind, prefilter))
+        while len(window) > 2 * pool.workers + 1:
             yield from _take(window.popleft(), redact)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    while window:
+        yield from _take(window.popleft(), redact)
 
 
 def _take(done: concurrent.futures.Future[list[Segment | BadLine]] | list[Segment | BadLine],

@@ -45,6 +45,7 @@ from garrison.ingest.datasets import DatasetStore, VersionRecord, validate_name
 from garrison.ingest.formats import JSONL_KINDS, BadLine, Parser
 from garrison.ingest.parallel import (
     RecordRedactor,
+    RedactionPool,
     Segment,
     jsonl_segments,
     segments,
@@ -232,7 +233,13 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
     Raises an AgeError subclass for a sealed file that does not open, IngestRefused (`bad_lines`,
     `no_records`) with the report in its details, FormatError, PayloadTooLarge.
     """
-    policy = policy or IngestPolicy()
+    with contextlib.ExitStack() as cleanup:
+        return _ingest(src, request, vault, identity, policy or IngestPolicy(), progress, cleanup)
+
+
+def _ingest(src: Any, request: IngestRequest, vault: Vault, identity: ApplianceIdentity, policy: IngestPolicy,
+            progress: Callable[[int], None] | None, cleanup: contextlib.ExitStack) -> IngestResult:
+    """`ingest`, with `cleanup` to stop what it starts (the worker pool) however it ends."""
     validate_name(request.dataset)
     if request.source not in SOURCES:
         raise ValueError(f"unknown source {request.source!r}")
@@ -245,6 +252,12 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
     plain = io.BufferedReader(plain_meter, buffer_size=CHUNK_SIZE_AGE)
     parser = Parser(plain, request.format, name_hint=request.source_name, columns=request.columns)
     key = pseudonym_key(identity)
+    jsonl = parser.container in ("jsonl", *JSONL_KINDS)
+    workers = worker_count() if jsonl and _large(src, request) else 0
+    # Asked for before the redactor is built, so that the workers start while it compiles.
+    pool = RedactionPool(workers, policy.redaction, key) if workers >= 2 else None
+    if pool is not None:
+        cleanup.callback(pool.close)
     redact = RecordRedactor(Redactor(policy.redaction, key))
     redactions: Counter[str] = Counter()
     refused: list[dict[str, Any]] = []
@@ -261,9 +274,7 @@ def ingest(src: Any, request: IngestRequest, *, vault: Vault, identity: Applianc
 
     if parser.container in ("jsonl", *JSONL_KINDS):
         kind = parser.container if parser.container in JSONL_KINDS else None
-        workers = worker_count() if _large(src, request) else 0
-        source: Iterator[Segment | BadLine] = jsonl_segments(plain, kind, parser.state, redact, policy.redaction,
-                                                             key, workers)
+        source: Iterator[Segment | BadLine] = jsonl_segments(plain, kind, parser.state, redact, pool)
     else:
         source = segments(parser, redact)
     writer = vault.writer(request.dataset)

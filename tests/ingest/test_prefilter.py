@@ -12,7 +12,7 @@ from pii_corpus import generate
 
 from garrison.ingest import formats, parallel
 from garrison.ingest.formats import BadLine, Parser, block_lines, raw_blocks
-from garrison.ingest.parallel import RecordRedactor, Segment, jsonl_segments, segments
+from garrison.ingest.parallel import RecordRedactor, RedactionPool, Segment, jsonl_segments, segments
 from garrison.ingest.pii import Redactor
 from garrison.ingest.pii_prefilter import FOLD_EXTRAS, Prefilter, translate
 from garrison.ingest.policy import RedactionPolicy
@@ -113,7 +113,8 @@ def test_jsonl_segments_equal_sequential(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 16 * 1024)  # many blocks, bad lines on both sides of cuts
     state: dict[str, str] = {}
     stream = io.BufferedReader(io.BytesIO(data))
-    got = list(jsonl_segments(stream, None, state, RecordRedactor(Redactor(policy, KEY)), policy, KEY, 2))
+    pool = RedactionPool(2, policy, KEY)
+    got = list(jsonl_segments(stream, None, state, RecordRedactor(Redactor(policy, KEY)), pool))
     assert state["format"] == "chat"
     seq, par = _flatten(sequential), _flatten(got)
     assert par == seq
