@@ -190,9 +190,15 @@ class VaultWriter:
         self._buf += data
         self.plaintext_bytes += len(data)
         size = self.chunk_size
-        while len(self._buf) > size:
-            self._seal(bytes(self._buf[:size]), last=False)
-            del self._buf[:size]
+        if len(self._buf) <= size:
+            return
+        # Chunks are sealed from a view of the buffer (no copy of a megabyte per chunk), then cut off.
+        done = 0
+        with memoryview(self._buf) as view:
+            while len(view) - done > size:
+                self._seal(view[done:done + size], last=False)
+                done += size
+        del self._buf[:done]
 
     def write_record(self, record: Any) -> None:
         self.write(encode_record(record))
@@ -203,11 +209,12 @@ class VaultWriter:
         self.write(data)
         self.records += count
 
-    def _seal(self, plain: bytes, *, last: bool) -> None:
+    def _seal(self, plain: bytes | memoryview, *, last: bool) -> None:
         assert self._file is not None
         nonce = secrets.token_bytes(_NONCE)
         sealed = self._aead.encrypt(nonce, plain, _chunk_aad(self.dataset, self.version_id, self.chunks, last))
-        self._file.write(_LEN.pack(len(sealed)) + nonce + sealed)
+        self._file.write(_LEN.pack(len(sealed)) + nonce)
+        self._file.write(sealed)
         self.stored_bytes += _LEN.size + _NONCE + len(sealed)
         self.chunks += 1
 
