@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,8 @@ def run_child(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=100.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of (parse-only, garrison, garrison in one process), interleaved; medians reported")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="garrison-bench-ingest-"))
     try:
@@ -119,18 +122,26 @@ def main() -> None:
             with plain.open("rb") as fin, sealed.open("wb") as fout:
                 encrypt_stream(fin, fout, [recipient])
             age_d = None
-        started = time.perf_counter()
-        records = 0
-        with plain.open("rb") as fh:
-            for line in fh:
-                json.loads(line)
-                records += 1
-        parse_s = time.perf_counter() - started
-        wall, rss, out = run_child([sys.executable, "-c", CHILD, str(sealed)], env)
-        _, seq_rss, seq_out = run_child([sys.executable, "-c", CHILD, str(sealed), "sequential"], env)
-        seq_s = json.loads(seq_out)["seconds"]
-        child = json.loads(out)
-        seconds = child["seconds"]
+        rounds: list[dict[str, float]] = []
+        for _ in range(max(1, args.rounds)):  # interleaved: the machine's speed drifts over minutes
+            started = time.perf_counter()
+            records = 0
+            with plain.open("rb") as fh:
+                for line in fh:
+                    json.loads(line)
+                    records += 1
+            parse_s = time.perf_counter() - started
+            wall, rss, out = run_child([sys.executable, "-c", CHILD, str(sealed)], env)
+            _, seq_rss, seq_out = run_child([sys.executable, "-c", CHILD, str(sealed), "sequential"], env)
+            child = json.loads(out)
+            rounds.append({"parse_s": parse_s, "seconds": child["seconds"], "seq_s": json.loads(seq_out)["seconds"],
+                           "wall": wall, "rss": rss, "seq_rss": seq_rss})
+            print(f"round {len(rounds)}: parse-only {size / 1e6 / parse_s:.1f} MB/s, garrison "
+                  f"{size / 1e6 / child['seconds']:.1f} MB/s, one process {size / 1e6 / rounds[-1]['seq_s']:.1f} MB/s, "
+                  f"ratio {parse_s / child['seconds']:.3f}", file=sys.stderr)
+        parse_s, seconds, seq_s = (statistics.median(r[k] for r in rounds) for k in ("parse_s", "seconds", "seq_s"))
+        wall = statistics.median(r["wall"] for r in rounds)
+        rss, seq_rss = max(r["rss"] for r in rounds), max(r["seq_rss"] for r in rounds)
         report = child["report"]
         leftovers = [p.name for p in (work / "tmp").iterdir()]
         result = {
@@ -145,6 +156,10 @@ def main() -> None:
             "garrison_ingest_one_process": {"seconds": round(seq_s, 3), "mb_s": round(size / 1e6 / seq_s, 1),
                                             "peak_rss_mib": round(seq_rss)},
             "ratio_to_parse_only": round(parse_s / seconds, 3),
+            "rounds": [{"parse_only_mb_s": round(size / 1e6 / r["parse_s"], 1),
+                        "garrison_mb_s": round(size / 1e6 / r["seconds"], 1),
+                        "one_process_mb_s": round(size / 1e6 / r["seq_s"], 1),
+                        "ratio": round(r["parse_s"] / r["seconds"], 3)} for r in rounds],
             "redactions": report["redactions"], "records_accepted": report["records_accepted"],
             "temp_files_left": leftovers,
         }
@@ -154,8 +169,11 @@ def main() -> None:
                 ("garrison ingest (open, parse, redact, encrypt, durable)", result["garrison_ingest"]),
                 ("garrison ingest, one process (no worker pool)", result["garrison_ingest_one_process"])]
         md = [f"Ingest of {result['plaintext_mb']} MB sealed JSONL ({records} chat records with PII), "
-              f"{result['cpus']} CPUs, Python {result['python']}.", "", "| pass | MB/s | seconds |", "|---|---|---|"]
+              f"{result['cpus']} CPUs, Python {result['python']}; medians of {len(rounds)} interleaved rounds.", "",
+              "| pass | MB/s | seconds |", "|---|---|---|"]
         md += [f"| {name} | {r['mb_s']} | {r['seconds']} |" for name, r in rows if r]
+        md += ["", "Per round (MB/s): " + "; ".join(f"parse-only {r['parse_only_mb_s']}, garrison {r['garrison_mb_s']} "
+                                                 f"({r['ratio']}x)" for r in result["rounds"]) + "."]
         md += ["", f"garrison / parse-only: {result['ratio_to_parse_only']} (goal >= 0.5); peak RSS "
                f"{result['garrison_ingest']['peak_rss_mib']} MiB; redactions {report['redactions']}."]
         (OUT / "ingest_throughput.md").write_text("\n".join(md) + "\n")
