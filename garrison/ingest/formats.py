@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +161,9 @@ _LONG_NUMBER = b"0" * 19
 # caller's stack), orjson at 1024; lines that could be that deep are parsed by json alone.
 _DEEP_CANDIDATE_BYTES = 1024
 _DEEP_BRACKETS = 512
+# JSON may escape half of a UTF-16 surrogate pair alone ("\ud800"); json reads it into a str that
+# no UTF-8 encoder accepts, so such a line is refused (orjson refuses it first; json is asked only then).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 Lines = list[tuple[int, bytes | None]]
 
@@ -242,6 +246,14 @@ def _check_content(content: Any, i: int) -> str | None:
                 return f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": string}}"
         return None
     return f"messages[{i}].content must be a string or a list of text parts"
+
+
+def _lone_surrogate(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _check_chat(obj: dict[str, Any]) -> str | None:
@@ -351,6 +363,9 @@ def jsonl_items(lines: Lines, long_numbers: bool, kind: str | None, state: dict[
                 continue
             except RecursionError:
                 yield BadLine(number, "JSON nested too deeply")
+                continue
+            if _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(obj):
+                yield BadLine(number, "a string holds a lone surrogate escape (\\uD800-\\uDFFF unpaired): not Unicode")
                 continue
         if not isinstance(obj, dict):
             yield BadLine(number, f"a record must be a JSON object, not {type(obj).__name__}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import re
+import re._parser as re_parser
 from typing import Any
 
 import pytest
 from pii_corpus import generate
 
 from garrison.ingest import formats, parallel
+from garrison.ingest import pii_prefilter as prefilter_module
 from garrison.ingest.formats import BadLine, Parser, block_lines, raw_blocks
 from garrison.ingest.parallel import RecordRedactor, RedactionPool, Segment, jsonl_segments, segments
 from garrison.ingest.pii import Redactor
@@ -191,3 +193,33 @@ def test_batch_offsets_name_the_right_text(odd: str) -> None:
     texts = ["a@b.example", "", "x", "call +44 20 7946 0018", f"{odd}T1234", "none", f"c@d.example{odd}",
              "EMP-123456", "Nightjar", "\n", "4111 1111 1111 1111"] * 3
     assert redactor.find_many(texts) == [redactor.find_exhaustive(t) for t in texts]
+
+
+# ------------------------------------------------------------------------- shortest finish, export
+
+def test_a_value_is_reported_once_not_once_per_possible_end() -> None:
+    """The translation keeps only the shortest finish of a pattern: a phone number, a card or an
+    address is one match report, whatever its length (the reports are Python callbacks)."""
+    redactor = Redactor(None, KEY)
+    pf = redactor.prefilter
+    texts = ["call +44 20 7946 0018 now", "card 4111 1111 1111 1111", "mail someone.long@mail.example.com",
+             "call +1 (415) 555-0132"]
+    reports: list[int] = []
+    pf._db.scan("\n".join(texts).encode(), match_event_handler=lambda row, *a: reports.append(row))
+    assert len(reports) <= len(texts) + 1  # the address twice: after "@mail.ex" and after "@mail.example.co"
+    assert redactor.find_many(texts) == [redactor.find_exhaustive(t) for t in texts]
+    for pattern, width in ((r"ab+c?(?:de|f{2,9})?", (2, 2)), (r"x(?:yz){3,}", (7, 7)), (r"(a|bc*)", (1, 1)),
+                           (r"\d{3}[ -]?\d{2,4}(?=\D)", (5, 6))):
+        tail = re.sub(r"\\x\{([0-9a-f]+)\}", lambda m: f"\\U{int(m.group(1), 16):08x}", translate(re.compile(pattern)))
+        assert re_parser.parse(tail).getwidth() == width, (pattern, tail)
+
+
+def test_exported_prefilter_is_the_one_a_worker_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    redactor = Redactor(RedactionPolicy.from_dict(POLICY), KEY)
+    exported = redactor.prefilter.export()
+    monkeypatch.setattr(prefilter_module, "_DATABASES", {})
+    monkeypatch.setattr(prefilter_module, "_compile", lambda expressions: pytest.fail("compiled again"))
+    Prefilter.preload(exported)
+    again = Redactor(RedactionPolicy.from_dict(POLICY), KEY)
+    texts = [r.text for r in generate(300, seed=3)]
+    assert again.find_many(texts) == redactor.find_many(texts)
