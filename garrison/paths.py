@@ -43,12 +43,17 @@ class StateLayout:
         return self.root / "jobs"
 
     @property
+    def cache(self) -> Path:
+        """What is costly to rebuild and safe to lose (the PII prefilter's compiled database)."""
+        return self.root / "cache"
+
+    @property
     def daemon_lock(self) -> Path:
         return self.root / "daemon.lock"
 
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for sub in (self.vault, self.models, self.inbox, self.identity, self.jobs):
+        for sub in (self.vault, self.models, self.inbox, self.identity, self.jobs, self.cache):
             sub.mkdir(exist_ok=True, mode=0o700)
 
 

@@ -29,6 +29,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from garrison.ingest.pii_detectors import DETECTORS, Detector
@@ -148,7 +149,8 @@ class Redactor:
     Immutable after construction and safe to share between threads.
     """
 
-    def __init__(self, policy: RedactionPolicy | None, hmac_key: bytes) -> None:
+    def __init__(self, policy: RedactionPolicy | None, hmac_key: bytes, *, saved: Path | None = None) -> None:
+        """`saved`: a folder where the compiled prefilter is kept for the next process (see Prefilter)."""
         if not isinstance(hmac_key, bytes | bytearray) or len(hmac_key) < MIN_KEY_BYTES:
             raise ValueError(f"hmac_key must be at least {MIN_KEY_BYTES} bytes (derive it from the master key)")
         self.policy = policy or RedactionPolicy()
@@ -169,7 +171,7 @@ class Redactor:
         # Per entity type, what a found value becomes: decided once here, not per value.
         self._replace: dict[str, Callable[[str], str]] = {t: self._replacer(t) for t in entities}
         self._word_lists = frozenset(wl.name for wl in self.policy.word_lists)
-        self._prefilter = Prefilter([det.pattern for det in rows])
+        self._prefilter = Prefilter([det.pattern for det in rows], saved=saved)
         # A cache, not state: filled in any order by any thread, each entry computed the same way.
         self._plans: dict[int, tuple[Detector, ...]] = {}
 

@@ -31,14 +31,20 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import contextlib
 import functools
+import hashlib
 import itertools
+import json
 import operator
+import os
+import platform
 import re
 import re._constants as _sre_c  # the parse tree of CPython's re (Python is pinned to 3.11)
 import re._parser as _sre_p
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import hyperscan
@@ -315,13 +321,63 @@ _DATABASES_LOCK = threading.Lock()
 _MAX_DATABASES = 32
 
 
-def _cached(key: _Key) -> _Compiled:
+def _cached(key: _Key, folder: Path | None = None) -> _Compiled:
     with _DATABASES_LOCK:
         found = _DATABASES.get(key)
+    if found is None and folder is not None:
+        found = _read_saved(key, folder)
     if found is None:
         found = _compile([_translate_or_none(re.compile(source, flags)) for source, flags in key])
-        _remember(key, found)
+        if folder is not None:
+            _save(key, found, folder)
+    _remember(key, found)
     return found
+
+
+# -------------------------------------------------------------------------- saved databases
+# A fresh process (`garrison ingest`, a worker, the daemon after a restart) would otherwise spend a
+# fraction of a second compiling the same table again. The file holds the rows as JSON and the
+# database as Hyperscan serialises it (with its own version, platform and CRC checks); it is named
+# by a digest of the patterns and the Hyperscan build, and a file that does not load is rebuilt.
+
+_SAVED_FORMAT = 1
+
+
+def _saved_path(key: _Key, folder: Path) -> Path:
+    ident = json.dumps([_SAVED_FORMAT, getattr(hyperscan, "__version__", ""), platform.machine(), key]).encode()
+    return folder / f"prefilter-{hashlib.sha256(ident).hexdigest()[:32]}.hsdb"
+
+
+def _read_saved(key: _Key, folder: Path) -> _Compiled | None:
+    try:
+        blob = _saved_path(key, folder).read_bytes()
+        size = int.from_bytes(blob[:4], "big")
+        header = json.loads(blob[4:4 + size])
+        if header["key"] != json.loads(json.dumps(key)):
+            return None
+        rows = tuple(PrefilterRow(int(i), e, int(f)) for i, e, f in header["rows"])
+        data = blob[4 + size:]
+        return rows, (hyperscan.loadb(data, hyperscan.HS_MODE_BLOCK) if data else None)
+    except (OSError, ValueError, KeyError, TypeError, hyperscan.error):
+        return None
+
+
+def _save(key: _Key, compiled: _Compiled, folder: Path) -> None:
+    """Best effort: a folder that cannot be written only costs the next process a compilation."""
+    rows, db = compiled
+    header = json.dumps({"key": key, "rows": [(r.index, r.expression, r.flags) for r in rows]}).encode()
+    blob = len(header).to_bytes(4, "big") + header + (hyperscan.dumpb(db) if db is not None else b"")
+    path = _saved_path(key, folder)
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
 
 
 def _remember(key: _Key, compiled: _Compiled) -> None:
@@ -334,11 +390,12 @@ def _remember(key: _Key, compiled: _Compiled) -> None:
 class Prefilter:
     """Which rows may match which texts, for a table of row patterns; thread-safe."""
 
-    def __init__(self, patterns: Sequence[re.Pattern[str]]) -> None:
+    def __init__(self, patterns: Sequence[re.Pattern[str]], *, saved: Path | None = None) -> None:
         # Compiling costs a fraction of a second; every ingestion builds a redactor, mostly from
-        # the same table, so databases are shared per pattern set (they are read-only).
+        # the same table, so databases are shared per pattern set (they are read-only), and kept
+        # in the `saved` folder, when given, for the next process.
         self._key: _Key = tuple((p.pattern, p.flags) for p in patterns)
-        self.rows, self._db = _cached(self._key)
+        self.rows, self._db = _cached(self._key, saved)
         self.always = frozenset(r.index for r in self.rows if r.expression is None)
         self._always_mask = sum(1 << k for k in self.always)
         self._local = threading.local()

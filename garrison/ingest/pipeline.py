@@ -258,7 +258,7 @@ def _ingest(src: Any, request: IngestRequest, vault: Vault, identity: ApplianceI
     pool = RedactionPool(workers, policy.redaction, key) if workers >= 2 else None
     if pool is not None:
         cleanup.callback(pool.close)
-    redact = RecordRedactor(Redactor(policy.redaction, key))
+    redact = RecordRedactor(Redactor(policy.redaction, key, saved=vault.layout.cache))
     redactions: Counter[str] = Counter()
     refused: list[dict[str, Any]] = []
     refused_count = dropped = 0

@@ -223,3 +223,28 @@ def test_exported_prefilter_is_the_one_a_worker_uses(monkeypatch: pytest.MonkeyP
     again = Redactor(RedactionPolicy.from_dict(POLICY), KEY)
     texts = [r.text for r in generate(300, seed=3)]
     assert again.find_many(texts) == redactor.find_many(texts)
+
+
+def test_saved_database_spares_the_next_process_a_compilation(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    patterns = [det.pattern for det in Redactor(RedactionPolicy.from_dict(POLICY), KEY).detectors]
+    texts = [r.text for r in generate(300, seed=4)]
+    monkeypatch.setattr(prefilter_module, "_DATABASES", {})
+    first = Prefilter(patterns, saved=tmp_path)
+    (saved,) = tmp_path.iterdir()
+    assert saved.suffix == ".hsdb" and saved.stat().st_mode & 0o777 == 0o600
+    real_compile = prefilter_module._compile
+    monkeypatch.setattr(prefilter_module, "_DATABASES", {})  # a new process: nothing in memory
+    monkeypatch.setattr(prefilter_module, "_compile", lambda expressions: pytest.fail("compiled again"))
+    assert Prefilter(patterns, saved=tmp_path).flags(texts) == first.flags(texts)
+    # A damaged file (or one from another Hyperscan build) is compiled again and replaced.
+    saved.write_bytes(saved.read_bytes()[:-100])
+    monkeypatch.setattr(prefilter_module, "_DATABASES", {})
+    monkeypatch.setattr(prefilter_module, "_compile", real_compile)
+    assert Prefilter(patterns, saved=tmp_path).flags(texts) == first.flags(texts)
+    monkeypatch.setattr(prefilter_module, "_DATABASES", {})
+    monkeypatch.setattr(prefilter_module, "_compile", lambda expressions: pytest.fail("compiled again"))
+    assert Prefilter(patterns, saved=tmp_path).flags(texts) == first.flags(texts)
+    # Another pattern set has its own file.
+    monkeypatch.setattr(prefilter_module, "_compile", real_compile)
+    Prefilter(patterns[:3], saved=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
