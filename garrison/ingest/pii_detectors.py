@@ -100,11 +100,15 @@ _NUM_END = rf"(?!{_W})(?![./:-]\d)"
 _LUHN_DOUBLE = str.maketrans("0123456789", "0246813579")
 
 
+_LUHN_DOUBLE_BYTES = bytes.maketrans(b"0123456789", b"0246813579")
+
+
 def luhn_ok(digits: str) -> bool:
     """The Luhn mod-10 check over a string of ASCII digits."""
     if digits.isascii() and digits.isdigit():
-        rev = digits[::-1]
-        return sum(map(int, rev[::2] + rev[1::2].translate(_LUHN_DOUBLE))) % 10 == 0
+        # Summing bytes runs in C: each digit counts its code, 48 too many.
+        rev = digits.encode()[::-1]
+        return (sum(rev[::2]) + sum(rev[1::2].translate(_LUHN_DOUBLE_BYTES)) - 48 * len(rev)) % 10 == 0
     total = 0  # anything else keeps the arithmetic it always had
     for i, ch in enumerate(reversed(digits)):
         d = ord(ch) - 48
@@ -139,15 +143,28 @@ _CARD_RANGES: tuple[tuple[str, str, tuple[int, ...]], ...] = (
 )
 
 
+def _card_prefixes() -> tuple[tuple[int, dict[str, frozenset[int]]], ...]:
+    """_CARD_RANGES as lookups: per prefix width, each prefix in a range -> the lengths issued there."""
+    table: dict[int, dict[str, set[int]]] = {}
+    for lo, hi, lengths in _CARD_RANGES:
+        assert len(lo) == len(hi), "a range's bounds have one width"
+        for prefix in range(int(lo), int(hi) + 1):
+            table.setdefault(len(lo), {}).setdefault(str(prefix).zfill(len(lo)), set()).update(lengths)
+    return tuple((width, {p: frozenset(n) for p, n in prefixes.items()}) for width, prefixes in sorted(table.items()))
+
+
+_CARD_PREFIXES = _card_prefixes()
+
+
 def card_ok(candidate: str) -> bool:
     """A payment card number: known issuer range, a length that range issues, Luhn."""
     digits = candidate.replace(" ", "").replace("-", "")
     n = len(digits)
     if not 12 <= n <= 19 or not (digits.isascii() and digits.isdigit()):
         return False
-    for lo, hi, lengths in _CARD_RANGES:
-        prefix = digits[: len(lo)]
-        if lo <= prefix <= hi and n in lengths:
+    for width, prefixes in _CARD_PREFIXES:
+        lengths = prefixes.get(digits[:width])
+        if lengths is not None and n in lengths:
             return luhn_ok(digits)
     return False
 
@@ -214,6 +231,7 @@ _NSN_DEFAULT = (7, 12)
 
 
 _NOT_ASCII_DIGITS = re.compile(r"[^0-9]+")
+_ASCII_NON_DIGITS = bytes(c for c in range(128) if not 48 <= c <= 57)  # bytes.translate deletes these
 
 
 def phone_ok(candidate: str) -> bool:
@@ -223,7 +241,8 @@ def phone_ok(candidate: str) -> bool:
     separates a real number from a run of digits that merely starts with 1.
     """
     body = candidate.replace("(0)", "", 1) if "(0)" in candidate else candidate
-    digits = _NOT_ASCII_DIGITS.sub("", body)
+    digits = (body.encode().translate(None, _ASCII_NON_DIGITS).decode() if body.isascii()
+              else _NOT_ASCII_DIGITS.sub("", body))
     for k in (1, 2, 3):
         cc = digits[:k]
         if cc in _CC:
@@ -398,7 +417,9 @@ def _email_ok(candidate: str) -> bool:
 # The domain part, anchored on "@" (a literal, which the matcher finds fast); the local part
 # is found by walking left from the "@" (see `_find_emails`).
 _EMAIL_AT = r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![A-Za-z0-9_-])"
-_EMAIL_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+_EMAIL_LOCAL_STR = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-"
+_EMAIL_LOCAL_CHARS = frozenset(_EMAIL_LOCAL_STR)
+_EMAIL_LOCAL_WINDOW = 80  # longer than any local part _email_ok accepts (64)
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*", re.ASCII)
 _EMAIL_AT_RE = re.compile(_EMAIL_AT, re.ASCII)
 
@@ -410,9 +431,14 @@ def _find_emails(text: str) -> Iterator[tuple[int, int]]:
     for "@" instead of trying every word start in the text.
     """
     for m in _EMAIL_AT_RE.finditer(text):
-        at = i = m.start()
-        while i > 0 and text[i - 1] in _EMAIL_LOCAL_CHARS:
-            i -= 1
+        at = m.start()
+        # The run's start, found in C (str.rstrip) over the longest local part worth a look; a run
+        # that fills that window is walked to its real start (it fails the length check anyway).
+        left = max(0, at - _EMAIL_LOCAL_WINDOW)
+        i = left + len(text[left:at].rstrip(_EMAIL_LOCAL_STR))
+        if i == left:
+            while i > 0 and text[i - 1] in _EMAIL_LOCAL_CHARS:
+                i -= 1
         if i < at and _EMAIL_LOCAL.fullmatch(text, i, at):
             yield i, m.end()
 

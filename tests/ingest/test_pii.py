@@ -499,3 +499,63 @@ def test_validators_and_find_survive_junk() -> None:
             v(junk if v is not d.luhn_ok else "".join(c for c in junk if c in "0123456789") or "0")
         r.redact(junk)
     assert d.card_ok("٤١١١١١١١١١١١١١١١") is False  # non-ASCII digits are not a card
+
+
+# ------------------------------------------------------------------------- validators against plain references
+# The validators are written for speed (bytes sums, prefix tables, str.rstrip); each must agree with
+# the plain reading of its rule on every input, which these references spell out.
+
+def _luhn_reference(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def _card_reference(candidate: str) -> bool:
+    from garrison.ingest.pii_detectors import _CARD_RANGES
+
+    digits = candidate.replace(" ", "").replace("-", "")
+    if not 12 <= len(digits) <= 19 or not re.fullmatch("[0-9]+", digits):
+        return False
+    return any(lo <= digits[:len(lo)] <= hi and len(digits) in lengths and _luhn_reference(digits)
+               for lo, hi, lengths in _CARD_RANGES)
+
+
+def _emails_reference(text: str) -> list[tuple[int, int]]:
+    from garrison.ingest.pii_detectors import _EMAIL_AT_RE, _EMAIL_LOCAL, _EMAIL_LOCAL_CHARS
+
+    out = []
+    for m in _EMAIL_AT_RE.finditer(text):
+        at = i = m.start()
+        while i > 0 and text[i - 1] in _EMAIL_LOCAL_CHARS:
+            i -= 1
+        if i < at and _EMAIL_LOCAL.fullmatch(text, i, at):
+            out.append((i, m.end()))
+    return out
+
+
+def test_fast_validators_agree_with_their_references() -> None:
+    import random
+
+    from garrison.ingest.pii_detectors import _find_emails
+
+    rng = random.Random(11)
+    for _ in range(20000):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randrange(1, 24)))
+        assert luhn_ok(digits) is _luhn_reference(digits), digits
+        prefix = rng.choice(["4", "51", "2221", "2720", "34", "37", "300", "36", "3528", "6011", "65", "62", "2200",
+                             "50", "69", "1", "99", ""])
+        card = prefix + digits
+        card = " ".join(card[i:i + 4] for i in range(0, len(card), 4)) if rng.random() < 0.3 else card
+        assert card_ok(card) is _card_reference(card), card
+    for _ in range(3000):
+        local = "".join(rng.choice("ab.9_%+-é ") for _ in range(rng.randrange(0, 120)))
+        text = rng.choice(["", "x ", "é"]) + local + "@mail.example.com" + rng.choice(["", " and z@q.io", "@b.cd"])
+        assert list(_find_emails(text)) == _emails_reference(text), text
+
+
+def test_phone_digits_ascii_and_not() -> None:
+    assert phone_ok("+44 20 7946 0958") and phone_ok("+44 (0) 20-7946-0958")
+    assert phone_ok("+٤٤ ٢٠ ٧٩٤٦ ٠٩٥٨") is phone_ok("+44 20 7946 0958".replace("4", "٤")) is False
