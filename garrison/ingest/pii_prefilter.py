@@ -443,21 +443,17 @@ class Prefilter:
                    else [len(t) if t.isascii() else len(t.encode("utf-8", _ERRORS)) for t in texts])
         # Text i ends at the separator after it: its bytes and those before it, plus i separators.
         ends = list(map(operator.add, itertools.accumulate(lengths), range(len(texts))))
-        hits: list[tuple[int, int]] = []
-        append = hits.append
+        found: dict[int, int] = {}
+        get = found.get
+        bisect_left = bisect.bisect_left
 
         def on_match(row: int, start: int, end: int, flags: int, context: Any) -> None:
-            append((end, row))
+            i = bisect_left(ends, end)  # the text this match ends in
+            found[i] = get(i, always) | 1 << row
 
         self._db.scan(data, match_event_handler=on_match, scratch=self._thread_scratch())
-        found: dict[int, int] = {}
         count = len(texts)
-        bisect_left = bisect.bisect_left
-        get = found.get
-        for end, row in hits:
-            i = bisect_left(ends, end)
-            if i < count:
-                found[i] = get(i, always) | 1 << row
+        found.pop(count, None)  # no match ends past the last text; kept for safety
         if always:
             return [(i, get(i, always)) for i in range(count)]
         return sorted(found.items())
