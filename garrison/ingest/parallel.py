@@ -1,11 +1,13 @@
 """Redaction of records in batches, in this process or in a small pool of worker processes.
 
 The pipeline consumes *segments* in file order: a `BadLine`, or a `Segment` (consecutive
-records already redacted and serialized for the vault, with their counts). The sequential
-source groups a parser's items (`segments`); the parallel one (`parallel_segments`) hands
-blocks of whole JSONL lines (about 1 MiB, cut at newlines, with their first line number) to
-worker processes that parse, validate, redact and serialize them, and gives the results back
-in order. The main process only decrypts, cuts and encrypts.
+records already redacted and serialized for the vault, with their counts). CSV and plain text
+come from a parser's items (`segments`); JSONL comes a block of whole lines at a time (about
+1 MiB, cut at newlines, with their first line number: `jsonl_segments`), parsed, validated,
+redacted and serialized in this process or, for large files, by the worker processes of a
+`RedactionPool`, whose results are given back in order while the main process only decrypts,
+cuts and encrypts. A block of plain chat records goes through `RecordRedactor.chat_segment`
+(decoded and encoded in C); any other block, line by line.
 
 Workers are started with `spawn` (never `fork` from a threaded daemon), receive plaintext only
 over pipes (memory), hold nothing on disk, and die with their parent (PR_SET_PDEATHSIG), so a
@@ -347,8 +349,9 @@ class RedactionPool:
     """Worker processes for one ingestion, started as soon as the ingestion knows it will use them.
 
     Starting a worker (an interpreter and its imports) costs a fifth of a second of CPU; asking
-    for them before the parent builds its redactor (a Hyperscan compilation) lets the two overlap.
-    The workers get the policy and key now and the parent's compiled prefilter with each block.
+    for them before the parent builds its redactor (a Hyperscan compilation, unless one is saved)
+    lets the two overlap. The workers get the policy and key now, and the parent's compiled
+    prefilter (about 150 KB) with each block, so they never compile it themselves.
     """
 
     def __init__(self, workers: int, policy: RedactionPolicy, hmac_key: bytes) -> None:
