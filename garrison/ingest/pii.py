@@ -338,15 +338,7 @@ class Redactor:
         return (fn or self._replacer(entity))(value)
 
     def _replacer(self, entity: str) -> Callable[[str], str]:
-        action = self._actions.get(entity, self.policy.default)
-        if action == "mask":
-            return lambda value: "*" * len(value)
-        if action == "tag":
-            tag = f"[{entity.upper()}]"
-            return lambda value: tag
-        if action == "hash":
-            return lambda value: f"<{entity.upper()}:{self.pseudonym(entity, value)}>"
-        return str  # keep, and drop (handled per record)
+        return _REPLACERS[self._actions.get(entity, self.policy.default)](self, entity)
 
     def pseudonym(self, entity: str, value: str) -> str:
         """The keyed hash of a value: stable on this appliance, unlinkable across appliances."""
@@ -359,6 +351,29 @@ class Redactor:
             return " ".join(value.casefold().split())
         fn = _NORMALIZE.get(entity)
         return fn(value) if fn is not None else value
+
+
+def _masked(redactor: Redactor, entity: str) -> Callable[[str], str]:
+    return lambda value: "*" * len(value)
+
+
+def _tagged(redactor: Redactor, entity: str) -> Callable[[str], str]:
+    tag = f"[{entity.upper()}]"
+    return lambda value: tag
+
+
+def _hashed(redactor: Redactor, entity: str) -> Callable[[str], str]:
+    return lambda value: f"<{entity.upper()}:{redactor.pseudonym(entity, value)}>"
+
+
+def _kept(redactor: Redactor, entity: str) -> Callable[[str], str]:
+    return str
+
+
+# Per action, what makes an entity type's replacement function ("drop" withdraws the record, in
+# `_apply`; its values are left as they are).
+_REPLACERS: dict[str, Callable[[Redactor, str], Callable[[str], str]]] = {
+    "mask": _masked, "tag": _tagged, "hash": _hashed, "keep": _kept, "drop": _kept}
 
 
 def map_strings(value: Any, fn: Callable[[str], str]) -> Any:

@@ -559,3 +559,12 @@ def test_fast_validators_agree_with_their_references() -> None:
 def test_phone_digits_ascii_and_not() -> None:
     assert phone_ok("+44 20 7946 0958") and phone_ok("+44 (0) 20-7946-0958")
     assert phone_ok("+٤٤ ٢٠ ٧٩٤٦ ٠٩٥٨") is phone_ok("+44 20 7946 0958".replace("4", "٤")) is False
+
+
+def test_every_action_has_a_replacement() -> None:
+    from typing import get_args
+
+    from garrison.ingest.pii import _REPLACERS
+    from garrison.ingest.policy import Action
+
+    assert set(_REPLACERS) == set(get_args(Action))
