@@ -161,7 +161,9 @@ def pseudonym_key(identity: ApplianceIdentity) -> bytes:
 class IngestRequest:
     """Where the bytes come from and where they go. `sealed`: True (must be age), False (plaintext),
     None (decide by the first bytes). `on_publish(conn, version)` runs inside the publishing transaction
-    (e.g. to add the /v1/files row atomically with the version)."""
+    (e.g. to add the /v1/files row atomically with the version). `declared_bytes`: the size a stream's
+    sender announced (Content-Length), which lets a large upload use the worker pool as a file does; the
+    bytes are still counted and bounded as they arrive."""
 
     dataset: str
     source: str
@@ -171,6 +173,7 @@ class IngestRequest:
     sealed: bool | None = True
     actor: str = "local"
     max_bytes: int | None = None
+    declared_bytes: int | None = None
     on_publish: Callable[[sqlite3.Connection, VersionRecord], None] | None = None
 
 
@@ -337,11 +340,13 @@ def _ingest(src: Any, request: IngestRequest, vault: Vault, identity: ApplianceI
 
 
 def _large(src: Any, request: IngestRequest) -> bool:
-    """Whether the delivery is a file large enough for the worker pool (streams of unknown size stay in-process)."""
+    """Whether the delivery is large enough for the worker pool (streams of unknown size stay in-process)."""
     try:
         size = os.fstat(src.fileno()).st_size
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return False
+        if request.declared_bytes is None:
+            return False
+        size = request.declared_bytes
     return size >= parallel.PARALLEL_MIN_BYTES and (request.max_bytes is None or size <= request.max_bytes)
 
 

@@ -214,3 +214,29 @@ async def test_files_upload_refused_off_loopback(client: TestClient[Any, Any], m
     body = await r.json()
     assert r.status == 403 and body["error"]["code"] == "plaintext_over_insecure_transport"
     assert "seal" in body["error"]["message"]
+
+
+@needs_age
+async def test_large_upload_with_content_length_is_redacted_by_the_pool(client: TestClient[Any, Any],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from garrison.ingest import parallel
+
+    lines = [chat(f"reach me at u{i}@example.com") for i in range(3000)]
+    body = seal(("\n".join(lines) + "\n").encode(), recipient(client))
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", len(body) // 2)
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 32 * 1024)
+    monkeypatch.setattr("garrison.ingest.pipeline.worker_count", lambda: 2)
+    submitted: list[int] = []
+    real_submit = parallel.RedactionPool.submit
+
+    def submit(self: parallel.RedactionPool, first: int, *args: Any) -> Any:
+        submitted.append(first)
+        return real_submit(self, first, *args)
+
+    monkeypatch.setattr(parallel.RedactionPool, "submit", submit)
+    r = await client.post("/v1/garrison/datasets/big/versions?filename=big.jsonl.age", data=body,
+                          headers=key(client, "ingest"))  # bytes: aiohttp sends a Content-Length
+    created = await r.json()
+    assert r.status == 201, created
+    assert created["records"] == 3000 and created["report"]["redactions"] == {"email": 3000}
+    assert len(submitted) > 3

@@ -237,3 +237,23 @@ def test_stream_of_unknown_size_stays_in_process(service: IngestService, monkeyp
     result = service.ingest(io.BytesIO((BOTH + "\n").encode() * 10),
                             IngestRequest(dataset="s", source="cli", sealed=False, source_name="s.jsonl"))
     assert result.version.record_count == 10 and started == []
+
+
+def test_stream_with_a_declared_size_uses_the_pool(service: IngestService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 1000)
+    monkeypatch.setattr("garrison.ingest.pipeline.worker_count", lambda: 2)
+    started: list[int] = []
+    real_init = parallel.RedactionPool.__init__
+
+    def init(self: parallel.RedactionPool, workers: int, *args: Any) -> None:
+        started.append(workers)
+        real_init(self, workers, *args)
+
+    monkeypatch.setattr(parallel.RedactionPool, "__init__", init)
+    data = (BOTH + "\n").encode() * 100
+    for declared, pooled in ((len(data), True), (999, False), (None, False)):
+        started.clear()
+        result = service.ingest(io.BytesIO(data), IngestRequest(dataset=f"d{declared}", source="upload", sealed=False,
+                                                                source_name="s.jsonl", declared_bytes=declared))
+        assert (result.version.record_count, _children_alive()) == (100, [])
+        assert started == ([2] if pooled else [])

@@ -126,7 +126,7 @@ async def upload_version(request: web.Request) -> web.StreamResponse:
     reader = ThreadReader(request.content.read, asyncio.get_running_loop())
     ingest_request = IngestRequest(dataset=name, source="upload", source_name=filename, format=fmt, columns=columns,
                                    sealed=True, actor=principal(request).actor,
-                                   max_bytes=max_upload_bytes(request.app))
+                                   max_bytes=max_upload_bytes(request.app), declared_bytes=request.content_length)
     result = await asyncio.to_thread(service.ingest, reader, ingest_request)
     return json_response(result.to_json(), status=200 if result.duplicate else 201)
 
