@@ -300,9 +300,10 @@ def segments(items: Iterable[Item], redact: RecordRedactor) -> Iterator[Segment 
 
 def _block_segments(first: int, data: bytes, kind: str | None, redact: RecordRedactor,
                     state: dict[str, str]) -> list[Segment | BadLine]:
-    if kind == "chat" and len(data) <= formats.MAX_RECORD_BYTES:
+    if kind in ("chat", None) and len(data) <= formats.MAX_RECORD_BYTES:
         segment = redact.chat_segment(data)
-        if segment is not None:
+        if segment is not None:  # every line a chat record: for `jsonl`, the first one decides "chat"
+            state.setdefault("format", "chat")
             return [segment]
     lines, long_numbers = block_lines(first, data)
     return list(segments(jsonl_items(lines, long_numbers, kind, state), redact))
