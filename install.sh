@@ -141,6 +141,10 @@ install_dev() {
     say "installing garrison[training,onnx,dev] into $venv"
     pip_install "$venv/bin/python" -q "llama-cpp-python==$LLAMA_VERSION"
     pip_install "$venv/bin/python" -q -e "$HERE[training,onnx,dev]"
+    # An editable install leaves the project's own modules uncompiled (pip compiles what it copies):
+    # compiling them here spares every process (each CLI command, each redaction worker) a tenth of a
+    # second, also where PYTHONDONTWRITEBYTECODE stops Python from caching what it compiles.
+    "$venv/bin/python" -m compileall -q "$HERE/garrison" >/dev/null || die "cannot compile $HERE/garrison"
     install_converter "$venv"
     "$venv/bin/garrison" --version >/dev/null || die "garrison does not start from $venv"
     say "done: $venv/bin/garrison"

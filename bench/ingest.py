@@ -133,13 +133,16 @@ def main() -> None:
             parse_s = time.perf_counter() - started
             wall, rss, out = run_child([sys.executable, "-c", CHILD, str(sealed)], env)
             _, seq_rss, seq_out = run_child([sys.executable, "-c", CHILD, str(sealed), "sequential"], env)
+            command = [str(Path(sys.executable).with_name("garrison")), "ingest", str(sealed), "--json"]
+            cli_s, _, _ = run_child([*command, "--dataset", f"cli{len(rounds)}"], env)
             child = json.loads(out)
             rounds.append({"parse_s": parse_s, "seconds": child["seconds"], "seq_s": json.loads(seq_out)["seconds"],
-                           "wall": wall, "rss": rss, "seq_rss": seq_rss})
+                           "wall": wall, "rss": rss, "seq_rss": seq_rss, "cli_s": cli_s})
             print(f"round {len(rounds)}: parse-only {size / 1e6 / parse_s:.1f} MB/s, garrison "
                   f"{size / 1e6 / child['seconds']:.1f} MB/s, one process {size / 1e6 / rounds[-1]['seq_s']:.1f} MB/s, "
                   f"ratio {parse_s / child['seconds']:.3f}", file=sys.stderr)
-        parse_s, seconds, seq_s = (statistics.median(r[k] for r in rounds) for k in ("parse_s", "seconds", "seq_s"))
+        parse_s, seconds, seq_s, cli_s = (statistics.median(r[k] for r in rounds)
+                                          for k in ("parse_s", "seconds", "seq_s", "cli_s"))
         wall = statistics.median(r["wall"] for r in rounds)
         rss, seq_rss = max(r["rss"] for r in rounds), max(r["seq_rss"] for r in rounds)
         report = child["report"]
@@ -155,6 +158,7 @@ def main() -> None:
                                 "wall_with_startup_s": round(wall, 3)},
             "garrison_ingest_one_process": {"seconds": round(seq_s, 3), "mb_s": round(size / 1e6 / seq_s, 1),
                                             "peak_rss_mib": round(seq_rss)},
+            "garrison_cli_command": {"seconds": round(cli_s, 3), "mb_s": round(size / 1e6 / cli_s, 1)},
             "ratio_to_parse_only": round(parse_s / seconds, 3),
             "rounds": [{"parse_only_mb_s": round(size / 1e6 / r["parse_s"], 1),
                         "garrison_mb_s": round(size / 1e6 / r["seconds"], 1),
@@ -167,7 +171,8 @@ def main() -> None:
         (OUT / "ingest_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
         rows = [("age -d (Debian)", age_d), ("parse-only Python (json.loads per line)", result["parse_only"]),
                 ("garrison ingest (open, parse, redact, encrypt, durable)", result["garrison_ingest"]),
-                ("garrison ingest, one process (no worker pool)", result["garrison_ingest_one_process"])]
+                ("garrison ingest, one process (no worker pool)", result["garrison_ingest_one_process"]),
+                ("the `garrison ingest` command, whole (start and imports too)", result["garrison_cli_command"])]
         md = [f"Ingest of {result['plaintext_mb']} MB sealed JSONL ({records} chat records with PII), "
               f"{result['cpus']} CPUs, Python {result['python']}; medians of {len(rounds)} interleaved rounds.", "",
               "| pass | MB/s | seconds |", "|---|---|---|"]
