@@ -186,3 +186,20 @@ def make_daemon(state_dir: Path, tmp_path: Path) -> Iterator[Any]:
 def daemon(make_daemon: Any) -> Daemon:
     started: Daemon = make_daemon().start()
     return started
+
+
+def pool_blocks(monkeypatch: pytest.MonkeyPatch, workers: int = 2) -> list[int]:
+    """Make ingestions use a pool of `workers` whatever this machine has; the list this returns
+    collects the first line number of every block handed to a worker."""
+    from garrison.ingest import parallel
+
+    monkeypatch.setattr("garrison.ingest.pipeline.worker_count", lambda: workers)
+    submitted: list[int] = []
+    real_submit = parallel.RedactionPool.submit
+
+    def submit(self: parallel.RedactionPool, first: int, *args: Any) -> Any:
+        submitted.append(first)
+        return real_submit(self, first, *args)
+
+    monkeypatch.setattr(parallel.RedactionPool, "submit", submit)
+    return submitted

@@ -16,6 +16,7 @@ from unittest import mock
 import pytest
 from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from conftest import pool_blocks
 
 from garrison.config import load_config
 from garrison.daemon.api import datasets as datasets_api
@@ -225,15 +226,7 @@ async def test_large_upload_with_content_length_is_redacted_by_the_pool(client: 
     body = seal(("\n".join(lines) + "\n").encode(), recipient(client))
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", len(body) // 2)
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 32 * 1024)
-    monkeypatch.setattr("garrison.ingest.pipeline.worker_count", lambda: 2)
-    submitted: list[int] = []
-    real_submit = parallel.RedactionPool.submit
-
-    def submit(self: parallel.RedactionPool, first: int, *args: Any) -> Any:
-        submitted.append(first)
-        return real_submit(self, first, *args)
-
-    monkeypatch.setattr(parallel.RedactionPool, "submit", submit)
+    submitted = pool_blocks(monkeypatch)
     r = await client.post("/v1/garrison/datasets/big/versions?filename=big.jsonl.age", data=body,
                           headers=key(client, "ingest"))  # bytes: aiohttp sends a Content-Length
     created = await r.json()

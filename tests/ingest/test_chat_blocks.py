@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import pool_blocks
 
 from garrison.ingest import parallel
 from garrison.ingest.formats import BadLine, block_lines, jsonl_items
@@ -171,15 +172,7 @@ def test_pool_ingestion_stores_what_one_process_stores(service: IngestService, t
     source.write_text("\n".join(lines) + "\n")
     policy = IngestPolicy.from_dict({"redaction": {**POLICY, "on_bad_lines": "skip"}})
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 64 * 1024)
-    monkeypatch.setattr("garrison.ingest.pipeline.worker_count", lambda: 2)  # whatever this machine has
-    submitted: list[int] = []
-    real_submit = parallel.RedactionPool.submit
-
-    def submit(self: parallel.RedactionPool, first: int, *args: Any) -> Any:
-        submitted.append(first)
-        return real_submit(self, first, *args)
-
-    monkeypatch.setattr(parallel.RedactionPool, "submit", submit)
+    submitted = pool_blocks(monkeypatch)
 
     def run(dataset: str, min_bytes: int) -> list[dict[str, Any]]:
         monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", min_bytes)
