@@ -250,3 +250,54 @@ def test_stream_with_a_declared_size_uses_the_pool(service: IngestService, monke
                                                                 source_name="s.jsonl", declared_bytes=declared))
         assert (result.version.record_count, _children_alive()) == (100, [])
         assert started == ([2] if pooled else [])
+
+
+_POOL_DRIVER = """
+import sys
+from garrison.config import load_config
+from garrison.ingest import parallel, pipeline
+from garrison.ingest.pipeline import IngestRequest, IngestService
+from garrison.paths import StateLayout
+from garrison.store.catalog import Catalog
+
+parallel.PARALLEL_MIN_BYTES = 1
+parallel.BLOCK_BYTES = 16 * 1024
+pipeline.worker_count = lambda: 2
+config = load_config()
+layout = StateLayout(config.state_path)
+layout.ensure()
+service = IngestService(config, Catalog(layout.catalog))
+with open(sys.argv[1], "rb") as src:
+    service.ingest(src, IngestRequest(dataset="big", source="cli", sealed=False, source_name="big.jsonl"),
+                   progress=lambda n: print("read", n, flush=True))
+print("done", flush=True)
+"""
+
+
+def test_kill_9_of_the_parent_ends_its_workers(service: IngestService, env: dict[str, str], tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(8)
+    source = tmp_path / "big.jsonl"
+    source.write_text("\n".join(_line(rng, i) for i in range(40000)) + "\n")
+    script = tmp_path / "driver.py"
+    script.write_text(_POOL_DRIVER)
+    proc = subprocess.Popen([sys.executable, str(script), str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **env})
+    assert proc.stdout is not None
+    workers: list[psutil.Process] = []
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and time.monotonic() < deadline:  # reading, with both workers started
+        line = proc.stdout.readline()
+        assert line.startswith("read "), (line, proc.stderr.read() if proc.stderr else "")
+        workers = [p for p in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == [], "a redaction worker outlived its parent"
+    assert service.catalog.query("SELECT * FROM dataset_versions") == []
