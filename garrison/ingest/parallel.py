@@ -36,7 +36,7 @@ from garrison.ingest.pii_prefilter import Prefilter
 from garrison.ingest.policy import RedactionPolicy
 from garrison.ingest.records import ChatRecord, decode_chat_block, encode_chat_records, encode_record
 
-__all__ = ["PARALLEL_MIN_BYTES", "RecordRedactor", "RedactionPool", "Segment", "jsonl_segments", "segments",
+__all__ = ["PARALLEL_MIN_BYTES", "REFUSING", "RecordRedactor", "RedactionPool", "Segment", "jsonl_segments", "segments",
            "worker_count"]
 
 REDACT_BATCH = 512  # records per prefilter scan: large enough to amortise the call, small enough for memory
@@ -298,8 +298,18 @@ def segments(items: Iterable[Item], redact: RecordRedactor) -> Iterator[Segment 
         yield redact.segment(pending)
 
 
+#: Set in a parse state by the pipeline once the file will be refused (a bad line under the "refuse"
+#: policy): from then on blocks are only checked, for the report's list of bad lines, not redacted.
+REFUSING = "refusing"
+
+
 def _block_segments(first: int, data: bytes, kind: str | None, redact: RecordRedactor,
                     state: dict[str, str]) -> list[Segment | BadLine]:
+    if state.get(REFUSING):
+        if kind == "chat" and len(data) <= formats.MAX_RECORD_BYTES and decode_chat_block(data) is not None:
+            return []
+        lines, long_numbers = block_lines(first, data)
+        return [item for item in jsonl_items(lines, long_numbers, kind, state) if isinstance(item, BadLine)]
     if kind in ("chat", None) and len(data) <= formats.MAX_RECORD_BYTES:
         segment = redact.chat_segment(data)
         if segment is not None:  # every line a chat record: for `jsonl`, the first one decides "chat"
@@ -328,13 +338,13 @@ def _started() -> None:
     """A no-op task: submitting one per worker starts them all at once."""
 
 
-def _work(first: int, data: bytes, kind: str, prefilter: Any) -> list[Segment | BadLine]:
+def _work(first: int, data: bytes, kind: str, prefilter: Any, refusing: bool) -> list[Segment | BadLine]:
     global _WORKER
     if _WORKER is None or _WORKER[0] != prefilter[0]:
         assert _INIT is not None
         Prefilter.preload(prefilter)  # the parent's compiled database: no translation, no compilation here
         _WORKER = (prefilter[0], RecordRedactor(Redactor(*_INIT)))
-    return _block_segments(first, data, kind, _WORKER[1], {})
+    return _block_segments(first, data, kind, _WORKER[1], {REFUSING: "1"} if refusing else {})
 
 
 def worker_count() -> int:
@@ -363,9 +373,9 @@ class RedactionPool:
         for _ in range(workers):
             self._executor.submit(_started)
 
-    def submit(self, first: int, data: bytes, kind: str,
-               prefilter: Any) -> concurrent.futures.Future[list[Segment | BadLine]]:
-        return self._executor.submit(_work, first, data, kind, prefilter)
+    def submit(self, first: int, data: bytes, kind: str, prefilter: Any,
+               refusing: bool = False) -> concurrent.futures.Future[list[Segment | BadLine]]:
+        return self._executor.submit(_work, first, data, kind, prefilter, refusing)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -411,7 +421,8 @@ def _jsonl_segments(stream: Any, kind: str | None, state: dict[str, str], redact
     window: collections.deque[concurrent.futures.Future[list[Segment | BadLine]] | list[Segment | BadLine]]
     window = collections.deque()
     for first, data in blocks:
-        window.append([BadLine(first, too_long)] if data is None else pool.submit(first, data, kind, prefilter))
+        window.append([BadLine(first, too_long)] if data is None
+                      else pool.submit(first, data, kind, prefilter, bool(state.get(REFUSING))))
         while len(window) > 2 * pool.workers + 1:
             yield from _take(window.popleft(), redact)
     while window:

@@ -44,6 +44,7 @@ from garrison.ingest import parallel
 from garrison.ingest.datasets import DatasetStore, VersionRecord, validate_name
 from garrison.ingest.formats import JSONL_KINDS, BadLine, Parser
 from garrison.ingest.parallel import (
+    REFUSING,
     RecordRedactor,
     RedactionPool,
     Segment,
@@ -287,8 +288,10 @@ def _ingest(src: Any, request: IngestRequest, vault: Vault, identity: ApplianceI
                 refused_count += 1
                 if len(refused) < MAX_REFUSED_LISTED:
                     refused.append({"line": item.line, "reason": item.reason})
-                if not skip and writer.records:
-                    writer.abort()  # the file will be refused: stop holding its records, keep reading for the report
+                if not skip:
+                    parser.state[REFUSING] = "1"  # the file will be refused: later JSONL blocks are only checked
+                    if writer.records:
+                        writer.abort()  # stop holding its records, keep reading for the report
                 continue
             if refused_count and not skip:
                 continue  # records after a refused line are not counted (nor kept)

@@ -301,3 +301,37 @@ def test_kill_9_of_the_parent_ends_its_workers(service: IngestService, env: dict
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert alive == [], "a redaction worker outlived its parent"
     assert service.catalog.query("SELECT * FROM dataset_versions") == []
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_file_to_refuse_is_only_checked_after_its_first_bad_line(service: IngestService, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   pooled: bool) -> None:
+    rng = random.Random(9)
+    lines = [_line(rng, i) for i in range(3000)]
+    for k in (100, 1700, 2900):
+        lines[k] = "{broken"
+    lines[2000] = '{"text": "a text record in a chat file"}'
+    source = tmp_path / "bad.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 16 * 1024)
+    if pooled:
+        monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 1)
+        pool_blocks(monkeypatch)
+    redacted: list[int] = []
+    real = RecordRedactor.chat_segment
+
+    def chat_segment(self: RecordRedactor, data: bytes) -> Segment | None:
+        redacted.append(len(data))
+        return real(self, data)
+
+    monkeypatch.setattr(RecordRedactor, "chat_segment", chat_segment)
+    with source.open("rb") as src, pytest.raises(IngestRefused) as refused:
+        service.ingest(src, IngestRequest(dataset="bad", source="cli", sealed=False, source_name="bad.jsonl"))
+    report = refused.value.details["report"]
+    assert [r["line"] for r in report["records_refused"]] == [101, 1701, 2001, 2901]
+    assert report["records_refused"][2]["reason"] == "a text record in a chat file"
+    assert report["records_refused_count"] == 4 and report["records_accepted"] == 0
+    blocks = source.stat().st_size // (16 * 1024)
+    assert 0 < len(redacted) <= 3 < blocks  # in this process: the blocks up to the first bad line, not the rest
+    assert service.catalog.query("SELECT * FROM dataset_versions") == [] and _children_alive() == []
