@@ -118,7 +118,8 @@ async def create_file(request: web.Request) -> web.StreamResponse:
         service = ingest_service(request.app)
         ingest_request = IngestRequest(dataset=dataset, source="files", source_name=filename, format=fmt,
                                        sealed=False, actor=who.actor, max_bytes=max_upload_bytes(request.app),
-                                       on_publish=on_publish)
+                                       on_publish=on_publish,
+                                       declared_bytes=request.content_length)  # the part and a few headers
         result = await asyncio.to_thread(service.ingest, ThreadReader(part.read_chunk, asyncio.get_running_loop()),
                                          ingest_request)
         created["file_id"] = file_id
