@@ -5,8 +5,8 @@ texts contain no PII at all. Hyperscan scans a whole batch of texts against ever
 and at memory speed; the redactor then runs the exact row only where the prefilter fired.
 
 The prefilter may only ever over-report (a row it does not flag for a text must have no match
-there), so each row's Python pattern is translated into a *superset* pattern, mechanically,
-from the parse tree CPython's own `re` builds:
+there), so each row's Python pattern is translated, mechanically, from the parse tree CPython's
+own `re` builds, into a pattern that matches at least a prefix of every match of the original:
 
 - zero-width assertions (look-around, `^`, `$`, `\\b`) are dropped: a condition removed can
   only admit more;
@@ -15,7 +15,10 @@ from the parse tree CPython's own `re` builds:
 - a character class keeps its exact ASCII members (computed by asking `re` itself) and, where
   it could match any non-ASCII character (categories, negation, case folding), admits every
   non-ASCII character: Unicode tables are where Python and Hyperscan differ, so the
-  translation never relies on them.
+  translation never relies on them;
+- at the end of the pattern only the shortest finish is kept (trailing parts that may match
+  nothing are dropped, a trailing repeat keeps its minimum): a match's prefix lies in the same
+  text, and a value is then reported once rather than once per possible end (`_Translator.tail`).
 
 A row whose pattern cannot be translated or compiled (an unknown construct, a pattern that
 matches the empty string once its assertions are gone) is marked "always run": the redactor
@@ -24,7 +27,9 @@ treats it as flagged for every text, exactly as before the prefilter existed.
 Texts are scanned as UTF-8 (a lone surrogate, which JSON allows, becomes U+FFFD, a non-ASCII
 character like it). A batch is joined with newlines and one scan reports (row, end offset)
 pairs; an end offset names the text it falls in. A match that runs across a separator can
-only add a flag, never hide one, because Hyperscan reports every end offset of every match.
+only add a flag, never hide one, because Hyperscan reports every match, overlapping ones too.
+The compiled database is shared per pattern set within a process, handed to worker processes
+(`Prefilter.export`/`preload`) and, given a folder, kept on disk for the next process.
 """
 
 from __future__ import annotations
