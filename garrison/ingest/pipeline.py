@@ -276,7 +276,7 @@ def _ingest(src: Any, request: IngestRequest, vault: Vault, identity: ApplianceI
                 "plaintext_bytes": plain_meter.count, "stored_bytes": stored, "chunks": chunks,
                 "duration_s": round(time.monotonic() - started, 3), "policy": policy.summary()}
 
-    if parser.container in ("jsonl", *JSONL_KINDS):
+    if jsonl:
         kind = parser.container if parser.container in JSONL_KINDS else None
         source: Iterator[Segment | BadLine] = jsonl_segments(plain, kind, parser.state, redact, pool)
     else:
