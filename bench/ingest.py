@@ -96,7 +96,7 @@ def run_child(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=100.0)
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of (parse-only, garrison, garrison in one process), interleaved; medians reported")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="garrison-bench-ingest-"))
