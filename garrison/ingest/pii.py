@@ -27,7 +27,7 @@ import hmac
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -186,15 +186,9 @@ class Redactor:
 
     # ------------------------------------------------------------------ finding
 
-    def candidates(self, text: str, rows: Collection[int] | None = None) -> list[Span]:
-        """Every validated match of every row (or of the row indices in `rows`), overlaps included.
-
-        Without `rows` this is the exhaustive pass (diagnostics, and the tests' reference for the
-        prefilter), which skips a row whose hints do not occur; with `rows` (the ones the prefilter
-        flagged, a finer test than the hints) it runs exactly those.
-        """
-        if rows is not None:
-            return self._candidates(text, self._plan(sum(1 << k for k in set(rows))))
+    def candidates(self, text: str) -> list[Span]:
+        """Every validated match of every row whose hints occur, overlaps included: the exhaustive pass
+        (diagnostics, and the tests' reference for the prefilter, which decides which rows run instead)."""
         low = text.lower()
         present = {h for h in self._hints if h in low}
         return self._candidates(text, tuple(det for det in self._rows
