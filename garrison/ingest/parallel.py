@@ -69,11 +69,6 @@ class RecordRedactor:
         self.redactor = redactor
         self.counts: Counter[str] = Counter()
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        texts: list[str] = []
-        _collect_record(record, texts)
-        return self._rebuild(record, iter(self.redactor.redact_many(texts)))
-
     def encode_batch(self, records: Sequence[dict[str, Any]]) -> list[bytes | None]:
         """Each record redacted and serialized for the vault (`encode_record`), or None if dropped."""
         texts: list[str] = []
@@ -362,7 +357,9 @@ class RedactionPool:
     Starting a worker (an interpreter and its imports) costs a fifth of a second of CPU; asking
     for them before the parent builds its redactor (a Hyperscan compilation, unless one is saved)
     lets the two overlap. The workers get the policy and key now, and the parent's compiled
-    prefilter (about 150 KB) with each block, so they never compile it themselves.
+    prefilter (about 150 KB) with each block, so they never compile it themselves. (Not in the
+    start-up arguments: spawn writes those into a pipe the parent keeps open, and a worker that
+    died before reading them all would leave that write, and the ingestion, blocked for good.)
     """
 
     def __init__(self, workers: int, policy: RedactionPolicy, hmac_key: bytes) -> None:

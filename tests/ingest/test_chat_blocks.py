@@ -260,17 +260,18 @@ from garrison.ingest.pipeline import IngestRequest, IngestService
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog
 
-parallel.PARALLEL_MIN_BYTES = 1
-parallel.BLOCK_BYTES = 16 * 1024
-pipeline.worker_count = lambda: 2
-config = load_config()
-layout = StateLayout(config.state_path)
-layout.ensure()
-service = IngestService(config, Catalog(layout.catalog))
-with open(sys.argv[1], "rb") as src:
-    service.ingest(src, IngestRequest(dataset="big", source="cli", sealed=False, source_name="big.jsonl"),
-                   progress=lambda n: print("read", n, flush=True))
-print("done", flush=True)
+if __name__ == "__main__":  # spawned workers re-run this script: they must not ingest too
+    parallel.PARALLEL_MIN_BYTES = 1
+    parallel.BLOCK_BYTES = 16 * 1024
+    pipeline.worker_count = lambda: 2
+    config = load_config()
+    layout = StateLayout(config.state_path)
+    layout.ensure()
+    service = IngestService(config, Catalog(layout.catalog))
+    with open(sys.argv[1], "rb") as src:
+        service.ingest(src, IngestRequest(dataset="big", source="cli", sealed=False, source_name="big.jsonl"),
+                       progress=lambda n: print("read", n, flush=True))
+    print("done", flush=True)
 """
 
 
