@@ -688,6 +688,52 @@ def chat(ctx: click.Context, config_file: str | None, state_dir: str | None, mod
         messages.append({"role": "assistant", "content": answer})
 
 
+def _size(n: int | None) -> str:
+    return "-" if not n else f"{n / (1 << 20):.0f} MiB"
+
+
+@cli.command("ps")
+@config_options
+@click.option("--key", default=None, help="API key (env GARRISON_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="The daemon's answer as JSON.")
+@click.pass_context
+def ps(ctx: click.Context, config_file: str | None, state_dir: str | None, key: str | None, as_json: bool) -> None:
+    """Loaded models and their runner processes: pid, backend and CPU variant, device, memory, busy slots,
+    idle-until and crashes; failed models with their reason; the CPU-kernel verdicts of this machine."""
+    data = asyncio.run(_client(ctx, config_file, state_dir, key).request("GET", "/v1/garrison/runners"))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{'MODEL':24} {'STATE':10} {'PID':>7} {'BACKEND':10} {'VARIANT':16} {'DEVICE':6} {'REPACK':6} "
+               f"{'MEMORY':>9} {'SLOTS':>5} {'IDLE UNTIL':10} LAST CRASH")
+    for r in data["data"]:
+        slots = f"{r.get('slots_busy', 0)}/{r.get('slots', 0)}" if r["state"] == "ready" else "-"
+        idle = _when(r["idle_until"])[11:19] if r.get("idle_until") else "-"
+        repack = ("on" if r.get("extra_bufts") else "off") if r["state"] == "ready" else "-"
+        click.echo(f"{r['model']:24} {r['state']:10} {r.get('pid') or '-':>7} {r.get('backend', '-'):10} "
+                   f"{r.get('variant', '-'):16} {r.get('device', '-'):6} {repack:6} "
+                   f"{_size(r.get('memory_bytes')):>9} {slots:>5} {idle:10} {r.get('last_crash') or '-'}")
+        if r.get("failed_reason"):
+            click.echo(f"  failed: {r['failed_reason']}")
+    kernels = data["cpu_kernels"]
+    click.echo(f"cpu_repack = {kernels['cpu_repack']}; {len(kernels['variants'])} CPU variant libraries")
+    for v in kernels["verdicts"]:
+        click.echo(f"  {v['type']:8} extra buffer types {'on ' if v['extra_bufts'] else 'off'} "
+                   f"({v['variant']}): {v['reason']}")
+
+
+@cli.command("stop")
+@config_options
+@click.argument("model")
+@click.option("--key", default=None, help="API key (env GARRISON_KEY).")
+@click.pass_context
+def stop_model(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str,
+               key: str | None) -> None:
+    """Unload MODEL now: its runner process ends and its memory returns to the OS (also clears a failed model)."""
+    asyncio.run(_client(ctx, config_file, state_dir, key).request("DELETE", f"/v1/garrison/runners/{model}"))
+    click.echo(f"stopped {model}")
+
+
 # -- audit -------------------------------------------------------------------------
 @cli.command("audit")
 @config_options

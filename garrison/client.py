@@ -66,3 +66,17 @@ class DaemonClient:
         except aiohttp.ClientConnectionError as exc:
             raise Unavailable(f"cannot reach the daemon at {self.url} ({exc}); start it with `garrison serve`",
                               code="daemon_unreachable") from None
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One JSON call to the daemon; an error body becomes the same Garrison exception again."""
+        timeout = aiohttp.ClientTimeout(total=120, sock_connect=5)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+                    method, self.url + path, json=body, headers=self.headers) as resp:
+                data = await resp.json(content_type=None)
+                if resp.status >= 400:
+                    raise from_http(resp.status, data)
+                return data
+        except aiohttp.ClientConnectionError as exc:
+            raise Unavailable(f"cannot reach the daemon at {self.url} ({exc}); start it with `garrison serve`",
+                              code="daemon_unreachable") from None

@@ -141,6 +141,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest sealed upload accepted, in MiB (streamed, never held in memory)."),
     Setting("inference_threads", _bounded(int, 0, 1024), lambda _env: 0,
             "CPU threads per loaded model (0: all cores, at most 8)."),
+    Setting("cpu_repack", _choice("auto", "on", "off"), lambda _env: "auto",
+            "llama.cpp's CPU weight repack (extra buffer types: AMX, AArch64 layouts). auto: used for a weight "
+            "type once a throw-away probe decoded with it on this CPU and build; on: always (a CPU that faults "
+            "crashes the model's runner, never the daemon); off: never. Also [engine] cpu_repack."),
+    Setting("runner_max_crashes", _bounded(int, 1, 1000), lambda _env: 3,
+            "Crashes in a row after which a model's runner is no longer restarted and the model is failed."),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -169,6 +175,8 @@ class Config:
     policy_file: str
     max_upload_mb: float
     inference_threads: int
+    cpu_repack: str
+    runner_max_crashes: int
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -216,9 +224,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path} is not readable", code="config_unreadable") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}", code="config_syntax") from None
-    # Accept both a flat file and one with a [garrison] table.
+    # Accept both a flat file and one with a [garrison] table; [engine] holds the engine's keys.
     if isinstance(data.get("garrison"), dict):
         data = {**{k: v for k, v in data.items() if k != "garrison"}, **data["garrison"]}
+    if isinstance(data.get("engine"), dict):
+        data = {**{k: v for k, v in data.items() if k != "engine"}, **data["engine"]}
     return data
 
 

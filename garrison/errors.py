@@ -19,6 +19,8 @@ class GarrisonError(Exception):
     exit_code: int = 1
     # OpenAI's error shape carries a "type"; keep theirs where they have the concept.
     error_type: str = "server_error"
+    #: Seconds a client should wait before retrying (the Retry-After header), where that is known.
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
                  details: dict[str, Any] | None = None) -> None:

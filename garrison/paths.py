@@ -9,6 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,22 @@ def converter_dir() -> Path:
     if override:
         return Path(override)
     return Path(sys.prefix) / "share" / "garrison" / "llama.cpp"
+
+
+def import_gguf_py() -> Any:
+    """gguf-py at the runtime's revision, installed beside llama.cpp's converter (not a pip dependency)."""
+    try:
+        import gguf
+    except ImportError:
+        folder = converter_dir() / "gguf-py"
+        if not folder.is_dir():
+            from garrison.errors import ConfigError
+
+            raise ConfigError(f"reading GGUF files needs gguf-py at {folder}; run ./install.sh",
+                              code="converter_missing") from None
+        sys.path.insert(0, str(folder))
+        import gguf
+    return gguf
 
 
 def cache_dir() -> Path:

@@ -6,6 +6,7 @@ once per machine into a cache folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,30 @@ def pool_blocks(monkeypatch: pytest.MonkeyPatch, workers: int = 2) -> list[int]:
 
     monkeypatch.setattr(parallel.RedactionPool, "submit", submit)
     return submitted
+
+
+@pytest.fixture(scope="session")
+def repack_verdicts(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """This machine's CPU-kernel verdicts (probed once per test session, in throw-away processes)."""
+    from garrison.engine.cpu_kernels import RepackVerdicts
+
+    return RepackVerdicts(tmp_path_factory.mktemp("kernels") / "cpu-kernels.json")
+
+
+@contextlib.asynccontextmanager
+async def gguf_runner(path: Path, verdicts: Any, **spec: Any) -> AsyncIterator[Any]:
+    """A GGUF model in its own runner process, as the daemon serves it: native code never runs in
+    the test process, so a kernel that faults on this CPU fails the test instead of killing pytest."""
+    from garrison.engine import wire
+    from garrison.serving.runners import RunnerGenerationEngine, RunnerProcess
+
+    use_extra, _why = verdicts.decide(spec.pop("cpu_repack", "auto"), path)
+    exits: list[Any] = []
+    runner = RunnerProcess(wire.Spec(format="gguf", path=str(path), use_extra_bufts=use_extra,
+                                     **{"n_ctx_per_slot": 256, "n_parallel": 2, "n_threads": 2, **spec}),
+                           name=path.name, on_exit=lambda _r, how: exits.append(how))
+    await runner.start()
+    try:
+        yield RunnerGenerationEngine(runner)
+    finally:
+        await runner.stop()

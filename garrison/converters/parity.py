@@ -107,22 +107,14 @@ def _hf_logits(model_dir: Path, sequences: list[list[int]]) -> list[Logits]:
 
 def _gguf_logits(path: Path, sequences: list[list[int]], texts: list[str],
                  lora: Path | None = None) -> tuple[list[Logits], bool]:
-    from llama_cpp import Llama
+    from garrison.engine.llama_logits import SequenceScorer
 
     longest = max(len(s) for s in sequences)
-    llm = Llama(model_path=str(path), n_ctx=max(64, longest + 8), logits_all=True, n_threads=2, verbose=False,
-                lora_path=str(lora) if lora else None)
-    try:
-        out = []
-        for ids in sequences:
-            llm.reset()
-            llm.eval(ids)
-            out.append(np.array(llm.scores[:len(ids)], dtype=np.float64))
-        match = all(llm.tokenize(t.encode(), add_bos=True, special=False) == ids
+    with SequenceScorer(path, n_ctx=max(64, longest + 8), lora=lora) as scorer:
+        out = [scorer.logits(ids) for ids in sequences]
+        match = all(scorer.tokenize(t, add_special=True, parse_special=False) == ids
                     for t, ids in zip(texts, sequences, strict=True))
-        return out, match
-    finally:
-        llm.close()
+    return out, match
 
 
 def _onnx_logits(folder: Path, sequences: list[list[int]], texts: list[str]) -> tuple[list[Logits], bool]:

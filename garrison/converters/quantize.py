@@ -29,7 +29,6 @@ import ctypes
 import logging
 import os
 import struct
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +41,9 @@ import llama_cpp
 import numpy as np
 
 from garrison.converters.hf_to_gguf import ConversionError
-from garrison.paths import converter_dir
+from garrison.engine.cpu_kernels import load_backends
+from garrison.errors import ConfigError
+from garrison.paths import import_gguf_py
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +146,11 @@ def load_imatrix(path: Path) -> ImatrixData:
 
 
 def gguf_py() -> Any:
-    """gguf-py at the runtime's revision, installed beside llama.cpp's converter (not a pip dependency)."""
+    """gguf-py at the runtime's revision; a missing one is a conversion error here."""
     try:
-        import gguf
-    except ImportError:
-        folder = converter_dir() / "gguf-py"
-        if not folder.is_dir():
-            raise ConversionError(f"reading a GGUF importance matrix needs gguf-py at {folder}; run ./install.sh",
-                                  code="converter_missing") from None
-        sys.path.insert(0, str(folder))
-        import gguf
-    return gguf
+        return import_gguf_py()
+    except ConfigError as exc:
+        raise ConversionError(exc.message, code="converter_missing") from None
 
 
 def _load_imatrix_gguf(path: Path) -> ImatrixData:
@@ -350,6 +345,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, nthread: int = 0, imatrix
     keep_alive = _attach_imatrix(params, matrix, Path(imatrix)) if matrix is not None and imatrix else []
 
     with _quantize_lock, _captured_llama_log() as capture:
+        load_backends()
         llama_cpp.llama_backend_init()
         partial.unlink(missing_ok=True)  # a leftover of a killed run
         try:

@@ -21,7 +21,8 @@ from garrison.store.catalog import Catalog
 def manager_settings(config: Config) -> ManagerSettings:
     return ManagerSettings(memory_budget_bytes=default_budget_bytes(config.model_memory_mb),
                            keep_alive_s=config.model_keep_alive_s, max_queue=config.model_queue,
-                           n_threads=config.inference_threads or None)
+                           n_threads=config.inference_threads or None, cpu_repack=config.cpu_repack,
+                           max_crashes=config.runner_max_crashes)
 
 
 def create_app(config: Config, catalog: Catalog | None = None) -> web.Application:

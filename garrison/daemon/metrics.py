@@ -69,6 +69,14 @@ class _ModelCollector(Collector):
                     family.add_metric([name], info["engine"][key])
         yield from families.values()
         yield GaugeMetricFamily("garrison_models_loaded", "Models in memory.", value=len(self.manager.loaded))
+        crashes = CounterMetricFamily("garrison_runner_crashes", "Model runner processes that died unasked, by "
+                                      "model and how (SIGSEGV, exit 1, ...).", labels=["model", "how"])
+        for (model, how), count in sorted(self.manager.crashes.items()):
+            crashes.add_metric([model, how], count)
+        yield crashes
+        failed = GaugeMetricFamily("garrison_models_failed", "Models whose runner crashed too often in a row.",
+                                   value=sum(1 for h in self.manager.health.values() if h.failed_reason))
+        yield failed
 
 
 def make_metrics(jobs: JobStore, active_workers: Callable[[], int], manager: ModelManager | None = None) -> Metrics:

@@ -17,7 +17,7 @@ from garrison.daemon.http import PRINCIPAL, json_response
 from garrison.daemon.metrics import METRICS
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
-from garrison.errors import GarrisonError, NotFound, RateLimited, Unavailable
+from garrison.errors import GarrisonError, NotFound, Unavailable
 from garrison.logs import log_event
 from garrison.policies.access import authorize
 
@@ -36,7 +36,7 @@ def _route_label(request: web.Request) -> str:
 
 def _error_response(err: GarrisonError) -> web.Response:
     headers = {}
-    if isinstance(err, RateLimited):
+    if err.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
     return json_response(err.to_openai(), status=err.http_status, headers=headers)
 

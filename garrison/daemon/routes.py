@@ -13,11 +13,12 @@ from garrison.daemon.api import (
     jobs,
     keys,
     models,
+    runners,
     system,
 )
 from garrison.daemon.routing import Route
 
-ROUTES: tuple[Route, ...] = (*system.ROUTES, *jobs.ROUTES, *keys.ROUTES, *audit.ROUTES, *models.ROUTES,
+ROUTES: tuple[Route, ...] = (*system.ROUTES, *jobs.ROUTES, *keys.ROUTES, *audit.ROUTES, *models.ROUTES, *runners.ROUTES,
                              *inference.ROUTES, *identity.ROUTES,
                              *exports.ROUTES, *datasets.ROUTES, *files.ROUTES,
                              *fine_tuning.ROUTES)

@@ -61,15 +61,17 @@ import ctypes
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import llama_cpp
 
+from garrison.engine.cpu_kernels import load_backends
 from garrison.engine.llama_sampling import (
     SamplerChain,
     TextAssembler,
@@ -133,6 +135,7 @@ def _init_backend(verbose: bool) -> None:
     with _backend_lock:
         if not _backend_ready:
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            load_backends()
             llama_cpp.llama_backend_init()
             _backend_ready = True
 
@@ -163,8 +166,7 @@ class _Request:
     rid: int
     req: GenerationRequest
     chain: SamplerChain
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[_Item]
+    sink: StepSink
     adapter_key: tuple[str, float] | None
     assembler: TextAssembler
     cancelled: bool = False
@@ -176,6 +178,31 @@ class _Request:
     out_idx: int = -1
     n_generated: int = 0
     cached: int = 0
+    tag: int = 0  # the caller's id for this request (the runner's wire id)
+    queue: asyncio.Queue[_Item] | None = None  # in-process streams only
+
+
+class StepSink(Protocol):
+    """Where a request's items go; `deliver` runs on the compute thread once per engine step with
+    every item of that step for this sink's requests, so a sink can hand them over in one piece
+    (one event-loop wake-up in process, one frame across a runner's pipe)."""
+
+    def deliver(self, items: list[tuple[_Request, _Item]]) -> None: ...
+
+
+class _LoopSink:
+    """Hands a step's items to one asyncio event loop's per-request queues."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def deliver(self, items: list[tuple[_Request, _Item]]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:
+            # The consumers' event loop is closed: nobody will read these streams again.
+            for state, _ in items:
+                state.cancelled = True
 
 
 class GenerationStream:
@@ -204,7 +231,9 @@ class GenerationStream:
         if self._ended:
             raise StopAsyncIteration
         try:
-            item = await self._state.queue.get()
+            queue = self._state.queue
+            assert queue is not None
+            item = await queue.get()
         except asyncio.CancelledError:
             self.cancel()
             raise
@@ -220,7 +249,7 @@ class GenerationStream:
         """Ask the loop to drop this request; idempotent and safe from any thread."""
         if not self._ended:
             self._ended = True
-            self._engine._cancel(self._state)
+            self._engine.cancel(self._state)
 
     async def aclose(self) -> None:
         self.cancel()
@@ -249,7 +278,7 @@ class LlamaEngine:
 
     def __init__(self, model_path: str | Path, *, n_ctx_per_slot: int = 2048, n_parallel: int = 4,
                  n_batch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 max_queue: int = 64, verbose: bool = False) -> None:
+                 max_queue: int = 64, verbose: bool = False, use_extra_bufts: bool = True) -> None:
         if n_parallel < 1 or n_ctx_per_slot < 16 or max_queue < 0:
             raise ConfigError("n_parallel >= 1, n_ctx_per_slot >= 16 and max_queue >= 0 are required")
         if n_batch < n_parallel:
@@ -266,6 +295,10 @@ class LlamaEngine:
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        # Extra buffer types are llama.cpp's CPU weight repacks (AMX, AArch64 layouts); some machines
+        # advertise the instructions and fault in them, see garrison.engine.cpu_kernels.
+        mparams.use_extra_bufts = use_extra_bufts
+        self.use_extra_bufts = use_extra_bufts
         self._model: Any = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
             raise ConfigError(f"llama.cpp could not load {path} (not a GGUF model, or an unsupported architecture)")
@@ -309,6 +342,8 @@ class LlamaEngine:
         self._current_adapter: tuple[str, float] | None = None
         self._rr = 0
         self._ids = count(1)
+        self._loop_sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSink] = \
+            weakref.WeakKeyDictionary()
         self._compute = _compute_thread()
         self._cond = self._compute.cond
         self._stopped = threading.Event()
@@ -394,6 +429,18 @@ class LlamaEngine:
         EngineClosed.
         """
         loop = asyncio.get_running_loop()
+        sink = self._loop_sinks.get(loop)
+        if sink is None:
+            sink = self._loop_sinks[loop] = _LoopSink(loop)
+        state = self.submit(req, sink, queue=asyncio.Queue())
+        return GenerationStream(self, state)
+
+    def submit(self, req: GenerationRequest, sink: StepSink, *, tag: int = 0,
+               queue: asyncio.Queue[_Item] | None = None) -> _Request:
+        """Queue one request whose items go to `sink`; the runner's entry point (no event loop needed).
+
+        Raises at once, like generate(). `cancel(state)` drops it.
+        """
         params = req.params
         prompt = req.checked_prompt(self.n_vocab, self._n_ctx_slot)
         adapter_key: tuple[str, float] | None = None
@@ -410,15 +457,15 @@ class LlamaEngine:
                 raise RateLimited(f"the generation queue is full ({self.max_queue} waiting); retry shortly",
                                   retry_after_s=self._retry_after_locked())
         chain = SamplerChain(self._vocab, self.n_vocab, params, prompt, self._eog_ids)
-        state = _Request(rid=next(self._ids), req=req, chain=chain, loop=loop, queue=asyncio.Queue(),
-                         adapter_key=adapter_key, assembler=TextAssembler(params.stop), to_eval=prompt)
+        state = _Request(rid=next(self._ids), req=req, chain=chain, sink=sink, adapter_key=adapter_key,
+                         assembler=TextAssembler(params.stop), to_eval=prompt, tag=tag, queue=queue)
         with self._cond:
             if self._closed:
                 chain.free()
                 raise EngineClosed("the engine is closed")
             self._pending.append(state)
             self._cond.notify()
-        return GenerationStream(self, state)
+        return state
 
     def stats(self) -> EngineStats:
         """A consistent-enough snapshot for metrics (counters are written by the loop thread only)."""
@@ -459,7 +506,8 @@ class LlamaEngine:
 
     # -- caller-side helpers -----------------------------------------------------------
 
-    def _cancel(self, state: _Request) -> None:
+    def cancel(self, state: _Request) -> None:
+        """Drop a submitted request; its slot is free before the next decode. Safe from any thread."""
         state.cancelled = True
         with self._cond:
             self._cond.notify()
@@ -800,7 +848,7 @@ class _ComputeThread:
         self._engines: list[LlamaEngine] = []
         self._thread: threading.Thread | None = None
         # Items produced since the last hand-over, per consumer event loop (see flush).
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, _Item]]] = {}
+        self._outbox: dict[StepSink, list[tuple[_Request, _Item]]] = {}
 
     def add(self, engine: LlamaEngine) -> None:
         with self.cond:
@@ -819,7 +867,7 @@ class _ComputeThread:
         return threading.current_thread() is self._thread
 
     def emit(self, state: _Request, item: _Item) -> None:
-        self._outbox.setdefault(state.loop, []).append((state, item))
+        self._outbox.setdefault(state.sink, []).append((state, item))
 
     def flush(self) -> None:
         """Hand every waiting item to its event loop: one wake-up per loop, not one per token.
@@ -836,11 +884,11 @@ class _ComputeThread:
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
+        for sink, items in outbox.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:
-                # The consumers' event loop is closed: nobody will read these streams again.
+                sink.deliver(items)
+            except Exception:  # a sink that cannot deliver (its pipe closed): nobody reads these streams
+                log.exception("could not deliver generated tokens; cancelling their requests")
                 for state, _ in items:
                     state.cancelled = True
 
@@ -884,7 +932,8 @@ def _runs(ids: set[int]) -> int:
 
 def _deliver(items: list[tuple[_Request, _Item]]) -> None:
     for state, item in items:
-        state.queue.put_nowait(item)
+        if state.queue is not None:
+            state.queue.put_nowait(item)
 
 
 def _cpu_count() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import json
 import math
 import secrets
 from collections.abc import Sequence
@@ -17,29 +16,9 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from garrison.engine.json_grammar import InvalidGrammar
 from garrison.engine.types import SamplingParams
-from garrison.errors import InvalidRequest
-
-
-class InvalidGrammar(InvalidRequest):
-    """llama.cpp could not parse the GBNF grammar (or the schema converted to one)."""
-
-    code = "invalid_grammar"
-
-
-def json_schema_grammar(schema: dict[str, Any] | str) -> str:
-    """GBNF for a JSON schema (response_format json_schema), via llama-cpp-python's converter.
-
-    Unsupported schema constructs surface as InvalidGrammar rather than a 500, since they
-    are the caller's input.
-    """
-    text = schema if isinstance(schema, str) else json.dumps(schema)
-    try:
-        return str(json_schema_to_gbnf(text))
-    except (ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as err:
-        raise InvalidGrammar(f"cannot convert the JSON schema to a grammar: {err}", param="response_format") from err
 
 
 def end_of_generation_ids(vocab: Any, n_vocab: int) -> list[int]:

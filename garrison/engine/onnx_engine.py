@@ -37,6 +37,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from garrison.engine.pooling import PoolingConfig, l2_normalize, pool
+from garrison.engine.protocols import EmbeddingResult
 from garrison.engine.types import (
     ContextLengthExceeded,
     DeadlineExceeded,
@@ -633,18 +634,6 @@ class OnnxDecoderEngine:
 
 # ---------------------------------------------------------------------------------------------
 # Embeddings.
-
-
-@dataclass(frozen=True)
-class EmbeddingResult:
-    """vectors: [n_texts, dim] float32 (unit length when the model normalizes); tokens per text after truncation."""
-
-    vectors: npt.NDArray[np.float32]
-    token_counts: list[int]
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.token_counts)
 
 
 class OnnxEmbeddingEngine:

@@ -63,7 +63,7 @@ def _grammar(body: dict[str, Any]) -> str | None:
                              param="response_format")
     if fmt["type"] == "text":
         return None
-    from garrison.engine.llama_sampling import json_schema_grammar
+    from garrison.engine.json_grammar import json_schema_grammar
 
     if fmt["type"] == "json_object":
         return json_schema_grammar({"type": "object"})

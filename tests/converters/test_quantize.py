@@ -7,6 +7,7 @@ whole menu works on such models, not the bit widths of the big ones.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,26 +87,40 @@ def quantized(tiny_llama_gguf: Path, uniform_imatrix: Path,
     yield files
 
 
-def complete(path: Path, prompt: str = "Hello") -> tuple[dict[str, Any], dict[str, str]]:
-    """Greedy 8 tokens with end-of-sequence banned: quantization may turn the argmax into EOS at once."""
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, n_batch=64, verbose=False, seed=0)
-    try:
-        result = llm.create_completion(prompt, max_tokens=8, temperature=0,
-                                       logit_bias={llm.token_eos(): float("-inf")})
-        return dict(result), dict(llm.metadata)  # type: ignore[arg-type]
-    finally:
-        llm.close()
+def complete(path: Path, verdicts: Any, prompt: str = "Hello") -> tuple[dict[str, Any], dict[str, str]]:
+    """Greedy 8 tokens with end-of-sequence banned (quantization may turn the argmax into EOS at once),
+    in a runner process as the daemon would serve the model; and the file's GGUF metadata."""
+    from conftest import gguf_runner
+
+    from garrison.engine.types import Finish, GenerationRequest, SamplingParams
+
+    async def run() -> dict[str, Any]:
+        async with gguf_runner(path, verdicts) as engine:
+            tokens = await engine.tokenize(prompt, add_special=True, parse_special=False)
+            req = GenerationRequest(tokens, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            parts, finish = [], None
+            async for item in engine.generate(req):
+                parts.append(item.text)
+                if isinstance(item, Finish):
+                    finish = item
+            assert finish is not None
+            return {"text": "".join(parts), "completion_tokens": finish.completion_tokens}
+
+    reader = gguf_py().GGUFReader(str(path))
+    metadata = {name: str(field.contents()) for name, field in reader.fields.items()
+                if not name.startswith("tokenizer.ggml.")}
+    return asyncio.run(run()), metadata
 
 
 @pytest.mark.parametrize("qtype", list(QUANT_TYPES))
 def test_each_type_writes_a_gguf_that_loads_and_generates(quantized: dict[str, Path], tiny_llama_gguf: Path,
-                                                           qtype: str) -> None:
+                                                           qtype: str, repack_verdicts: Any) -> None:
     out = quantized[qtype]
     assert out.is_file() and out.read_bytes()[:4] == b"GGUF"
     assert not list(out.parent.glob(".*partial"))
-    result, metadata = complete(out)
-    assert result["usage"]["completion_tokens"] == 8
-    assert result["choices"][0]["text"].strip()
+    result, metadata = complete(out, repack_verdicts)
+    assert result["completion_tokens"] == 8
+    assert result["text"].strip()
     # llama.cpp records the preset it was asked for, whatever per-tensor fallbacks it took.
     assert int(metadata["general.file_type"]) == QUANT_TYPES[qtype].ftype
     if qtype not in {"f16", "bf16"}:
@@ -202,7 +217,8 @@ def test_leftover_partial_of_a_killed_run_is_replaced(tiny_llama_gguf: Path, tmp
 
 
 @pytest.mark.parametrize("fmt", ["gguf", "legacy"])
-def test_precomputed_imatrix_is_used_and_recorded(tiny_llama_gguf: Path, tmp_path: Path, fmt: str) -> None:
+def test_precomputed_imatrix_is_used_and_recorded(tiny_llama_gguf: Path, tmp_path: Path, fmt: str,
+                                                  repack_verdicts: Any) -> None:
     shapes = weight_shapes(tiny_llama_gguf)
     # Non-uniform weights (first half of every row 100x more important), so the rounding must change.
     path = (write_imatrix_gguf(tmp_path / "m.imatrix.gguf", shapes, skew=True) if fmt == "gguf"
@@ -215,8 +231,8 @@ def test_precomputed_imatrix_is_used_and_recorded(tiny_llama_gguf: Path, tmp_pat
 
     plain = quantize_gguf(tiny_llama_gguf, tmp_path / "plain.gguf", "q4_0", nthread=1)
     weighted = quantize_gguf(tiny_llama_gguf, tmp_path / "weighted.gguf", "q4_0", nthread=1, imatrix=path)
-    result, metadata = complete(weighted)
-    assert result["usage"]["completion_tokens"] > 0
+    result, metadata = complete(weighted, repack_verdicts)
+    assert result["completion_tokens"] > 0
     assert metadata["quantize.imatrix.file"] == path.name
     assert int(metadata["quantize.imatrix.entries_count"]) == len(shapes)
     assert metadata["quantize.imatrix.dataset"] == data.datasets[0]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,17 +31,25 @@ def test_tiny_llama_is_a_real_hf_model(tiny_llama_dir: Path) -> None:
     assert text.strip(), "the trained tiny model should answer with some text"
 
 
-def test_tiny_llama_gguf_answers_through_llama_cpp(tiny_llama_gguf: Path) -> None:
-    from llama_cpp import Llama
+def test_tiny_llama_gguf_answers_through_llama_cpp(tiny_llama_gguf: Path, repack_verdicts: Any) -> None:
+    from conftest import gguf_runner
 
-    llm = Llama(model_path=str(tiny_llama_gguf), n_ctx=256, n_threads=2, verbose=False)
-    try:
-        assert "<|assistant|>" in llm.metadata["tokenizer.chat_template"]
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": "Hello"}], max_tokens=16,
-                                         temperature=0.0)
-        assert out["usage"]["completion_tokens"] > 0  # type: ignore[index]
-    finally:
-        llm.close()
+    from garrison.engine.types import Finish, GenerationRequest, SamplingParams
+
+    async def chat() -> Finish:
+        async with gguf_runner(tiny_llama_gguf, repack_verdicts) as engine:
+            assert engine.chat_template and "<|assistant|>" in engine.chat_template
+            prompt = "<|user|>\nHello\n<|assistant|>\n"
+            tokens = await engine.tokenize(prompt, add_special=True, parse_special=True)
+            finish = None
+            async for item in engine.generate(GenerationRequest(tokens, SamplingParams(temperature=0,
+                                                                                       max_tokens=16))):
+                if isinstance(item, Finish):
+                    finish = item
+            assert finish is not None
+            return finish
+
+    assert asyncio.run(chat()).completion_tokens > 0
 
 
 def test_byte_level_bpe_is_refused_with_a_clear_reason(tiny_bpe_llama_dir: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from aiohttp import web
 from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
+from garrison.engine.protocols import EmbeddingEngine, GenerationEngine
 from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest, SamplingParams, TokenEvent
 from garrison.errors import GarrisonError, InvalidRequest
 from garrison.models.names import check_model_id
@@ -66,7 +67,7 @@ async def get_model(request: web.Request) -> web.StreamResponse:
                           "owned_by": "garrison"})
 
 
-async def _events(engine: Any, req: GenerationRequest,
+async def _events(engine: GenerationEngine, req: GenerationRequest,
                   request: web.Request) -> AsyncGenerator[TokenEvent | Finish, None]:
     stream = engine.generate(req)
     try:
@@ -79,7 +80,7 @@ async def _events(engine: Any, req: GenerationRequest,
         await stream.aclose()
 
 
-async def _collect(engine: Any, req: GenerationRequest, request: web.Request) -> fmt.Collected:
+async def _collect(engine: GenerationEngine, req: GenerationRequest, request: web.Request) -> fmt.Collected:
     parts: list[str] = []
     events: list[TokenEvent] = []
     finish: Finish | None = None
@@ -95,7 +96,7 @@ async def _collect(engine: Any, req: GenerationRequest, request: web.Request) ->
     return fmt.Collected(text="".join(parts), finish=finish, logprobs=events)
 
 
-async def _stream(request: web.Request, engine: Any, req: GenerationRequest, model: str, kind: str,
+async def _stream(request: web.Request, engine: GenerationEngine, req: GenerationRequest, model: str, kind: str,
                   include_usage: bool) -> web.StreamResponse:
     rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = int(time.time())
@@ -144,13 +145,13 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     state = request.app[STATE]
     async with state.manager.use(model, "generate") as loaded:
-        engine = loaded.engine
+        engine: GenerationEngine = loaded.engine
         if kind == "chat":
             text = fmt.render_chat(engine.chat_template, fmt.chat_messages(body), bos_token=engine.bos_token,
                                    eos_token=engine.eos_token)
-            tokens = engine.tokenize(text, add_special=False, parse_special=True)
+            tokens = await engine.tokenize(text, add_special=False, parse_special=True)
         else:
-            tokens = engine.tokenize(fmt.completion_prompt(body), add_special=True, parse_special=False)
+            tokens = await engine.tokenize(fmt.completion_prompt(body), add_special=True, parse_special=False)
         req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request),
                                 lora_path=loaded.lora_path)
         try:
@@ -191,7 +192,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     if encoding not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64", param="encoding_format")
     async with request.app[STATE].manager.use(model, "embed") as loaded:
-        result = await loaded.engine.embed(inputs)
+        engine: EmbeddingEngine = loaded.engine
+        result = await engine.embed(inputs)
     vectors, tokens = result.vectors, result.total_tokens
     data = []
     for i, vector in enumerate(np.asarray(vectors, dtype=np.float32)):
@@ -216,7 +218,9 @@ _GEN_BODY: dict[str, Any] = {
 
 _ERRORS = {"400": "invalid request (OpenAI error shape)", "401": "missing or unknown key",
            "403": "scope or model grant missing", "404": "model not found",
-           "429": "the model's queue is full (Retry-After)", "504": "request deadline passed"}
+           "429": "the model's queue is full (Retry-After)",
+           "503": "the model's runner crashed (engine_crashed, Retry-After) or the model is failed (model_failed)",
+           "504": "request deadline passed"}
 
 ROUTES = (
     Route("GET", "/v1/models", list_models, "infer", "Servable models this key may use (OpenAI).", "inference"),

@@ -35,6 +35,8 @@ async def ready(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
+    # Engine counters live in the runners: ask them now, so a scrape reads current values.
+    await request.app[STATE].manager.refresh_stats()
     body, content_type = render_metrics(request.app[METRICS])
     return web.Response(body=body, headers={"Content-Type": content_type})
 
