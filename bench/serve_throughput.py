@@ -63,7 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import STANDIN_124M, STANDIN_QUICK, ensure_standin, parameter_count
-from peers import ensure_llama_server
+from peers import bench_cache, ensure_llama_server
 
 OUT = Path(__file__).resolve().parent / "out"
 REPO = Path(__file__).resolve().parent.parent
@@ -191,13 +191,26 @@ def start_garrison(model: Path, work: Path, threads: int, extra_env: dict[str, s
     return server
 
 
+def kernels(model: Path) -> tuple[bool, str]:
+    """Whether Garrison serves `model` with llama.cpp's extra buffer types (the CPU weight repack) on
+    this machine, by the same probe the daemon runs (cached beside the bench's other builds)."""
+    from garrison.engine.cpu_kernels import RepackVerdicts
+
+    return RepackVerdicts(bench_cache() / "cpu-kernels.json").decide("auto", model)
+
+
 def start_llama_server(model: Path, work: Path, threads: int, extra_env: dict[str, str]) -> Server:
-    """llama.cpp's server: N_PARALLEL slots of 1024 tokens each, continuous batching (its default)."""
+    """llama.cpp's server: N_PARALLEL slots of 1024 tokens each, continuous batching (its default).
+
+    --no-repack wherever Garrison's runner goes without extra buffer types, so both run the same kernels.
+    """
     binary = ensure_llama_server()
     port = free_port()
     log_path = work / "llama-server.log"
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(N_PARALLEL),
            "-c", str(N_PARALLEL * CTX_PER_SLOT), "-t", str(threads), "-tb", str(threads), "-cb", "-a", "bench"]
+    if not kernels(model)[0]:
+        cmd.append("--no-repack")
     proc = _spawn(cmd, _clean_env(**extra_env), log_path)
     server = Server("llama-server", proc, f"http://127.0.0.1:{port}", log_path, "bench",
                     body_extra={"ignore_eos": True, "stream_options": {"include_usage": True}})
@@ -213,6 +226,9 @@ def start_llama_cpp_python(model: Path, work: Path, threads: int, extra_env: dic
     """
     port = free_port()
     log_path = work / "llama-cpp-python.log"
+    # A portable build loads its CPU backend from a variant library; llama-cpp-python's server only
+    # looks beside the Python executable, so it is pointed at the variant this CPU's loader chooses.
+    extra_env = {"GGML_BACKEND_PATH": best_cpu_variant(), **extra_env}
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "bench",
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(CTX_PER_SLOT),
            "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
@@ -220,6 +236,13 @@ def start_llama_cpp_python(model: Path, work: Path, threads: int, extra_env: dic
     server = Server("llama-cpp-python", proc, f"http://127.0.0.1:{port}", log_path, "bench")
     server.wait_ready("/v1/models")
     return server
+
+
+def best_cpu_variant() -> str:
+    code = ("from garrison.engine import cpu_kernels as k; import llama_cpp; k.load_backends(); "
+            "llama_cpp.llama_backend_init(); print(k.llama_lib_dir() / f'libggml-cpu-{k.loaded_variant()}.so')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 LAUNCHERS: dict[str, Callable[[Path, Path, int, dict[str, str]], Server]] = {
@@ -426,8 +449,10 @@ class Prompts:
     def __init__(self, model: Path) -> None:
         import llama_cpp
 
+        from garrison.engine.cpu_kernels import load_backends
         from garrison.training.corpus import corpus_lines
 
+        load_backends()
         self._llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
         self._words = " ".join(corpus_lines()).split()
         self.lengths: list[int] = []
@@ -507,7 +532,7 @@ class Target:
             from garrison.engine.llama_engine import LlamaEngine
 
             self.engine = LlamaEngine(model, n_ctx_per_slot=CTX_PER_SLOT, n_parallel=N_PARALLEL, n_batch=512,
-                                      n_threads=args.threads)
+                                      n_threads=args.threads, use_extra_bufts=kernels(model)[0])
         else:
             self.server = LAUNCHERS[base](model, work, args.threads, extra_env)
 
@@ -531,6 +556,21 @@ class Target:
 
     def peak_rss_mib(self) -> float | None:
         return self.server.peak_rss_mib() if self.server else None
+
+    def runner_facts(self) -> dict[str, Any] | None:
+        """Garrison only: its runner's pid, RSS, kernels and the boundary's measured cost per engine step."""
+        if self.server is None or self.server.name != "garrison":
+            return None
+        read_key = self.server.headers["Authorization"]
+        req = urllib.request.Request(self.server.url + "/v1/garrison/runners", headers={"Authorization": read_key})
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(req, timeout=10) as r:
+                rows = json.loads(r.read())["data"]
+            for row in rows:
+                if row["model"] == self.server.model:
+                    return {k: row.get(k) for k in ("pid", "memory_bytes", "variant", "extra_bufts",
+                                                    "extra_bufts_reason", "steps", "ipc_us_per_step")}
+        return None
 
     def close(self) -> None:
         if self.server is not None:
@@ -596,7 +636,8 @@ def run_sequential(model: Path, tmp: Path, args: argparse.Namespace, prompts: Pr
                 while record.wants_more():
                     record.run(target, prompts)
                 levels[str(clients)] = record.result()
-            results[name] = {"levels": levels, "peak_rss_mib": target.peak_rss_mib()}
+            results[name] = {"levels": levels, "peak_rss_mib": target.peak_rss_mib(),
+                             "runner": target.runner_facts()}
         except Exception as err:  # one failing server must not lose the others' figures
             print(f"  {name} failed: {err}", file=sys.stderr, flush=True)
             results[name] = {"error": str(err)}
@@ -643,7 +684,8 @@ def run_interleaved(model: Path, tmp: Path, args: argparse.Namespace, prompts: P
             for name, record in records.items():
                 levels[name][str(clients)] = record.result()
         for name, target in targets.items():
-            results.setdefault(name, {"levels": levels[name], "peak_rss_mib": target.peak_rss_mib()})
+            results.setdefault(name, {"levels": levels[name], "peak_rss_mib": target.peak_rss_mib(),
+                                      "runner": target.runner_facts()})
     finally:
         for target in targets.values():
             target.close()
@@ -693,6 +735,17 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{fmt(level['ttft_mean_ms'])} | "
                          f"{fmt(level['itl_p50_ms'], 1)} | {fmt(level['itl_p95_ms'], 1)} | "
                          f"{fmt((level['foreign_cpu_share'] or 0) * 100)}% | {ref or '-'} |")
+    kernels = report.get("kernels") or {}
+    if kernels:
+        lines += ["", f"CPU kernels: extra buffer types {'on' if kernels['extra_bufts'] else 'off'} "
+                      f"({kernels['reason']}); llama-server gets --no-repack where they are off."]
+    for name, result in report["servers"].items():
+        runner = result.get("runner")
+        if runner:
+            lines.append(f"{name}: model in runner pid {runner['pid']} ({runner['variant']}, "
+                         f"{(runner['memory_bytes'] or 0) / 2**20:.0f} MiB RSS); process boundary "
+                         f"{fmt(runner['ipc_us_per_step'], 1)} µs of CPU per engine step over {runner['steps']} steps "
+                         "(encode + write in the runner, read + decode + dispatch in the daemon).")
     return "\n".join(lines) + "\n"
 
 
@@ -770,6 +823,7 @@ def main() -> None:
                    "interleave": args.interleave, "max_foreign": args.max_foreign,
                    "n_parallel": N_PARALLEL, "ctx_per_slot": CTX_PER_SLOT, "prompt_tokens": PROMPT_TOKENS},
         "environment": environment(args.threads), "server_deps": deps, "servers": {},
+        "kernels": dict(zip(("extra_bufts", "reason"), kernels(model), strict=True)),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     try:

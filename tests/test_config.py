@@ -35,7 +35,7 @@ def test_every_setting_has_an_environment_override(tmp_path: Path) -> None:
                "job_timeout_s": "10", "job_max_attempts": "4", "job_heartbeat_s": "1",
                "job_stale_after_s": "9", "allow_remote": "true", "run_jobs": "false", "model_memory_mb": "512",
                "model_keep_alive_s": "60", "model_queue": "3", "request_timeout_s": "30", "inference_threads": "2",
-               "policy_file": "/p.toml", "max_upload_mb": "10"}
+               "policy_file": "/p.toml", "max_upload_mb": "10", "cpu_repack": "off", "runner_max_crashes": "5"}
     assert set(samples) == {s.key for s in SETTINGS}, "add a sample for the new setting"
     env = {f"GARRISON_{k.upper()}": v for k, v in samples.items()}
     config = load_config("/dev/null", env=env)
@@ -79,3 +79,14 @@ def test_cli_exits_2_naming_the_key(tmp_path: Path, state_dir: Path) -> None:
     env = garrison_env(state_dir, GARRISON_LISTEN="127.0.0.1:http")
     proc = run_cli(state_dir, "serve", env=env, check=False)
     assert proc.returncode == 2 and "GARRISON_LISTEN" in proc.stderr and "'listen'" in proc.stderr
+
+
+def test_engine_table_holds_the_engine_keys(tmp_path: Path) -> None:
+    toml = tmp_path / "g.toml"
+    toml.write_text('listen = "127.0.0.1:9001"\n[engine]\ncpu_repack = "off"\nrunner_max_crashes = 7\n')
+    config = load_config(str(toml), env={})
+    assert (config.cpu_repack, config.runner_max_crashes) == ("off", 7)
+    toml.write_text('[engine]\ncpu_repack = "sometimes"\n')
+    with pytest.raises(ConfigError) as bad:
+        load_config(str(toml), env={})
+    assert bad.value.param == "cpu_repack"

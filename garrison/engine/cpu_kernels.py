@@ -119,10 +119,25 @@ def load_backends() -> None:
     folder = llama_lib_dir()
     if not variant_libraries(folder) and not list(folder.glob("libggml-cuda*.so")):
         return
+    _preload_cuda_runtime(folder)
     ggml = _libggml()
     ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
     ggml.ggml_backend_load_all_from_path.restype = None
     ggml.ggml_backend_load_all_from_path(str(folder).encode())
+
+
+def _preload_cuda_runtime(folder: Path) -> None:
+    """A CUDA build links libcudart/libcublas, which install.sh may take from PyPI (site-packages/nvidia/
+    cu13/lib); the backend's RPATH is its own folder, so they are loaded first, globally, by path."""
+    if not list(folder.glob("libggml-cuda*.so")):
+        return
+    for site_dir in {folder.parent.parent, *map(Path, sys.path)}:
+        lib = site_dir / "nvidia" / "cu13" / "lib"
+        if lib.is_dir():
+            for name in ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13"):
+                if (lib / name).exists():
+                    ctypes.CDLL(str(lib / name), mode=ctypes.RTLD_GLOBAL)
+            return
 
 
 def _libggml() -> ctypes.CDLL:

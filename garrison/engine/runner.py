@@ -58,14 +58,19 @@ class _WireSink:
     def __init__(self, writer: wire.FrameWriter, live: dict[int, Any]) -> None:
         self._writer = writer
         self._live = live
+        self.frames = 0
+        self.send_s = 0.0  # the boundary's cost on this side: converting, encoding and writing frames
 
     def deliver(self, items: list[tuple[Any, TokenEvent | Finish | BaseException]]) -> None:
+        started = time.perf_counter()
         out = []
         for state, item in items:
             if not isinstance(item, TokenEvent):
                 self._live.pop(state.tag, None)
             out.append(wire.item_to_wire(state.tag, item))
         self._writer.send(wire.Step(out))
+        self.frames += 1
+        self.send_s += time.perf_counter() - started
 
 
 class _LlamaHost:
@@ -109,7 +114,10 @@ class _LlamaHost:
 
     def calls(self) -> dict[str, Callable[..., Any]]:
         e = self.engine
-        return {"tokenize": e.tokenize, "detokenize": e.detokenize, "stats": lambda: e.stats().as_dict()}
+        def stats() -> dict[str, Any]:
+            return {**e.stats().as_dict(), "ipc_frames": self.sink.frames, "ipc_send_s": self.sink.send_s}
+
+        return {"tokenize": e.tokenize, "detokenize": e.detokenize, "stats": stats}
 
     def close(self) -> None:
         self.engine.close()

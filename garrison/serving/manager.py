@@ -392,6 +392,7 @@ class ModelManager:
                 "slots_busy": engine_stats.active_slots if engine_stats else model.runner.in_flight,
                 "slots": hello.n_parallel, "in_flight": model.runner.in_flight, "users": model.users,
                 "idle_until": idle_until, "loaded_for_s": round(now - model.loaded_at, 1),
+                "steps": model.runner.steps_received, "ipc_us_per_step": model.runner.ipc_us_per_step(),
                 **{k: v for k, v in self.health.get(name, ModelHealth()).as_dict().items() if k != "failed"}})
         for name, health in sorted(self.health.items()):
             if name in self.loaded:

@@ -146,6 +146,9 @@ class RunnerProcess:
         self.started_at = time.time()
         self.last_stats: EngineStats | None = None
         self.steps_received = 0
+        self.recv_s = 0.0  # decoding Step frames and handing their items to streams
+        self.runner_send_s = 0.0  # the runner's side of the same frames, from its last stats answer
+        self.runner_frames = 0
 
     @property
     def pid(self) -> int:
@@ -207,13 +210,17 @@ class RunnerProcess:
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                msg = await self._read(reader)
+                header = await reader.readexactly(wire.HEADER_SIZE)
+                body = await reader.readexactly(wire.frame_length(header))
+                started = time.perf_counter()
+                msg = wire.from_runner_decoder.decode(body)
                 if isinstance(msg, wire.Step):
                     self.steps_received += 1
                     for item in msg.items:
                         stream = self._streams.get(item.rid)
                         if stream is not None:
                             stream.put(wire.item_from_wire(item))
+                    self.recv_s += time.perf_counter() - started
                 elif isinstance(msg, wire.Reply):
                     future = self._calls.pop(msg.cid, None)
                     if future is not None and not future.done():
@@ -287,6 +294,12 @@ class RunnerProcess:
         self._send(wire.Call(cid, method, list(args)))
         return await future
 
+    def ipc_us_per_step(self) -> float | None:
+        """CPU time the process boundary costs per engine step, both sides together (µs)."""
+        if not self.steps_received or not self.runner_frames:
+            return None
+        return round((self.runner_send_s / self.runner_frames + self.recv_s / self.steps_received) * 1e6, 1)
+
     def memory_bytes(self) -> int:
         """Resident memory of the runner (the model's weights, KV cache and the engine)."""
         if not self.alive:
@@ -298,7 +311,9 @@ class RunnerProcess:
 
     async def refresh_stats(self) -> EngineStats | None:
         with contextlib.suppress(GarrisonError, asyncio.TimeoutError):
-            raw = await asyncio.wait_for(self.call("stats"), 5.0)
+            raw = dict(await asyncio.wait_for(self.call("stats"), 5.0))
+            self.runner_send_s = float(raw.pop("ipc_send_s", 0.0))
+            self.runner_frames = int(raw.pop("ipc_frames", 0))
             self.last_stats = EngineStats(**raw)
         return self.last_stats
 

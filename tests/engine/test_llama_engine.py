@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from garrison.engine.llama_engine import LlamaEngine, _runs
-from garrison.engine.llama_sampling import InvalidGrammar, TextAssembler, json_schema_grammar
+from garrison.engine.json_grammar import InvalidGrammar, json_schema_grammar
+from garrison.engine.llama_sampling import TextAssembler
 from garrison.engine.types import (
     ContextLengthExceeded,
     DeadlineExceeded,
@@ -79,8 +81,21 @@ async def wait_idle(engine: LlamaEngine, timeout: float = 5.0) -> None:
     raise AssertionError(f"engine not idle after {timeout}s: {engine.stats()}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def verified_kernels(tiny_llama_gguf: Path, repack_verdicts: Any) -> Iterator[None]:
+    """These unit tests drive the engine in this process (they read its slots and threads), so its
+    kernels are the ones the runner would get: extra buffer types only where a throw-away probe
+    decoded the model's weight types with them on this CPU. A kernel that faults never runs here."""
+    use, _why = repack_verdicts.decide("auto", tiny_llama_gguf)
+    defaults = LlamaEngine.__init__.__kwdefaults__
+    saved = defaults["use_extra_bufts"]
+    defaults["use_extra_bufts"] = use
+    yield
+    defaults["use_extra_bufts"] = saved
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_llama_gguf: Path) -> Iterator[LlamaEngine]:
+def engine(tiny_llama_gguf: Path, verified_kernels: None) -> Iterator[LlamaEngine]:
     eng = LlamaEngine(tiny_llama_gguf, n_ctx_per_slot=256, n_parallel=4, n_batch=64, n_threads=2, max_queue=32)
     yield eng
     eng.close()
