@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from garrison.engine.llama_engine import LlamaEngine, _runs
 from garrison.engine.json_grammar import InvalidGrammar, json_schema_grammar
+from garrison.engine.llama_engine import LlamaEngine, _runs
 from garrison.engine.llama_sampling import TextAssembler
 from garrison.engine.types import (
     ContextLengthExceeded,
