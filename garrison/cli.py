@@ -462,6 +462,7 @@ def _registry(ctx: click.Context, config_file: str | None, state_dir: str | None
 @click.option("--parallel", "n_parallel", type=int, default=None, help="Sequences decoded together (GGUF).")
 @click.option("--ctx", "n_ctx_per_slot", type=int, default=None, help="Context tokens per sequence (GGUF).")
 @click.option("--gpu-layers", "n_gpu_layers", type=int, default=None, help="Layers offloaded to the GPU (GGUF).")
+@click.option("--gpu", type=int, default=None, help="Serve on this GPU only (its index; default: every GPU).")
 @click.option("--base", default=None,
               help="For an adapter: the model it adapts (a GGUF LoRA on a GGUF model, a peft folder on a HF model).")
 @click.option("--queue", "max_queue", type=int, default=None,
@@ -470,7 +471,7 @@ def _registry(ctx: click.Context, config_file: str | None, state_dir: str | None
 @click.pass_context
 def models_import(ctx: click.Context, config_file: str | None, state_dir: str | None, path: str,
                   name: str | None, n_parallel: int | None, n_ctx_per_slot: int | None, n_gpu_layers: int | None,
-                  base: str | None, max_queue: int | None, as_json: bool) -> None:
+                  gpu: int | None, base: str | None, max_queue: int | None, as_json: bool) -> None:
     """Copy a model into the state folder, hashing every file into its manifest."""
     from pathlib import Path
 
@@ -486,7 +487,7 @@ def models_import(ctx: click.Context, config_file: str | None, state_dir: str | 
     try:
         record = registry.import_path(Path(path), name, settings={"n_parallel": n_parallel,
                                       "n_ctx_per_slot": n_ctx_per_slot, "n_gpu_layers": n_gpu_layers,
-                                      "max_queue": max_queue},
+                                      "max_queue": max_queue, "gpu": gpu},
                                       base=base, progress=progress)
     finally:
         bar.close()

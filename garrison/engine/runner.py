@@ -92,8 +92,9 @@ class _LlamaHost:
 
         e = self.engine
         gpu = cpu_kernels.loaded_gpu_backend() if self.spec.n_gpu_layers else None
+        device = "cpu" if gpu is None else f"{gpu.lower()}:{self.spec.gpu if self.spec.gpu is not None else 'all'}"
         return wire.Hello(pid=os.getpid(), capability="generate", backend="llama.cpp",
-                          variant=cpu_kernels.loaded_variant(), device=gpu.lower() if gpu else "cpu",
+                          variant=cpu_kernels.loaded_variant(), device=device,
                           extra_bufts=self.spec.use_extra_bufts, n_parallel=e.n_parallel,
                           n_ctx_per_slot=e.n_ctx_per_slot, n_vocab=e.n_vocab, chat_template=e.chat_template,
                           bos_token=e.bos_token, eos_token=e.eos_token, bos_token_id=e.bos_token_id,

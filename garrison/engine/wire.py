@@ -72,6 +72,8 @@ class Spec(msgspec.Struct, array_like=True, tag="spec"):
     n_gpu_layers: int = 0
     max_queue: int = 64
     use_extra_bufts: bool = True
+    #: The one GPU this runner may use (CUDA_VISIBLE_DEVICES), or None for every GPU.
+    gpu: int | None = None
     #: A test hook: the runner kills itself with this signal after loading (always-crashing model).
     crash_after_load: int | None = None
 

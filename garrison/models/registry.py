@@ -86,8 +86,10 @@ DETECTORS: tuple[Detector, ...] = (
 ADAPTER_BASES: dict[str, str] = {"gguf": "gguf", "peft": "hf"}
 
 # Per-model serving settings; max_queue None means the daemon's model_queue.
-SETTINGS_DEFAULTS: dict[str, Any] = {"n_parallel": 8, "n_ctx_per_slot": 2048, "n_gpu_layers": 0, "max_queue": None}
-_SETTINGS_MIN = {"n_parallel": 1, "n_ctx_per_slot": 16, "n_gpu_layers": 0, "max_queue": 0}
+# gpu None: every GPU the runner can see; N: only GPU N (its runner gets CUDA_VISIBLE_DEVICES=N).
+SETTINGS_DEFAULTS: dict[str, Any] = {"n_parallel": 8, "n_ctx_per_slot": 2048, "n_gpu_layers": 0, "max_queue": None,
+                                     "gpu": None}
+_SETTINGS_MIN = {"n_parallel": 1, "n_ctx_per_slot": 16, "n_gpu_layers": 0, "max_queue": 0, "gpu": 0}
 
 
 @dataclass

@@ -136,7 +136,8 @@ def _gguf_spec(record: ModelRecord, settings: ManagerSettings, verdicts: RepackV
                      n_batch=max(512, int(s["n_parallel"])), n_threads=settings.n_threads,
                      n_gpu_layers=int(s["n_gpu_layers"]),
                      max_queue=settings.max_queue if s.get("max_queue") is None else int(s["max_queue"]),
-                     use_extra_bufts=use_extra, crash_after_load=_fault_injection(record.name))
+                     use_extra_bufts=use_extra, crash_after_load=_fault_injection(record.name),
+                     gpu=None if s.get("gpu") is None else int(s["gpu"]))
     return spec, why
 
 

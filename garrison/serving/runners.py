@@ -168,6 +168,8 @@ class RunnerProcess:
         to_runner_r, to_runner_w = os.pipe()
         from_runner_r, from_runner_w = os.pipe()
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # see daemon.omp_passive
+        if self.spec.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.spec.gpu)
         # Spawned from the event-loop thread on purpose: the runner's parent-death signal follows the
         # thread that forked it, and this one lives as long as the daemon.
         try:

@@ -67,3 +67,37 @@ def test_onnx_decoder_chats_and_streams(served: Daemon) -> None:
     stream = c.chat.completions.create(model="chat-onnx", messages=messages, max_tokens=16, temperature=0,  # type: ignore[arg-type]
                                        stream=True)
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == full.choices[0].message.content
+
+
+def test_a_client_leaving_an_onnx_stream_frees_it_and_the_runner_serves_on(served: Daemon) -> None:
+    """The ONNX engine's stream is cancellable like the llama one (it runs in a runner too)."""
+    import asyncio
+    import time
+
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {served.key('infer')}"}
+    body = {"model": "chat-onnx", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 400,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+
+    async def leave_early() -> None:
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(served.url + "/v1/chat/completions", json=body, headers=headers)
+            assert resp.status == 200
+            await resp.content.readline()
+            resp.close()  # gone mid-stream
+
+    asyncio.run(leave_early())
+    status, ps = served.request("GET", "/v1/garrison/runners", role="read")
+    row = next(r for r in ps["data"] if r["model"] == "chat-onnx")
+    assert row["backend"] == "onnxruntime" and row["pid"]
+    deadline = time.monotonic() + 10
+    while row["in_flight"] and time.monotonic() < deadline:
+        row = next(r for r in served.request("GET", "/v1/garrison/runners", role="read")[1]["data"]
+                   if r["model"] == "chat-onnx")
+    assert row["in_flight"] == 0
+    assert "AttributeError" not in served.log()
+    c = _client(served)
+    again = c.chat.completions.create(model="chat-onnx", messages=[{"role": "user", "content": "Hi"}],  # type: ignore[list-item]
+                                      max_tokens=4, temperature=0)
+    assert again.usage and again.usage.completion_tokens > 0

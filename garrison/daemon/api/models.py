@@ -67,7 +67,8 @@ ROUTES = (
                                "base": {"type": "string", "description": "for a GGUF LoRA adapter: its base"},
                                "settings": {"type": "object", "properties": {
                                    "n_parallel": {"type": "integer"}, "n_ctx_per_slot": {"type": "integer"},
-                                   "n_gpu_layers": {"type": "integer"}}}}},
+                                   "n_gpu_layers": {"type": "integer"}, "max_queue": {"type": "integer"},
+                                   "gpu": {"type": "integer", "description": "serve on this GPU only"}}}}},
           responses={"201": "imported", "400": "unknown format or invalid name", "409": "name taken"}),
     Route("GET", "/v1/garrison/models/{name}", show_model, "read", "One model, and its runtime state if loaded.",
           "models", responses={"200": "OK", "404": "model not found"}),
