@@ -89,6 +89,7 @@ def test_a_client_leaving_an_onnx_stream_frees_it_and_the_runner_serves_on(serve
 
     asyncio.run(leave_early())
     status, ps = served.request("GET", "/v1/garrison/runners", role="read")
+    assert status == 200
     row = next(r for r in ps["data"] if r["model"] == "chat-onnx")
     assert row["backend"] == "onnxruntime" and row["pid"]
     deadline = time.monotonic() + 10
