@@ -292,3 +292,43 @@ def test_the_backend_registry_loads_the_cpu_backend_from_a_variant_library() -> 
     assert "CPU" in info["registry"]
     assert len(info["libs"]) >= 2, "the portable build carries several CPU variants"
     assert f"libggml-cpu-{info['variant']}.so" in info["libs"]
+
+
+VARIANT_DECODE = r'''
+import ctypes, json, sys
+from garrison.engine import cpu_kernels as k
+from garrison.engine.llama_logits import SequenceScorer
+if sys.argv[2] != "best":
+    lib = k.llama_lib_dir() / f"libggml-cpu-{sys.argv[2]}.so"
+    ggml = k._libggml()
+    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    assert ggml.ggml_backend_load(str(lib).encode()), lib
+    k._loaded = True  # this variant, not the best one: an older CPU generation's kernels
+with SequenceScorer(__import__("pathlib").Path(sys.argv[1]), n_ctx=64) as s:
+    ids = s.tokenize("Once upon a time there was")
+    rows = s.logits(ids)
+print(json.dumps({"variant": k.loaded_variant(), "argmax": rows.argmax(axis=1).tolist()}))
+'''
+
+
+def test_older_cpu_generations_kernels_from_the_same_build_compute_the_same(tiny_llama_gguf: Path) -> None:
+    """What a bundle meets on another machine: the baseline x86-64 and AVX2 variants load and compute
+    what the variant this CPU picks computes (next-token argmax at every position)."""
+    from garrison.engine.cpu_kernels import variant_libraries
+
+    names = {p.name.removeprefix("libggml-cpu-").removesuffix(".so") for p in variant_libraries()}
+    wanted = ["best", *(v for v in ("x64", "sse42", "haswell") if v in names)]
+    assert len(wanted) > 1, f"no generic variants in {names}"
+    results = {}
+    for variant in wanted:
+        out = subprocess.run([sys.executable, "-c", VARIANT_DECODE, str(tiny_llama_gguf), variant],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+        assert info["variant"] == variant or variant == "best"
+        results[variant] = info["argmax"]
+    first = results[wanted[0]]
+    for variant, argmax in results.items():
+        agree = sum(a == b for a, b in zip(first, argmax, strict=True)) / len(first)
+        assert agree >= 0.85, (variant, agree)
