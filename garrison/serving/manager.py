@@ -62,14 +62,26 @@ class Handle:
     """What one request holds: the engine, and the adapter to attach for it (LoRA models)."""
 
     name: str
-    engine: Any
+    engine: Engine
     lora_path: Path | None = None
+
+    @property
+    def generator(self) -> GenerationEngine:
+        if not isinstance(self.engine, GenerationEngine):
+            raise TypeError(f"{self.name} is not a generation engine")
+        return self.engine
+
+    @property
+    def embedder(self) -> EmbeddingEngine:
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise TypeError(f"{self.name} is not an embedding engine")
+        return self.engine
 
 
 @dataclass
 class LoadedModel:
     record: ModelRecord
-    engine: Any
+    engine: Engine
     runner: RunnerProcess
     capability: str  # "generate" or "embed"
     size_bytes: int
@@ -278,7 +290,7 @@ class ModelManager:
             spec, why = await asyncio.to_thread(SPECS[record.format], record, self.settings, self.verdicts)
             runner = RunnerProcess(spec, name=model_id, on_exit=self._runner_exited)
             hello = await runner.start()
-            engine: Any = RunnerGenerationEngine(runner) if hello.capability == "generate" \
+            engine: Engine = RunnerGenerationEngine(runner) if hello.capability == "generate" \
                 else RunnerEmbeddingEngine(runner)
             loaded = LoadedModel(record=record, engine=engine, runner=runner, capability=hello.capability,
                                  size_bytes=size, repack_reason=why)

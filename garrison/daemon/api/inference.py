@@ -21,7 +21,7 @@ from aiohttp import web
 from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
-from garrison.engine.protocols import EmbeddingEngine, GenerationEngine
+from garrison.engine.protocols import GenerationEngine
 from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest, SamplingParams, TokenEvent
 from garrison.errors import GarrisonError, InvalidRequest
 from garrison.models.names import check_model_id
@@ -145,7 +145,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     state = request.app[STATE]
     async with state.manager.use(model, "generate") as loaded:
-        engine: GenerationEngine = loaded.engine
+        engine = loaded.generator
         if kind == "chat":
             text = fmt.render_chat(engine.chat_template, fmt.chat_messages(body), bos_token=engine.bos_token,
                                    eos_token=engine.eos_token)
@@ -192,8 +192,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     if encoding not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64", param="encoding_format")
     async with request.app[STATE].manager.use(model, "embed") as loaded:
-        engine: EmbeddingEngine = loaded.engine
-        result = await engine.embed(inputs)
+        result = await loaded.embedder.embed(inputs)
     vectors, tokens = result.vectors, result.total_tokens
     data = []
     for i, vector in enumerate(np.asarray(vectors, dtype=np.float32)):
