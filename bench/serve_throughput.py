@@ -391,6 +391,15 @@ def _proc_cpu_s(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _process_tree(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
 def _system_busy_s() -> float:
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = values[3] + values[4]
@@ -411,8 +420,10 @@ class CpuMeter:
     def _read(self) -> tuple[float, float, float]:
         server = 0.0
         if self.pid is not None:
-            with contextlib.suppress(OSError):
-                server = _proc_cpu_s(self.pid)
+            # The server and its children: Garrison's model runs in a runner process of the daemon.
+            for pid in _process_tree(self.pid):
+                with contextlib.suppress(OSError):
+                    server += _proc_cpu_s(pid)
         return _system_busy_s(), server, _proc_cpu_s("self")
 
     def result(self, wall: float) -> dict[str, float]:
