@@ -29,16 +29,20 @@ VENDOR_PREFIX = "vendor/llama.cpp/"
 
 # LLAMA_CURL is deprecated (ignored) at this revision; OPENSSL off keeps the build free of TLS deps.
 # The web UI would otherwise be fetched from a Hugging Face bucket at build time: off, no network.
+# The CPU kernels are built as install.sh builds Garrison's (every variant, loaded at run time), so the
+# peer runs the same kernels and a comparison measures the servers, not the compilers' flags.
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=ON",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_BACKEND_DL=ON",
+    "-DGGML_CPU_ALL_VARIANTS=ON",
+    "-DBUILD_SHARED_LIBS=ON",
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
-    "-DBUILD_SHARED_LIBS=OFF",
 )
 
 
@@ -92,7 +96,8 @@ def ensure_llama_tool(target: str, log: Path | None = None) -> Path:
         raise ValueError(f"unknown llama.cpp tool {target!r}; choose from {', '.join(TOOLS)}")
     sdist = sdist_path()
     root = bench_cache() / f"llama.cpp-{_build_key(sdist)}"
-    binary = root / "bin" / target
+    # Used in place: the tools load their CPU variant libraries from their own folder.
+    binary = root / "build" / "bin" / target
     if binary.exists():
         return binary
     root.mkdir(parents=True, exist_ok=True)
@@ -119,10 +124,6 @@ def ensure_llama_tool(target: str, log: Path | None = None) -> Path:
                 if proc.returncode != 0:
                     tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
                     raise RuntimeError(f"building {target} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-        binary.parent.mkdir(exist_ok=True)
-        partial = binary.with_name(f".{target}.partial")
-        shutil.copy2(build / "bin" / target, partial)
-        os.replace(partial, binary)
     return binary
 
 

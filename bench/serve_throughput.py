@@ -103,6 +103,7 @@ class Server:
     log_path: Path
     model: str
     headers: dict[str, str] = field(default_factory=dict)
+    read_headers: dict[str, str] = field(default_factory=dict)  # a key that may read status (Garrison)
     body_extra: dict[str, Any] = field(default_factory=dict)
 
     def log_tail(self, lines: int = 30) -> str:
@@ -181,11 +182,12 @@ def start_garrison(model: Path, work: Path, threads: int, extra_env: dict[str, s
 
     cli("models", "import", str(model), "--name", "bench", "--parallel", str(N_PARALLEL), "--ctx", str(CTX_PER_SLOT))
     key = cli("keys", "create", "--role", "infer", "--name", "bench").splitlines()[-1].strip()
+    read_key = cli("keys", "create", "--role", "read", "--name", "bench-read").splitlines()[-1].strip()
     port = free_port()
     log_path = work / "garrison.log"
     proc = _spawn([garrison, "serve", "--listen", f"127.0.0.1:{port}"], env, log_path)
     server = Server("garrison", proc, f"http://127.0.0.1:{port}", log_path, "bench",
-                    headers={"Authorization": f"Bearer {key}"},
+                    headers={"Authorization": f"Bearer {key}"}, read_headers={"Authorization": f"Bearer {read_key}"},
                     body_extra={"ignore_eos": True, "stream_options": {"include_usage": True}})
     server.wait_ready("/health")
     return server
@@ -572,8 +574,7 @@ class Target:
         """Garrison only: its runner's pid, RSS, kernels and the boundary's measured cost per engine step."""
         if self.server is None or self.server.name != "garrison":
             return None
-        read_key = self.server.headers["Authorization"]
-        req = urllib.request.Request(self.server.url + "/v1/garrison/runners", headers={"Authorization": read_key})
+        req = urllib.request.Request(self.server.url + "/v1/garrison/runners", headers=self.server.read_headers)
         with contextlib.suppress(OSError, ValueError):
             with urllib.request.urlopen(req, timeout=10) as r:
                 rows = json.loads(r.read())["data"]
