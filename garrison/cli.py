@@ -808,13 +808,20 @@ def docs_config() -> None:
 def _register_commands() -> None:
     """Commands defined beside the code they drive (one CLI, several modules)."""
     from garrison.crypto.commands import identity_command, seal_command
-    from garrison.ingest.commands import datasets_group, ingest_command, rotate_master_command
+    from garrison.crypto.key_commands import (
+        backup_master_command,
+        new_master_key_command,
+        restore_master_command,
+        rotate_master_command,
+    )
+    from garrison.ingest.commands import datasets_group, ingest_command
 
     cli.add_command(identity_command)
     cli.add_command(seal_command)
     cli.add_command(datasets_group)
     cli.add_command(ingest_command)
-    keys.add_command(rotate_master_command)
+    for command in (rotate_master_command, new_master_key_command, backup_master_command, restore_master_command):
+        keys.add_command(command)
 
 
 _register_commands()

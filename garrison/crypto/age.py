@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import hashlib
 import hmac
 import io
 import os
@@ -37,12 +39,36 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 __all__ = [
-    "CHUNK_SIZE", "AgeArmorError", "AgeEmptyError", "AgeError", "AgeHeaderError", "AgeHeaderMacError",
-    "AgeKeyError", "AgeNoIdentityError", "AgeNotAgeError", "AgePayloadError", "AgeReader",
-    "AgeTrailingDataError", "AgeTruncatedError", "AgeUnsupportedRecipientError", "AgeVersionError",
-    "bech32_decode", "bech32_encode", "decrypt_bytes", "decrypt_stream", "encode_identity",
-    "encode_recipient", "encrypt_bytes", "encrypt_stream", "generate_identity", "open_decrypt",
-    "parse_identity", "parse_identity_file", "parse_recipient", "recipient_of",
+    "CHUNK_SIZE",
+    "AgeArmorError",
+    "AgeEmptyError",
+    "AgeError",
+    "AgeHeaderError",
+    "AgeHeaderMacError",
+    "AgeKeyError",
+    "AgeNoIdentityError",
+    "AgeNotAgeError",
+    "AgePayloadError",
+    "AgeReader",
+    "AgeTrailingDataError",
+    "AgeTruncatedError",
+    "AgeUnsupportedRecipientError",
+    "AgeVersionError",
+    "Passphrase",
+    "bech32_decode",
+    "bech32_encode",
+    "decrypt_bytes",
+    "decrypt_stream",
+    "encode_identity",
+    "encode_recipient",
+    "encrypt_bytes",
+    "encrypt_stream",
+    "generate_identity",
+    "open_decrypt",
+    "parse_identity",
+    "parse_identity_file",
+    "parse_recipient",
+    "recipient_of",
 ]
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -155,8 +181,32 @@ _ZERO_NONCE = bytes(12)
 _B64_RAW = re.compile(rb"[A-Za-z0-9+/]*")
 _VCHAR = re.compile(rb"[\x21-\x7e]+")
 
-IdentityLike = X25519PrivateKey | str
-RecipientLike = X25519PublicKey | str
+_SCRYPT_LABEL = b"age-encryption.org/v1/scrypt"
+_SCRYPT_SALT = 16
+
+
+@dataclass(frozen=True)
+class Passphrase:
+    """A passphrase as age's scrypt recipient (sealing) and identity (opening), as `age -p` makes them.
+
+    log_n is the scrypt work factor for sealing (2^18: about a second and 256 MiB, age's default);
+    max_log_n bounds what opening accepts, so a hostile file cannot ask for unbounded memory.
+    """
+
+    secret: bytes
+    log_n: int = 18
+    max_log_n: int = 22
+
+    def __repr__(self) -> str:
+        return "Passphrase(<hidden>)"
+
+    def key(self, salt: bytes, log_n: int) -> bytes:
+        return hashlib.scrypt(self.secret, salt=_SCRYPT_LABEL + salt, n=1 << log_n, r=8, p=1,
+                              maxmem=(128 * 8 * (1 << log_n)) + (1 << 24), dklen=32)
+
+
+IdentityLike = X25519PrivateKey | str | Passphrase
+RecipientLike = X25519PublicKey | str | Passphrase
 
 
 # -- Bech32 (BIP-173, without its 90-character limit, as the age spec says) ------------------------
@@ -248,9 +298,12 @@ def encode_recipient(public: X25519PublicKey) -> str:
     return bech32_encode(_RECIPIENT_HRP, public.public_bytes_raw())
 
 
-def recipient_of(identity: IdentityLike) -> str:
+def recipient_of(identity: X25519PrivateKey | str) -> str:
     """The `age1...` recipient of an identity (key object or `AGE-SECRET-KEY-1...` string)."""
-    return encode_recipient(_as_identity(identity).public_key())
+    key = _as_identity(identity)
+    if isinstance(key, Passphrase):
+        raise AgeKeyError("a passphrase has no age1 recipient")
+    return encode_recipient(key.public_key())
 
 
 def parse_recipient(text: str) -> X25519PublicKey:
@@ -297,16 +350,16 @@ def parse_identity_file(text: str) -> list[X25519PrivateKey]:
     return keys
 
 
-def _as_identity(identity: IdentityLike) -> X25519PrivateKey:
-    if isinstance(identity, X25519PrivateKey):
+def _as_identity(identity: IdentityLike) -> X25519PrivateKey | Passphrase:
+    if isinstance(identity, X25519PrivateKey | Passphrase):
         return identity
     if isinstance(identity, str):
         return parse_identity(identity)
     raise TypeError(f"an age identity must be an X25519PrivateKey or an AGE-SECRET-KEY string, not {type(identity)}")
 
 
-def _as_recipient(recipient: RecipientLike) -> X25519PublicKey:
-    if isinstance(recipient, X25519PublicKey):
+def _as_recipient(recipient: RecipientLike) -> X25519PublicKey | Passphrase:
+    if isinstance(recipient, X25519PublicKey | Passphrase):
         return recipient
     if isinstance(recipient, str):
         return parse_recipient(recipient)
@@ -691,15 +744,40 @@ def _unwrap_x25519(stanza: _Stanza, identities: Sequence[X25519PrivateKey]) -> b
     return None
 
 
-def _open_header(source: _Source, identities: Sequence[X25519PrivateKey]) -> bytes:
+def _unwrap_scrypt(stanza: _Stanza, passphrases: Sequence[Passphrase]) -> bytes | None:
+    if len(stanza.args) != 3 or len(stanza.body) != 32:
+        raise AgeHeaderError("malformed scrypt stanza (argument count or body length)")
+    try:
+        salt = _b64_raw_decode(stanza.args[1])
+    except ValueError:
+        raise AgeHeaderError("malformed scrypt stanza (salt is not canonical base64)") from None
+    work = stanza.args[2]
+    if len(salt) != _SCRYPT_SALT or not work.isdigit() or (work != b"0" and work.startswith(b"0")):
+        raise AgeHeaderError("malformed scrypt stanza (salt length or work factor)")
+    log_n = int(work)
+    for passphrase in passphrases:
+        if not 1 <= log_n <= passphrase.max_log_n:
+            raise AgeHeaderError(f"the scrypt work factor 2^{log_n} is above the accepted 2^{passphrase.max_log_n}")
+        with contextlib.suppress(InvalidTag):
+            return ChaCha20Poly1305(passphrase.key(salt, log_n)).decrypt(_ZERO_NONCE, stanza.body, None)
+    return None
+
+
+def _open_header(source: _Source, identities: Sequence[X25519PrivateKey | Passphrase]) -> bytes:
     """The file key, once a stanza opened and the header MAC checked."""
     stanzas, mac, covered = _parse_header(source)
     kinds = [s.kind for s in stanzas]
     if "scrypt" in kinds:
         if len(stanzas) > 1:
             raise AgeHeaderError("an scrypt stanza must be the only stanza of a header")
-        raise AgeUnsupportedRecipientError(
-            "the file is passphrase-encrypted (scrypt); Garrison opens files sealed to its X25519 recipient only")
+        passphrases = [i for i in identities if isinstance(i, Passphrase)]
+        if not passphrases:
+            raise AgeUnsupportedRecipientError(
+                "the file is passphrase-encrypted (scrypt); Garrison opens files sealed to its X25519 recipient only")
+        scrypt_key = _unwrap_scrypt(stanzas[0], passphrases)
+        if scrypt_key is None:
+            raise AgeNoIdentityError("the passphrase does not open this file")
+        return _check_mac(scrypt_key, mac, covered)
     x25519 = [s for s in stanzas if s.kind == "X25519"]
     if not x25519:
         raise AgeUnsupportedRecipientError(
@@ -707,22 +785,36 @@ def _open_header(source: _Source, identities: Sequence[X25519PrivateKey]) -> byt
             "Garrison opens files sealed to its X25519 recipient only")
     file_key = None
     for stanza in x25519:
-        file_key = _unwrap_x25519(stanza, identities)
+        file_key = _unwrap_x25519(stanza, [i for i in identities if isinstance(i, X25519PrivateKey)])
         if file_key is not None:
             break
     if file_key is None or len(file_key) != FILE_KEY_SIZE:
         raise AgeNoIdentityError(
             f"none of the file's {len(x25519)} X25519 recipient(s) is this appliance: "
             "it was sealed for another recipient (or its stanza was damaged)")
+    return _check_mac(file_key, mac, covered)
+
+
+def _check_mac(file_key: bytes, mac: bytes, covered: bytes) -> bytes:
+    if len(file_key) != FILE_KEY_SIZE:
+        raise AgeHeaderError("the file key is not 16 bytes")
     expected = hmac.new(_hkdf(file_key, b"", b"header"), covered, "sha256").digest()
     if not hmac.compare_digest(expected, mac):
         raise AgeHeaderMacError("the header MAC does not match: the header was altered or damaged")
     return file_key
 
 
-def _make_header(file_key: bytes, recipients: Sequence[X25519PublicKey]) -> bytes:
+def _make_header(file_key: bytes, recipients: Sequence[X25519PublicKey | Passphrase]) -> bytes:
     lines = [VERSION_LINE]
+    if any(isinstance(r, Passphrase) for r in recipients) and len(recipients) > 1:
+        raise AgeKeyError("a passphrase must be the only recipient of a file (age's rule for scrypt)")
     for recipient in recipients:
+        if isinstance(recipient, Passphrase):
+            salt = os.urandom(_SCRYPT_SALT)
+            body = ChaCha20Poly1305(recipient.key(salt, recipient.log_n)).encrypt(_ZERO_NONCE, file_key, None)
+            lines.append(b"-> scrypt " + _b64_raw(salt) + b" " + str(recipient.log_n).encode() + b"\n")
+            lines.append(_b64_raw(body) + b"\n")
+            continue
         ephemeral = X25519PrivateKey.generate()
         share = ephemeral.public_key().public_bytes_raw()
         wrap_key = _hkdf(ephemeral.exchange(recipient), share + recipient.public_bytes_raw(), _X25519_LABEL)

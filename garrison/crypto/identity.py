@@ -3,7 +3,7 @@
 Both are made at first start and kept in one file, `identity/keys.enc` in the state folder,
 encrypted under a key derived from the master key, so the state folder alone (a backup, a stolen
 disk) reveals neither. The master key never lives beside them (see garrison.store.master_key);
-rotating it rewraps this one small file (`rewrap_identity`) and nothing else.
+rotating it reseals this one small file (`seal_identity`, `install_next_identity`) and nothing else.
 
 File format (version 1): `MAGIC || nonce(12) || AES-256-GCM(key, nonce, JSON, aad)`, where
 key = HKDF-SHA256(master key, info "garrison identity v1") and the associated data names the file's
@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from garrison.crypto.age import encode_identity, encode_recipient, parse_identity
 from garrison.errors import ConfigError, IntegrityError, NotFound
 from garrison.paths import StateLayout
-from garrison.store.durable import fsync_dir
+from garrison.store.durable import fsync_dir, keep_previous
 
 if TYPE_CHECKING:
     from garrison.config import Config
@@ -168,13 +168,62 @@ def identity_path(layout: StateLayout) -> Path:
     return layout.identity / KEYS_FILE
 
 
-def load_identity(layout: StateLayout, master_key: bytes) -> ApplianceIdentity:
-    """The existing identity; FileNotFoundError if the appliance has none yet."""
-    path = identity_path(layout)
-    return _open(path.read_bytes(), master_key, path)
+def next_identity_path(layout: StateLayout) -> Path:
+    """The identity sealed under a rotation's new key, before it replaces keys.enc."""
+    return layout.identity / (KEYS_FILE + ".next")
 
 
-def load_or_create_identity(layout: StateLayout, master_key: bytes) -> ApplianceIdentity:
+def previous_identity_path(layout: StateLayout) -> Path:
+    """The identity under the replaced key, kept until the rotation is finished."""
+    return layout.identity / (KEYS_FILE + ".previous")
+
+
+def load_identity(layout: StateLayout, master_key: bytes, *, other_keys: tuple[bytes, ...] = ()) -> ApplianceIdentity:
+    """The existing identity; FileNotFoundError if the appliance has none yet.
+
+    A rotation interrupted at any instant leaves keys.enc (old or new key), keys.enc.next (new key)
+    or keys.enc.previous (old key): each file is tried with each key this process has, so the
+    identity opens with either key whatever instant the rotation stopped at.
+    """
+    first_error: IntegrityError | None = None
+    found = False
+    for path in (identity_path(layout), next_identity_path(layout), previous_identity_path(layout)):
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        found = True
+        for key in (master_key, *other_keys):
+            try:
+                return _open(blob, key, path)
+            except IntegrityError as err:
+                first_error = first_error or err
+    if not found:
+        raise FileNotFoundError(identity_path(layout))
+    assert first_error is not None
+    raise first_error
+
+
+def seal_identity(layout: StateLayout, identity: ApplianceIdentity, master_key: bytes, path: Path) -> None:
+    """Write `identity` sealed under `master_key` to `path` (a rotation's keys.enc.next), atomically."""
+    with _locked(layout):
+        _write_atomic(path, _seal(identity, master_key), replace=True)
+
+
+def install_next_identity(layout: StateLayout) -> None:
+    """keys.enc -> keys.enc.previous, keys.enc.next -> keys.enc; each step atomic, the pair idempotent."""
+    nxt, current, previous = next_identity_path(layout), identity_path(layout), previous_identity_path(layout)
+    with _locked(layout):
+        if not nxt.exists():
+            return
+        if current.exists():
+            keep_previous(current, previous)
+        os.replace(nxt, current)  # keys.enc always exists: sealed under the old key, then under the new
+        fsync_dir(current.parent)
+
+
+def load_or_create_identity(layout: StateLayout, master_key: bytes, *,
+                            other_keys: tuple[bytes, ...] = ()) -> ApplianceIdentity:
     """The appliance's identity, made on first use; concurrent first starts agree on one.
 
     The fast path reads without the lock (the file only ever appears or changes by rename); the
@@ -182,36 +231,16 @@ def load_or_create_identity(layout: StateLayout, master_key: bytes) -> Appliance
     """
     _file_key(master_key)  # a malformed master key fails before anything is written
     try:
-        return load_identity(layout, master_key)
+        return load_identity(layout, master_key, other_keys=other_keys)
     except FileNotFoundError:
         pass
     with _locked(layout):
         try:
-            return load_identity(layout, master_key)
+            return load_identity(layout, master_key, other_keys=other_keys)
         except FileNotFoundError:
             pass
         identity = ApplianceIdentity(X25519PrivateKey.generate(), Ed25519PrivateKey.generate(), time.time())
         _write_atomic(identity_path(layout), _seal(identity, master_key), replace=False)
-        return identity
-
-
-def rewrap_identity(layout: StateLayout, old_key: bytes, new_key: bytes) -> ApplianceIdentity:
-    """Re-encrypt the identity under a new master key (rotation), atomically.
-
-    Retry-safe: if a previous run already rewrapped it (the new key opens it), nothing changes.
-    """
-    path = identity_path(layout)
-    with _locked(layout):
-        blob = path.read_bytes()
-        try:
-            identity = _open(blob, old_key, path)
-        except IntegrityError:
-            try:
-                return _open(blob, new_key, path)
-            except IntegrityError:
-                pass
-            raise
-        _write_atomic(path, _seal(identity, new_key), replace=True)
         return identity
 
 
@@ -221,9 +250,12 @@ def _may_create_master_key(config: Config, env: Mapping[str, str]) -> bool:
     A production appliance whose configured key is missing must stop, not mint a new key that
     would orphan every wrapped data key.
     """
+    from garrison.store.master_key import MasterKeySource
+
     credentials = env.get("CREDENTIALS_DIRECTORY")
     has_credential = bool(credentials) and (Path(credentials or "") / "master.key").exists()
-    return not config.master_key_file and not has_credential
+    # A rotation's .next/.previous siblings mean the key exists (mid-rotation): never mint another.
+    return not config.master_key_file and not has_credential and not MasterKeySource(config, env).candidates()
 
 
 def load_appliance_identity(config: Config, env: Mapping[str, str] | None = None, *,
@@ -234,7 +266,7 @@ def load_appliance_identity(config: Config, env: Mapping[str, str] | None = None
     -r): minting a fresh identity on a producer's laptop would seal data nobody can open, so it
     fails with NotFound `identity_missing` instead, before any master key is generated.
     """
-    from garrison.store.master_key import load_master_key
+    from garrison.store.master_key import MasterKeySource, load_master_key
 
     env = os.environ if env is None else env
     layout = StateLayout(config.state_path)
@@ -242,8 +274,12 @@ def load_appliance_identity(config: Config, env: Mapping[str, str] | None = None
         raise NotFound(f"no appliance identity in {config.state_path}: run this on the appliance, or pass "
                        "-r with its recipient (`garrison identity`, GET /v1/garrison/identity)",
                        code="identity_missing")
-    master = load_master_key(config, create=create and _may_create_master_key(config, env), env=env)
-    return load_or_create_identity(layout, master)
+    # A state folder that already has an identity was made with a key that exists somewhere: minting a
+    # new one here (a copied state folder, a lost key file) would orphan it. Restore it instead.
+    mint = create and _may_create_master_key(config, env) and not identity_path(layout).exists()
+    master = load_master_key(config, create=mint, env=env)
+    others = tuple(key for _, key in MasterKeySource(config, env).candidates() if key != master)
+    return load_or_create_identity(layout, master, other_keys=others)
 
 
 class IdentityCache:

@@ -1,4 +1,4 @@
-"""`garrison ingest`, `garrison datasets list|show|rm` and `garrison keys rotate-master`.
+"""`garrison ingest` and `garrison datasets list|show|rm`.
 
 Registered on the main group by garrison/cli.py. Like every administrative command they act on
 the local state folder (file permissions are the authority), whether or not the daemon runs, and
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,9 @@ from typing import Any
 import click
 
 from garrison.cli_options import config_options, load
-from garrison.errors import ConfigError, InvalidRequest
 from garrison.ingest.formats import FORMATS, parse_columns
 
-__all__ = ["datasets_group", "ingest_command", "rotate_master_command"]
+__all__ = ["datasets_group", "ingest_command"]
 
 
 def _service(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Any:
@@ -188,74 +186,3 @@ def datasets_rm(ctx: click.Context, config_file: str | None, state_dir: str | No
     else:
         service.vault.delete_version(name, number, actor=actor)
         click.echo(f"deleted {name}:{number}")
-
-
-# -- master key rotation ---------------------------------------------------------------------------
-
-
-def _read_key_file(path: Path) -> bytes:
-    raw = path.read_bytes().strip()
-    try:
-        key = bytes.fromhex(raw.decode("ascii")) if len(raw) == 64 else raw
-    except (UnicodeDecodeError, ValueError):
-        key = raw
-    if len(key) != 32:
-        raise InvalidRequest(f"{path} must hold 32 bytes (or 64 hex digits)", code="master_key_invalid",
-                             param="new_key")
-    return key
-
-
-def _install_key(path: Path, key: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, key.hex().encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@click.command("rotate-master")
-@config_options
-@click.option("--new-key", "new_key_file", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="File holding the new master key (32 bytes or 64 hex digits, mode 0600).")
-@click.pass_context
-def rotate_master_command(ctx: click.Context, config_file: str | None, state_dir: str | None,
-                          new_key_file: str) -> None:
-    """Rewrap every data key and the appliance identity under a new master key (data files untouched).
-
-    Safe to run again with the same --new-key if it was interrupted. When the master key is a file
-    Garrison reads (master_key_file or the developer key), the new key replaces it; when it is a
-    systemd credential, install the new key as the credential. Restart the daemon afterwards.
-    """
-    from garrison.crypto.identity import rewrap_identity
-    from garrison.ingest.vault import rotate_master
-    from garrison.paths import StateLayout
-    from garrison.store.catalog import Catalog
-    from garrison.store.master_key import load_master_key, master_key_path
-
-    config = load(ctx, config_file, state_dir)
-    layout = StateLayout(config.state_path)
-    old = load_master_key(config)
-    new = _read_key_file(Path(new_key_file))
-    if new == old:
-        raise InvalidRequest("the new master key is the current one", code="master_key_unchanged", param="new_key")
-    if Path(new_key_file).stat().st_mode & 0o077:
-        raise ConfigError(f"{new_key_file} is accessible to other users; chmod 600 it", code="master_key_exposed")
-    rewrap_identity(layout, old, new)
-    counts = rotate_master(Catalog(layout.catalog), old, new, actor=f"local:{os.getuid()}")
-    target = master_key_path(config)
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and target.parent == Path(credentials):
-        click.echo(f"rewrapped {counts['rewrapped']} data key(s) and the identity; now install {new_key_file} as the "
-                   "master.key credential and restart Garrison")
-        return
-    _install_key(target, new)
-    click.echo(f"rewrapped {counts['rewrapped']} data key(s) and the identity; {target} now holds the new key "
-               "(restart the daemon)")

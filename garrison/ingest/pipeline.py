@@ -58,6 +58,7 @@ from garrison.ingest.vault import CHUNK_SIZE, Vault
 from garrison.paths import StateLayout
 from garrison.policies.audit import append_audit
 from garrison.store.catalog import Catalog
+from garrison.store.master_key import MasterKeySource
 
 if TYPE_CHECKING:
     import sqlite3
@@ -310,13 +311,13 @@ def _ingest(src: Any, request: IngestRequest, vault: Vault, identity: ApplianceI
         writer.finish()
         source_sha256 = metered.sha256.hexdigest()
         final = report(writer.records, writer.stored_bytes, writer.chunks)
-        wrapped = vault.wrap(writer)
         published: dict[str, VersionRecord] = {}
 
         def insert(conn: sqlite3.Connection) -> str | None:
             duplicate = DatasetStore.find_duplicate(conn, request.dataset, source_sha256)
             if duplicate is not None:
                 return duplicate
+            wrapped = vault.wrap(conn, writer)
             number = DatasetStore.insert_version(
                 conn, version_id=writer.version_id, name=request.dataset, format=parser.format, wrapped_key=wrapped,
                 record_count=writer.records, chunk_count=writer.chunks, plaintext_bytes=writer.plaintext_bytes,
@@ -381,17 +382,18 @@ class IngestService:
         self._identity_loader = identity_loader or load_appliance_identity
         self._lock = threading.Lock()
         self._master: bytes | None = None
-        self.vault = Vault(self.layout, catalog, self._master_key, chunk_size=chunk_size)
+        self.vault = Vault(self.layout, catalog, self._master_key, chunk_size=chunk_size,
+                           key_source=MasterKeySource(config))
 
     def identity(self) -> ApplianceIdentity:
         return self._identity_loader(self.config)
 
     def _master_key(self) -> bytes:
-        from garrison.store.master_key import load_master_key
+        from garrison.store.master_key import current_master_key
 
         self.identity()  # a developer install creates its master key together with the identity
         with self._lock:
-            self._master = load_master_key(self.config)
+            self._master = current_master_key(self.config, self.vault.catalog)
             return self._master
 
     def policy(self) -> IngestPolicy:

@@ -37,6 +37,7 @@ import json
 import os
 import secrets
 import shutil
+import sqlite3
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,7 @@ from garrison.paths import StateLayout
 from garrison.policies.audit import append_audit
 from garrison.store.catalog import Catalog
 from garrison.store.durable import fsync_dir
+from garrison.store.master_key import MasterKeySource, key_check_value, record_kcv, recorded_kcv
 
 __all__ = [
     "CHUNK_SIZE",
@@ -65,7 +67,6 @@ __all__ = [
     "derive_kek",
     "encode_record",
     "read_plaintext",
-    "rotate_master",
     "unwrap_key",
     "wrap_key",
 ]
@@ -410,12 +411,13 @@ class Vault:
     """
 
     def __init__(self, layout: StateLayout, catalog: Catalog, master_key: Callable[[], bytes], *,
-                 chunk_size: int = CHUNK_SIZE) -> None:
+                 chunk_size: int = CHUNK_SIZE, key_source: MasterKeySource | None = None) -> None:
         self.layout = layout
         self.catalog = catalog
         self.store = DatasetStore(catalog)
         self.chunk_size = chunk_size
         self._master_key = master_key
+        self._key_source = key_source
         self._kek: bytes | None = None
 
     def kek(self, *, refresh: bool = False) -> bytes:
@@ -426,17 +428,55 @@ class Vault:
     def writer(self, dataset: str) -> VaultWriter:
         return VaultWriter(self.layout, dataset, chunk_size=self.chunk_size)
 
-    def wrap(self, writer: VaultWriter) -> bytes:
-        return wrap_key(self.kek(), writer.data_key, writer.version_id)
+    def wrap(self, conn: sqlite3.Connection, writer: VaultWriter) -> bytes:
+        """The writer's data key wrapped under the master key the catalog records, inside the transaction
+        that publishes it: a rotation that committed meanwhile (SQLite serializes the two) is seen here,
+        so no key is ever wrapped under a master key the catalog has rotated away from."""
+        return self._wrap_checked(conn, writer.data_key, writer.version_id)
+
+    def secret(self, purpose: str, key_id: str) -> bytes:
+        """A random key kept wrapped in the catalog (`wrapped_keys`), made on first use: a fine-tune's
+        checkpoint key. Rotations rewrap it with the dataset keys, so it survives them unchanged."""
+        aad = f"{purpose}:{key_id}"
+        query = "SELECT wrapped FROM wrapped_keys WHERE purpose = ? AND id = ?"
+        row = self.catalog.query_one(query, (purpose, key_id))
+        if row is None:
+            with self.catalog.write() as conn:
+                row = conn.execute(query, (purpose, key_id)).fetchone()
+                if row is None:
+                    key = secrets.token_bytes(32)
+                    conn.execute("INSERT INTO wrapped_keys (purpose, id, wrapped, created_at) VALUES (?, ?, ?, ?)",
+                                 (purpose, key_id, self._wrap_checked(conn, key, aad), time.time()))
+                    return key
+        return self._unwrap(bytes(row[0]), aad)
+
+    def _unwrap(self, wrapped: bytes, aad_id: str) -> bytes:
+        try:
+            return unwrap_key(self.kek(), wrapped, aad_id)
+        except IntegrityError:
+            if self._key_source is not None:  # rotated since: the key the catalog records now
+                self._kek = derive_kek(self._key_source.matching(recorded_kcv(self.catalog.conn)))
+                return unwrap_key(self._kek, wrapped, aad_id)
+            return unwrap_key(self.kek(refresh=True), wrapped, aad_id)
+
+    def _wrap_checked(self, conn: sqlite3.Connection, data_key: bytes, aad_id: str) -> bytes:
+        recorded = recorded_kcv(conn)
+        master = self._master_key()
+        if recorded is None:
+            record_kcv(conn, key_check_value(master))
+        elif key_check_value(master) != recorded:
+            if self._key_source is None:
+                raise IntegrityError("the master key changed (rotated) while this data was being stored; "
+                                     "store it again", code="master_key_mismatch")
+            master = self._key_source.matching(recorded)
+        self._kek = derive_kek(master)
+        return wrap_key(self._kek, data_key, aad_id)
 
     def data_key(self, record: VersionRecord) -> bytes:
         wrapped = self.store.wrapped_key(record.id)
         if wrapped is None:
             raise NotFound(f"dataset version {record.reference} has no key (deleted)", code="dataset_version_gone")
-        try:
-            return unwrap_key(self.kek(), wrapped, record.id)
-        except IntegrityError:
-            return unwrap_key(self.kek(refresh=True), wrapped, record.id)
+        return self._unwrap(wrapped, record.id)
 
     def open(self, name: str, version: int | None = None) -> VersionReader:
         """A ready version for reading (workers only: records never leave the appliance through the API)."""
@@ -504,39 +544,3 @@ class Vault:
         if removed:
             fsync_dir(self.layout.vault)
         return removed
-
-    def rotate_master(self, old_key: bytes, new_key: bytes, *, actor: str = "local") -> dict[str, int]:
-        result = rotate_master(self.catalog, old_key, new_key, actor=actor)
-        self._kek = derive_kek(new_key)
-        return result
-
-
-def rotate_master(catalog: Catalog, old_key: bytes, new_key: bytes, *, actor: str = "local") -> dict[str, int]:
-    """Rewrap every live data key from the old master key to the new one, in one transaction.
-
-    Files are untouched. Retry-safe: a key that already opens with the new master key (a previous
-    run got that far, e.g. the new key was installed but a second step failed) is counted, not
-    rewrapped; a key that opens with neither aborts the whole rotation (nothing changes).
-    """
-    old_kek, new_kek = derive_kek(old_key), derive_kek(new_key)
-    rewrapped = already = 0
-    with catalog._lock:
-        catalog.conn.execute("PRAGMA secure_delete=ON")
-    with catalog.write() as conn:
-        rows = conn.execute("SELECT id, wrapped_key FROM dataset_versions WHERE wrapped_key IS NOT NULL").fetchall()
-        for row in rows:
-            version_id, wrapped = row[0], bytes(row[1])
-            try:
-                data_key = unwrap_key(old_kek, wrapped, version_id)
-            except IntegrityError:
-                unwrap_key(new_kek, wrapped, version_id)  # raises: opens with neither key
-                already += 1
-                continue
-            conn.execute("UPDATE dataset_versions SET wrapped_key = ? WHERE id = ?",
-                         (wrap_key(new_kek, data_key, version_id), version_id))
-            rewrapped += 1
-        append_audit(conn, actor=actor, action="vault.rotate_master", resource="vault",
-                     detail={"rewrapped": rewrapped, "already": already})
-    with catalog._lock:
-        catalog.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return {"rewrapped": rewrapped, "already": already}

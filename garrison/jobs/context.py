@@ -15,6 +15,7 @@ from garrison.config import Config
 from garrison.crypto.identity import ApplianceIdentity
 from garrison.jobs.store import Job, JobStore
 from garrison.paths import StateLayout
+from garrison.store.master_key import MasterKeySource
 
 _PROGRESS_EVERY_S = 0.2
 
@@ -52,10 +53,14 @@ class JobContext:
         return load_config(os.environ.get("GARRISON_CONFIG"), overrides={"state_dir": str(self.layout.root)})
 
     def master_key(self) -> bytes:
-        """The master key, as the daemon gets it (credential, key file, or the developer key)."""
-        from garrison.store.master_key import load_master_key
+        """The master key that opens this state folder's wrapped keys now (credential, key file, or the
+        developer key; during a rotation whichever of old and new the catalog records)."""
+        from garrison.store.master_key import current_master_key
 
-        return load_master_key(self._config(), create=False)
+        return current_master_key(self._config(), self.store.catalog)
+
+    def master_key_source(self) -> MasterKeySource:
+        return MasterKeySource(self._config())
 
     def identity(self) -> ApplianceIdentity:
         """The appliance's keys, from the configuration the worker inherited (env, GARRISON_CONFIG)."""

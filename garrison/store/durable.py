@@ -32,3 +32,12 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def keep_previous(path: Path, previous: Path) -> None:
+    """Make `previous` a copy of `path` (a hard link) while `path` stays in place, atomically."""
+    tmp = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(path, tmp)
+    os.replace(tmp, previous)
+    fsync_dir(path.parent)

@@ -187,3 +187,50 @@ def m005_datasets(db: Database) -> None:
         )
         """
     )
+
+
+@MIGRATIONS()
+def m006_key_custody(db: Database) -> None:
+    # The master key's custody (garrison.store.master_key, garrison.operations.master_key).
+    # `master_key_state` keeps the check value (an HMAC of a constant under the master key: it
+    # identifies the key without revealing it) of the key every wrapped key is wrapped with; a
+    # process about to wrap a key checks it inside the same transaction, so nothing is ever
+    # wrapped under a key the catalog has rotated away from. `key_rotations` is the rotation's
+    # journal: prepared -> committed -> installed -> finished (or rolled_back / failed).
+    # `wrapped_keys` holds the other keys wrapped by the master key (a fine-tune's checkpoint
+    # key, ...), which a rotation rewraps with the dataset keys.
+    db.execute(
+        """
+        CREATE TABLE master_key_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            kcv TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE key_rotations (
+            id TEXT PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('prepared','committed','installed','finished','rolled_back',
+                                                 'failed')),
+            old_kcv TEXT NOT NULL,
+            new_kcv TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            actor TEXT,
+            detail TEXT NOT NULL DEFAULT '{}'
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE wrapped_keys (
+            purpose TEXT NOT NULL,
+            id TEXT NOT NULL,
+            wrapped BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (purpose, id)
+        )
+        """
+    )

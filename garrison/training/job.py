@@ -9,8 +9,6 @@ first when missing). Optional exports of the merged model go through the same ga
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import time
@@ -38,11 +36,6 @@ def open_dataset(vault: Any, ref: str, param: str) -> tuple[str, Any]:
         name, version = parse_reference(ref)
     reader = vault.open(name, version)
     return f"{name}:{reader.record.version}", reader
-
-
-def checkpoint_key(master_key: bytes, job_id: str) -> bytes:
-    """Per job, so one job's checkpoints cannot be swapped into another's."""
-    return hmac.new(master_key, b"garrison checkpoints v1\x00" + job_id.encode(), hashlib.sha256).digest()
 
 
 def dataset_records(state_dir: str, ref: str) -> Any:
@@ -110,7 +103,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                              param="model", code="finetune_needs_hf_model")
     registry.verify(base)
     master = ctx.master_key()
-    vault = Vault(ctx.layout, ctx.store.catalog, lambda: master)
+    vault = Vault(ctx.layout, ctx.store.catalog, lambda: master, key_source=ctx.master_key_source())
     train_ref, train_reader = open_dataset(vault, p["training_file"], "training_file")
     val_ref, val_reader = (open_dataset(vault, p["validation_file"], "validation_file") if p["validation_file"]
                            else (None, None))
@@ -133,7 +126,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if event.kind != "step" or event.step % 10 == 0:
             ctx.event("metrics", _message(event), **event.as_dict())
 
-    key = checkpoint_key(master, ctx.job.id)
+    # Per job (one job's checkpoints cannot be swapped into another's), random and kept wrapped by the
+    # master key in the catalog: a resumed attempt finds it again, across master-key rotations too.
+    key = vault.secret("checkpoint", ctx.job.id)
     if plan.world_size > 1:
         result = _train_ddp(ctx, config, plan, workdir, key, train_ref, val_ref, on_progress)
     else:

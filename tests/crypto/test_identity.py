@@ -26,9 +26,13 @@ from garrison.crypto.identity import (
     MAGIC,
     IdentityCache,
     identity_path,
+    install_next_identity,
     load_appliance_identity,
+    load_identity,
     load_or_create_identity,
-    rewrap_identity,
+    next_identity_path,
+    previous_identity_path,
+    seal_identity,
     verify_signature,
 )
 from garrison.daemon.api import identity as identity_api
@@ -124,16 +128,19 @@ def test_concurrent_first_starts_agree_on_one_identity(layout: StateLayout) -> N
     assert sorted(p.name for p in layout.identity.iterdir()) == ["keys.enc", "keys.lock"]
 
 
-def test_rewrap_for_master_key_rotation(layout: StateLayout) -> None:
+def test_a_rotation_seals_the_identity_beside_it_then_installs_it(layout: StateLayout) -> None:
+    """Whatever instant a rotation stops at, one of the files opens with one of the two keys."""
     identity = load_or_create_identity(layout, KEY_A)
-    rewrapped = rewrap_identity(layout, KEY_A, KEY_B)
-    assert rewrapped.recipient == identity.recipient
-    assert load_or_create_identity(layout, KEY_B).signing_public_key_hex == identity.signing_public_key_hex
-    with pytest.raises(IntegrityError):
-        load_or_create_identity(layout, KEY_A)
-    assert rewrap_identity(layout, KEY_A, KEY_B).recipient == identity.recipient  # a retried rotation
+    seal_identity(layout, identity, KEY_B, next_identity_path(layout))
+    for key in (KEY_A, KEY_B):  # prepared: keys.enc (A) and keys.enc.next (B)
+        assert load_identity(layout, key).recipient == identity.recipient
+    install_next_identity(layout)
+    assert load_identity(layout, KEY_B).signing_public_key_hex == identity.signing_public_key_hex
+    assert load_identity(layout, KEY_A).recipient == identity.recipient  # keys.enc.previous, until --finish
+    install_next_identity(layout)  # a retried install is a no-op
+    previous_identity_path(layout).unlink()
     with pytest.raises(IntegrityError) as info:
-        rewrap_identity(layout, bytes(32), KEY_A)
+        load_identity(layout, KEY_A)
     assert info.value.code == "identity_unreadable"
     assert stat.S_IMODE(identity_path(layout).stat().st_mode) == 0o600
 

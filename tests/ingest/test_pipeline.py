@@ -19,8 +19,9 @@ from click.testing import CliRunner
 
 from garrison.config import load_config
 from garrison.crypto.identity import load_appliance_identity
+from garrison.crypto.key_commands import rotate_master_command
 from garrison.errors import GarrisonError, PayloadTooLarge
-from garrison.ingest.commands import datasets_group, ingest_command, rotate_master_command
+from garrison.ingest.commands import datasets_group, ingest_command
 from garrison.ingest.pipeline import IngestPolicy, IngestRefused, IngestRequest, IngestService, pseudonym_key
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog
@@ -241,7 +242,7 @@ def test_cli_rotate_master(service: IngestService, tmp_path: Path) -> None:
     new_key.chmod(0o600)
     out = CliRunner().invoke(rotate_master_command, ["--new-key", str(new_key)])
     assert out.exit_code == 0, out.output
-    assert "rewrapped 1 data key(s)" in out.output
+    assert "1 dataset key(s)" in out.output
     config = load_config()
     fresh = IngestService(config, Catalog(StateLayout(config.state_path).catalog))
     assert fresh.identity().recipient == recipient

@@ -18,7 +18,7 @@ import pytest
 
 from garrison.errors import IntegrityError, NotFound
 from garrison.ingest.datasets import DatasetStore, VersionRecord
-from garrison.ingest.vault import DATA_FILE, MAGIC, STAGING_PREFIX, Vault, VaultWriter, derive_kek, unwrap_key
+from garrison.ingest.vault import DATA_FILE, MAGIC, STAGING_PREFIX, Vault, VaultWriter
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog
 
@@ -46,11 +46,9 @@ def put(vault: Vault, name: str, records: list[dict[str, Any]], *, retention_day
         for record in records:
             writer.write_record(record)
         writer.finish()
-        wrapped = vault.wrap(writer)
-
         def insert(conn: sqlite3.Connection) -> None:
             DatasetStore.insert_version(
-                conn, version_id=writer.version_id, name=name, format="text", wrapped_key=wrapped,
+                conn, version_id=writer.version_id, name=name, format="text", wrapped_key=vault.wrap(conn, writer),
                 record_count=writer.records, chunk_count=writer.chunks, plaintext_bytes=writer.plaintext_bytes,
                 stored_bytes=writer.stored_bytes, source="cli", source_name="", source_sha256=sha, report={},
                 created_by="test", retention_days=retention_days)
@@ -174,35 +172,6 @@ def test_wrapped_key_bound_to_its_version(vault: Vault) -> None:
 def _file_hashes(layout: StateLayout) -> dict[str, str]:
     return {str(p.relative_to(layout.vault)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in layout.vault.rglob("*") if p.is_file()}
-
-
-def test_rotate_master_rewraps_keys_not_data(vault: Vault, layout: StateLayout) -> None:
-    data = records(20)
-    put(vault, "one", data)
-    put(vault, "two", data)
-    before = _file_hashes(layout)
-    wrapped_before = {r[0]: bytes(r[1]) for r in vault.catalog.query("SELECT id, wrapped_key FROM dataset_versions")}
-
-    with pytest.raises(IntegrityError):  # a wrong "old" key changes nothing
-        vault.rotate_master(bytes(32), KEY_B)
-    assert {r[0]: bytes(r[1]) for r in vault.catalog.query("SELECT id, wrapped_key FROM dataset_versions")} \
-        == wrapped_before
-
-    assert vault.rotate_master(KEY_A, KEY_B) == {"rewrapped": 2, "already": 0}
-    assert _file_hashes(layout) == before
-    for version_id, wrapped in ((r[0], bytes(r[1])) for r in vault.catalog.query(
-            "SELECT id, wrapped_key FROM dataset_versions")):
-        assert wrapped != wrapped_before[version_id]
-        with pytest.raises(IntegrityError):
-            unwrap_key(derive_kek(KEY_A), wrapped, version_id)
-    rotated = Vault(layout, vault.catalog, lambda: KEY_B)
-    assert list(rotated.open("one").records()) == data
-    with pytest.raises(IntegrityError):
-        Vault(layout, vault.catalog, lambda: KEY_A).open("one")
-    # Retry-safe: running it again (e.g. after a crash before the new key was installed) is a no-op.
-    assert rotated.rotate_master(KEY_A, KEY_B) == {"rewrapped": 0, "already": 2}
-    audit = [r["action"] for r in vault.catalog.query("SELECT action FROM audit")]
-    assert audit.count("vault.rotate_master") == 2
 
 
 def _state_bytes(layout: StateLayout) -> bytes:
