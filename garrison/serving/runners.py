@@ -127,6 +127,44 @@ class RunnerStream:
                 self._runner._cancel(self.rid)
 
 
+class _FrameReader(asyncio.Protocol):
+    """Length-prefixed frames from the runner's pipe, decoded and handed over synchronously as the
+    bytes arrive: one callback per frame rather than two awaited reads (this is the per-token path)."""
+
+    def __init__(self, on_message: Callable[[wire.FromRunner], None]) -> None:
+        self._on_message = on_message
+        self._buf = bytearray()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while len(buf) >= wire.HEADER_SIZE:
+            try:
+                n = wire.frame_length(bytes(buf[:wire.HEADER_SIZE]))
+            except ValueError:
+                self._close()
+                return
+            end = wire.HEADER_SIZE + n
+            if len(buf) < end:
+                return
+            body = bytes(buf[wire.HEADER_SIZE:end])
+            del buf[:end]
+            try:
+                msg = wire.from_runner_decoder.decode(body)
+            except Exception:  # a corrupt frame: the runner cannot be trusted any more
+                self._close()
+                return
+            self._on_message(msg)
+
+    def _close(self) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close()
+
+
 class RunnerProcess:
     """One runner subprocess: spawn, handshake, frames both ways, death detection, stop."""
 
@@ -143,6 +181,7 @@ class RunnerProcess:
         self._reader_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.exit: RunnerExit | None = None
+        self._first: asyncio.Future[wire.FromRunner] = asyncio.get_running_loop().create_future()
         self.started_at = time.time()
         self.last_stats: EngineStats | None = None
         self.steps_received = 0
@@ -179,20 +218,21 @@ class RunnerProcess:
         finally:
             os.close(to_runner_r)
             os.close(from_runner_w)
-        reader = asyncio.StreamReader(limit=wire.MAX_FRAME)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(from_runner_r, "rb", 0))
+        frames = _FrameReader(self._on_message)
+        await loop.connect_read_pipe(lambda: frames, os.fdopen(from_runner_r, "rb", 0))
         transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(to_runner_w, "wb", 0))
         self._writer = transport
         self._send(self.spec)
-        try:
-            first = await asyncio.wait_for(self._read(reader), timeout_s)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        waiters: set[asyncio.Future[Any]] = {self._first, frames.closed}
+        done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if not self._first.done():
             returncode = await self._reap(kill=True)
             self.exit = RunnerExit(self.pid, returncode, False, True)
             self._on_exit(self, self.exit)
-            why = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"died ({self.exit.how})"
+            why = "timed out" if not done else f"died ({self.exit.how})"
             raise wire.EngineCrashed(f"the runner for {self.name!r} {why} while loading the model",
-                                     details={"pid": self.pid, "exit": self.exit.how}) from None
+                                     details={"pid": self.pid, "exit": self.exit.how})
+        first = self._first.result()
         if isinstance(first, wire.LoadFailed):
             await self._reap(kill=False)
             self.exit = RunnerExit(self.pid, self.proc.returncode, True, True)
@@ -201,37 +241,33 @@ class RunnerProcess:
             await self._reap(kill=True)
             raise wire.EngineCrashed(f"the runner for {self.name!r} answered {type(first).__name__}, not Hello")
         self.hello = first
-        self._reader_task = loop.create_task(self._read_loop(reader))
+        self._reader_task = loop.create_task(self._watch(frames))
         return first
 
-    async def _read(self, reader: asyncio.StreamReader) -> wire.Hello | wire.LoadFailed | wire.Step | wire.Reply:
-        header = await reader.readexactly(wire.HEADER_SIZE)
-        body = await reader.readexactly(wire.frame_length(header))
-        return wire.from_runner_decoder.decode(body)
+    def _on_message(self, msg: wire.FromRunner) -> None:
+        """Called by the pipe's protocol for every frame, as it arrives: no coroutine per frame."""
+        if isinstance(msg, wire.Step):
+            started = time.thread_time()  # CPU time: what the boundary costs, not the waits
+            self.steps_received += 1
+            for item in msg.items:
+                stream = self._streams.get(item.rid)
+                if stream is not None:
+                    stream.put(wire.item_from_wire(item))
+            self.recv_s += time.thread_time() - started
+        elif isinstance(msg, wire.Reply):
+            future = self._calls.pop(msg.cid, None)
+            if future is not None and not future.done():
+                if msg.error is not None:
+                    future.set_exception(wire.error_from_wire(msg.error))
+                else:
+                    future.set_result(msg.value)
+        elif not self._first.done():
+            self._first.set_result(msg)
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+    async def _watch(self, frames: _FrameReader) -> None:
+        """The runner's pipe closing is how its death is noticed, whatever killed it."""
         try:
-            while True:
-                header = await reader.readexactly(wire.HEADER_SIZE)
-                body = await reader.readexactly(wire.frame_length(header))
-                started = time.thread_time()  # CPU time: what the boundary costs, not the waits
-                msg = wire.from_runner_decoder.decode(body)
-                if isinstance(msg, wire.Step):
-                    self.steps_received += 1
-                    for item in msg.items:
-                        stream = self._streams.get(item.rid)
-                        if stream is not None:
-                            stream.put(wire.item_from_wire(item))
-                    self.recv_s += time.thread_time() - started
-                elif isinstance(msg, wire.Reply):
-                    future = self._calls.pop(msg.cid, None)
-                    if future is not None and not future.done():
-                        if msg.error is not None:
-                            future.set_exception(wire.error_from_wire(msg.error))
-                        else:
-                            future.set_result(msg.value)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            pass
+            await frames.closed
         except asyncio.CancelledError:
             return
         returncode = await self._reap(kill=True)
