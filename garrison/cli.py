@@ -372,11 +372,23 @@ def quickstart(ctx: click.Context, config_file: str | None, state_dir: str | Non
     merged model to GGUF Q4_K_M and ONNX int8 through the parity gate, serves it and asks it a
     question from the dataset through the OpenAI-compatible API. Prints a new admin key named
     "quickstart" once (earlier quickstart keys are revoked). A second run reuses the results.
+    Ctrl-C or SIGTERM stops it, and the daemon it started with it.
     """
     from garrison.daemon.lifecycle import running_daemon
     from garrison.models.registry import ModelRegistry
-    from garrison.quickstart import SUFFIX, Stages, ask, sample_records, seal_and_ingest, snippets, start_daemon
+    from garrison.quickstart import (
+        SUFFIX,
+        Stages,
+        ask,
+        sample_records,
+        seal_and_ingest,
+        snippets,
+        start_daemon,
+        stop_daemon,
+        stop_on_sigterm,
+    )
 
+    stop_on_sigterm()
     load = config_loader(ctx, config_file, state_dir, listen)
     config, catalog = _open(ctx, config_file, state_dir)
     click.echo(f"state folder: {config.state_path}", err=True)
@@ -408,27 +420,29 @@ def quickstart(ctx: click.Context, config_file: str | None, state_dir: str | Non
     if running_daemon(StateLayout(config.state_path)) is None:
         daemon = stages.run("4/5 start the daemon", lambda: start_daemon(served_config,
                                                                            config.state_path / "quickstart.log"))
-    question = next(m["content"] for m in sample_records()[1]["messages"] if m["role"] == "user")
-    answer = stages.run("5/5 ask the fine-tuned model a question from the dataset",
-                        lambda: ask(served_config, secret, served_model, question))
-    click.echo(f"\n  Q: {question}\n  A ({served_model}): {answer}\n")
-    click.echo("stage times: " + ", ".join(f"{name.split(' ', 1)[0]} {t:.1f}s" for name, t in stages.timings.items())
-               + f" (total {sum(stages.timings.values()):.1f}s)", err=True)
-    click.echo(f"admin key (shown once): {secret}")
-    click.echo(snippets(served_config, secret, served_model))
-    if daemon is None:
-        click.echo("a daemon already serves this state folder", err=True)
-        return
-    if no_serve:
-        daemon.terminate()
-        daemon.wait(timeout=60)
-        return
-    click.echo(f"serving on {served_config.base_url} (Ctrl-C stops)", err=True)
-    try:
-        sys.exit(daemon.wait())
-    except KeyboardInterrupt:
-        daemon.terminate()
-        sys.exit(daemon.wait(timeout=60))
+    try:  # from here on, however quickstart ends (Ctrl-C, SIGTERM, an error), its daemon ends with it
+        question = next(m["content"] for m in sample_records()[1]["messages"] if m["role"] == "user")
+        answer = stages.run("5/5 ask the fine-tuned model a question from the dataset",
+                            lambda: ask(served_config, secret, served_model, question))
+        click.echo(f"\n  Q: {question}\n  A ({served_model}): {answer}\n")
+        click.echo("stage times: " + ", ".join(f"{name.split(' ', 1)[0]} {t:.1f}s"
+                                               for name, t in stages.timings.items())
+                   + f" (total {sum(stages.timings.values()):.1f}s)", err=True)
+        click.echo(f"admin key (shown once): {secret}")
+        click.echo(snippets(served_config, secret, served_model))
+        if daemon is None:
+            click.echo("a daemon already serves this state folder", err=True)
+            return
+        if no_serve:
+            return
+        click.echo(f"serving on {served_config.base_url} (Ctrl-C stops)", err=True)
+        try:
+            sys.exit(daemon.wait())
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM while serving: a clean stop, the daemon's own exit code
+            sys.exit(stop_daemon(daemon))
+    finally:
+        if daemon is not None:
+            stop_daemon(daemon)
 
 
 def _run_job(config: Config, catalog: Catalog, kind: str, params: dict[str, Any]) -> Job:
@@ -758,7 +772,7 @@ def audit(ctx: click.Context, config_file: str | None, state_dir: str | None, li
 
 @cli.group("docs", hidden=True)
 def docs_group() -> None:
-    """Generate reference documentation (docs/api.md, docs/cli.md)."""
+    """Generate reference documentation (docs/api.md, docs/cli.md, the guide's exit codes)."""
 
 
 @docs_group.command("api")
@@ -786,6 +800,14 @@ def docs_cli() -> None:
     lines = ["# The `garrison` command", "",
              "Generated from `--help` by `garrison docs cli`; do not edit by hand.", ""]
     click.echo("\n".join(lines + _command_help(cli, ["garrison"])))
+
+
+@docs_group.command("exit-codes")
+def docs_exit_codes() -> None:
+    """Print the exit-code table generated from the error hierarchy (docs/operator-guide.md embeds it)."""
+    from garrison.exit_codes import render_markdown
+
+    click.echo(render_markdown(), nl=False)
 
 
 @docs_group.command("config")

@@ -45,6 +45,8 @@ class GarrisonError(Exception):
 
 
 class ConfigError(GarrisonError):
+    """Bad configuration: a setting, the configuration file, a missing tool or master key."""
+
     code = "invalid_config"
     http_status = 500
     exit_code = 2
@@ -52,6 +54,8 @@ class ConfigError(GarrisonError):
 
 
 class InvalidRequest(GarrisonError):
+    """Bad arguments or input (the request, the file, the parameters)."""
+
     code = "invalid_request"
     http_status = 400
     exit_code = 2
@@ -59,6 +63,8 @@ class InvalidRequest(GarrisonError):
 
 
 class AuthenticationError(GarrisonError):
+    """No API key, or one that is wrong, revoked or expired."""
+
     code = "invalid_api_key"
     http_status = 401
     exit_code = 3
@@ -66,6 +72,8 @@ class AuthenticationError(GarrisonError):
 
 
 class PermissionDenied(GarrisonError):
+    """The key lacks the scope or the grant, or the transport is not private enough."""
+
     code = "permission_denied"
     http_status = 403
     exit_code = 3
@@ -73,6 +81,8 @@ class PermissionDenied(GarrisonError):
 
 
 class NotFound(GarrisonError):
+    """No such model, dataset, job, key or file."""
+
     code = "not_found"
     http_status = 404
     exit_code = 4
@@ -80,6 +90,8 @@ class NotFound(GarrisonError):
 
 
 class Conflict(GarrisonError):
+    """Conflicts with the current state: it exists already, it is in use or finished, a daemon runs."""
+
     code = "conflict"
     http_status = 409
     exit_code = 5
@@ -87,6 +99,8 @@ class Conflict(GarrisonError):
 
 
 class PayloadTooLarge(GarrisonError):
+    """An upload larger than `max_upload_mb`."""
+
     code = "payload_too_large"
     http_status = 413
     exit_code = 2
@@ -94,6 +108,8 @@ class PayloadTooLarge(GarrisonError):
 
 
 class RateLimited(GarrisonError):
+    """Too many requests waiting for the model: retry after `Retry-After`."""
+
     code = "rate_limit_exceeded"
     http_status = 429
     exit_code = 6
@@ -113,18 +129,24 @@ class CatalogError(GarrisonError):
 
 
 class IntegrityError(GarrisonError):
+    """Integrity failure: the audit chain, an artifact's hash or signature, a vault chunk."""
+
     code = "integrity_error"
     http_status = 500
     exit_code = 8
 
 
 class JobFailed(GarrisonError):
+    """The job failed (its error code says why)."""
+
     code = "job_failed"
     http_status = 500
     exit_code = 9
 
 
 class Unavailable(GarrisonError):
+    """The daemon or a model cannot answer now: not running, shutting down, out of memory, crashed."""
+
     code = "unavailable"
     http_status = 503
     exit_code = 10
@@ -145,9 +167,32 @@ _BY_STATUS: dict[int, type[GarrisonError]] = {
 }
 
 
+# Codes raised with a class whose HTTP status another class shares (500): the status alone cannot
+# tell them apart, so the client maps these codes back to their class, and a command acting through
+# the daemon exits as it would in process (`garrison run` on a tampered model: 8, not 1).
+# tests/test_errors.py reads every raise site in garrison/ and keeps this table complete.
+CODES_SHARING_A_STATUS: dict[type[GarrisonError], tuple[str, ...]] = {
+    ConfigError: ("config_invalid_value", "config_not_found", "config_syntax", "config_unknown_key",
+                  "config_unreadable", "converter_missing", "llama_cpp_missing", "master_key_exposed",
+                  "master_key_invalid", "master_key_missing", "master_key_readonly"),
+    CatalogError: ("catalog_schema_newer",),
+    IntegrityError: ("artifact_file_missing", "artifact_hash_mismatch", "artifact_unsigned", "audit_chain_broken",
+                     "backup_invalid", "checkpoint_unreadable", "identity_unreadable", "master_key_mismatch",
+                     "rotation_key_missing", "rotation_verify_failed", "signature_invalid", "vault_chunk_corrupt",
+                     "vault_chunk_count_mismatch",
+                     "vault_chunk_reordered", "vault_file_missing", "vault_header_invalid", "vault_key_unwrap_failed",
+                     "vault_record_invalid", "vault_size_mismatch", "vault_trailing_data", "vault_truncated"),
+    JobFailed: ("adapter_base_missing", "finetune_no_output", "parity_failed", "training_failed"),
+}
+_BY_CODE: dict[str, type[GarrisonError]] = {
+    code: cls for cls, codes in CODES_SHARING_A_STATUS.items() for code in (cls.code, *codes)}
+
+
 def from_http(status: int, body: Any) -> GarrisonError:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
         return GarrisonError(f"HTTP {status}: {str(body)[:200]}")
-    cls = _BY_STATUS.get(status, GarrisonError)
-    return cls(str(error.get("message", "")), code=error.get("code") or None, param=error.get("param"))
+    code = error.get("code") or None
+    by_code = _BY_CODE.get(str(code))
+    cls = by_code if by_code is not None and by_code.http_status == status else _BY_STATUS.get(status, GarrisonError)
+    return cls(str(error.get("message", "")), code=code, param=error.get("param"))

@@ -10,9 +10,11 @@ run reuses what is already there (same dataset bytes, same fine-tune) and takes 
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +35,7 @@ from garrison.store.catalog import Catalog
 SAMPLE = "support_sample.jsonl"
 DATASET = "support-sample"
 SUFFIX = "quickstart"
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -95,11 +98,30 @@ def _http(url: str, key: str, body: dict[str, Any] | None = None, timeout: float
         return json.loads(resp.read())
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (kill, a CI timeout, a supervisor) ends quickstart as Ctrl-C does: the job it follows
+    keeps its checkpoint and the daemon it started is stopped with it, never left behind."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """For the child, between fork and exec: SIGTERM (a graceful drain) when quickstart dies, even by
+    SIGKILL, which no handler of ours sees. libc is looked up here, in the parent: the child only calls."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def prepare() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # quickstart died before prctl took effect
+            os._exit(0)
+    return prepare
+
+
 def start_daemon(config: Config, log: Path) -> subprocess.Popen[bytes]:
     """The daemon in a child process: the question goes through real HTTP, like any client's."""
     env = {**os.environ, "GARRISON_STATE_DIR": str(config.state_path), "GARRISON_LISTEN": config.listen}
     handle = log.open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "garrison.cli", "serve"], env=env, stdout=handle, stderr=handle)
+    proc = subprocess.Popen([sys.executable, "-m", "garrison.cli", "serve"], env=env, stdout=handle, stderr=handle,
+                            preexec_fn=_die_with(os.getpid()))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -111,6 +133,13 @@ def start_daemon(config: Config, log: Path) -> subprocess.Popen[bytes]:
             time.sleep(0.1)
     proc.kill()
     raise Unavailable(f"the daemon did not answer within 60 s; see {log}", code="daemon_failed")
+
+
+def stop_daemon(proc: subprocess.Popen[bytes]) -> int:
+    """Stop the daemon this command started (it drains: SIGTERM) and wait for it."""
+    if proc.poll() is None:
+        proc.terminate()
+    return proc.wait(timeout=60)
 
 
 def ask(config: Config, key: str, model: str, question: str) -> str:

@@ -31,19 +31,42 @@ def _start(tmp_path: Path, test_model_root: Path, *args: str) -> tuple[subproces
     return proc, env, port
 
 
+def _daemon_pid(state: Path) -> int:
+    return int(json.loads((state / "daemon.lock").read_text())["pid"])
+
+
+def _gone(pid: int, within_s: float = 60) -> bool:
+    """The process has exited (a zombie nobody reaped counts: it runs nothing)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float = 900) -> str:
+    output = ""
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while marker not in output and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output += line
+    return output
+
+
 def test_quickstart_runs_every_stage_then_serves(tiny_llama_dir: Path, test_model_root: Path,
                                                  tmp_path: Path) -> None:
     proc, _env, port = _start(tmp_path, test_model_root)
     state = tmp_path / "state"
     try:
-        output = ""
-        deadline = time.monotonic() + 900
-        assert proc.stdout is not None
-        while "serving on" not in output and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output += line
+        output = _read_until(proc, "serving on")
         assert "serving on" in output, output
         for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
             assert f"==> {stage}" in output
@@ -72,9 +95,15 @@ def test_quickstart_runs_every_stage_then_serves(tiny_llama_dir: Path, test_mode
         with urllib.request.urlopen(req, timeout=10) as resp:
             served = {m["id"] for m in json.loads(resp.read())["data"]}
         assert "garrison-tiny-ft-quickstart-merged:q4_k_m" in served
+        # SIGTERM (a supervisor, a CI timeout) stops quickstart and the daemon it started: no orphan serves on.
+        daemon_pid = _daemon_pid(state)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert _gone(daemon_pid, within_s=0), f"quickstart left its daemon (pid {daemon_pid}) running"
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
 
 
 def test_a_warm_quickstart_reuses_the_results_and_revokes_the_old_key(tiny_llama_dir: Path, test_model_root: Path,
@@ -90,3 +119,15 @@ def test_a_warm_quickstart_reuses_the_results_and_revokes_the_old_key(tiny_llama
     assert "already done for this dataset (reusing it)" in out and "(ingested by an earlier run)" in out
     listed = json.loads(run_cli(tmp_path / "state", "keys", "list", "--json", env=env).stdout)
     assert sorted(k["status"] for k in listed if k["name"] == "quickstart") == ["active", "revoked"]
+    # Even killed outright (no handler runs), quickstart takes its daemon along (parent-death signal).
+    proc, _env, _port = _start(tmp_path, test_model_root)
+    try:
+        output = _read_until(proc, "serving on", timeout_s=300)
+        assert "serving on" in output, output
+        daemon_pid = _daemon_pid(tmp_path / "state")
+        proc.kill()
+        proc.wait(timeout=10)
+        assert _gone(daemon_pid), f"the killed quickstart's daemon (pid {daemon_pid}) still runs"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -20,6 +20,8 @@ from garrison.paths import converter_dir
 
 
 class ConversionError(GarrisonError):
+    """A conversion was refused or failed: an unsupported architecture, tokenizer or task, a broken model."""
+
     code = "conversion_failed"
     http_status = 422
     exit_code = 11

@@ -156,7 +156,7 @@ def _install(catalog: Catalog, layout: StateLayout, key_file: Path, rotation_id:
         fsync_dir(key_file.parent)
     if not key_file.exists() or key_check_value(read_key_file(key_file)) != new_kcv:
         raise IntegrityError(f"the rotation's new key is neither in {nxt} nor in {key_file}: restore it from a "
-                             "backup (`garrison keys restore-master`)", code="master_key_missing")
+                             "backup (`garrison keys restore-master`)", code="rotation_key_missing")
     with catalog.write() as conn:
         _journal(conn, rotation_id, "installed")
     _step("installed")
@@ -334,9 +334,9 @@ def read_backup(src: Path, identity: IdentityLike) -> bytes:
     try:
         data = json.loads(decrypt_bytes(src.read_bytes(), [identity]))
     except ValueError as exc:
-        raise InvalidRequest(f"{src} is not a Garrison master key backup ({exc})", code="backup_invalid") from None
+        raise InvalidRequest(f"{src} is not a Garrison master key backup ({exc})", code="not_a_backup") from None
     if not isinstance(data, dict) or data.get("format") != BACKUP_FORMAT:
-        raise InvalidRequest(f"{src} is not a Garrison master key backup", code="backup_invalid")
+        raise InvalidRequest(f"{src} is not a Garrison master key backup", code="not_a_backup")
     key = bytes.fromhex(str(data["master_key"]))
     if len(key) != KEY_BYTES or key_check_value(key) != data.get("kcv"):
         raise IntegrityError(f"the key in {src} does not match its check value", code="backup_invalid")

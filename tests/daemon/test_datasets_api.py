@@ -217,6 +217,41 @@ async def test_files_upload_refused_off_loopback(client: TestClient[Any, Any], m
     assert "seal" in body["error"]["message"]
 
 
+def _form(*parts: tuple[str, str | bytes]) -> FormData:
+    """A multipart body with its parts in this order (the file part named "file")."""
+    form = FormData()
+    for name, value in parts:
+        form.add_field(name, value, **({"filename": "train.jsonl"} if name == "file" else {}))
+    return form
+
+
+async def test_files_fields_must_come_before_the_file(client: TestClient[Any, Any]) -> None:
+    """The file is streamed into the vault as it arrives, so a field after it cannot apply: the upload
+    is refused, stored nowhere, instead of landing silently in another dataset."""
+    line = (chat("hello") + "\n").encode()
+    for late in ("dataset", "format", "purpose"):
+        value = {"dataset": "support", "format": "jsonl", "purpose": "fine-tune"}[late]
+        early = [("purpose", "fine-tune")] if late != "purpose" else []
+        r = await client.post("/v1/files", data=_form(*early, ("file", line), (late, value)), headers=key(client))
+        body = await r.json()
+        if late == "purpose":  # no purpose before the file: refused before a byte of it is read
+            assert r.status == 400 and body["error"]["param"] == "purpose", body
+            continue
+        assert r.status == 400 and body["error"]["code"] == "invalid_upload", body
+        assert body["error"]["param"] == late and "before the file" in body["error"]["message"]
+    assert versions(client) == []
+    assert client.app[STATE].catalog.query("SELECT * FROM files") == []
+    r = await client.post("/v1/files", data=_form(("purpose", "fine-tune"), ("file", line), ("file", line)),
+                          headers=key(client))
+    assert r.status == 400 and (await r.json())["error"]["message"] == "one file per upload"
+    assert versions(client) == []
+    r = await client.post("/v1/files", data=_form(("purpose", "fine-tune"), ("dataset", "support"), ("file", line),
+                                                  ("note", "an unknown field is ignored, before or after")),
+                          headers=key(client))
+    created = await r.json()
+    assert r.status == 200 and created["dataset"] == "support", created
+
+
 @needs_age
 async def test_large_upload_with_content_length_is_redacted_by_the_pool(client: TestClient[Any, Any],
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,3 +107,19 @@ def test_keys_over_http_and_metrics(daemon: Daemon) -> None:
     for secret in daemon.keys.values():
         assert secret not in daemon.log()
     assert created["key"] not in daemon.log()
+
+
+def test_audit_limit_gives_the_latest_entries_like_the_cli(daemon: Daemon) -> None:
+    for n in range(5):
+        run_cli(daemon.state_dir, "keys", "create", "--role", "read", "--name", f"audit-{n}", env=daemon.env)
+    status, everything = daemon.request("GET", "/v1/garrison/audit?limit=10000")
+    seqs = [e["seq"] for e in everything["data"]]
+    assert status == 200 and seqs == sorted(seqs) and len(seqs) >= 6
+    status, latest = daemon.request("GET", "/v1/garrison/audit?limit=3")
+    assert status == 200 and latest["chain_intact"]
+    assert [e["seq"] for e in latest["data"]] == seqs[-3:]  # newest last, as `garrison audit` prints them
+    assert latest["data"][-1]["detail"] == everything["data"][-1]["detail"]
+    shown = run_cli(daemon.state_dir, "audit", "--limit", "3", env=daemon.env).stdout.splitlines()
+    assert [int(line.split()[0]) for line in shown[:3]] == seqs[-3:]
+    status, page = daemon.request("GET", f"/v1/garrison/audit?after={seqs[0]}&limit=2")  # paging forward
+    assert [e["seq"] for e in page["data"]] == seqs[1:3]

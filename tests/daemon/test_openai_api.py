@@ -225,6 +225,10 @@ def test_a_tampered_model_is_refused(served: Daemon, tiny_llama_gguf: Path) -> N
     with pytest.raises(openai.InternalServerError) as refused:
         client(served).chat.completions.create(model="tampered", messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
     assert refused.value.code == "artifact_hash_mismatch"
+    # Through the daemon, the CLI exits as the same failure does in process (the guide's exit 8), not 1.
+    env = {**served.env, "GARRISON_KEY": served.key("infer")}
+    ran = run_cli(served.state_dir, "run", "tampered", "Hello", "--max-tokens", "4", env=env, check=False)
+    assert ran.returncode == 8 and "[artifact_hash_mismatch]" in ran.stderr, ran.stderr
 
 
 def test_lora_adapters_share_their_base(served: Daemon) -> None:

@@ -9,7 +9,9 @@ Plaintext on the wire is accepted only where the wire is private: from a loopbac
 local reverse proxy) or over TLS. Anything else is refused before a byte of the body is read:
 remote producers seal their files (POST /v1/garrison/datasets/{name}/versions). The multipart body
 is streamed part by part into the pipeline (`request.multipart()`, never `request.post()`, which
-would spool large files to a temporary file in plaintext).
+would spool large files to a temporary file in plaintext). So the form fields must come before the
+file part, as OpenAI's client sends them; a field after it refuses the upload (400, nothing stored)
+rather than being silently ignored.
 
 File content never leaves the appliance: GET /v1/files/{id}/content is refused.
 """
@@ -21,7 +23,7 @@ import ipaddress
 import socket
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 
 from garrison.daemon.api.datasets import ThreadReader, ingest_service, max_upload_bytes
 from garrison.daemon.http import json_response, principal
@@ -34,6 +36,7 @@ from garrison.ingest.pipeline import IngestRequest
 from garrison.policies.access import authorize
 
 PURPOSES = ("fine-tune",)
+FIELDS = ("purpose", "dataset", "format")
 _FIELD_LIMIT = 1024
 
 
@@ -71,6 +74,22 @@ async def _field(part: BodyPartReader) -> str:
         raise InvalidRequest(f"form field {part.name!r} is not UTF-8", param=part.name) from None
 
 
+async def _refuse_fields_after_the_file(reader: MultipartReader) -> None:
+    """Read what follows the file part before the upload is stored. The file is streamed into the
+    pipeline as it arrives (never buffered), so a field after it comes too late to apply: it refuses
+    the upload instead of being ignored. OpenAI's own client sends its fields first."""
+    async for part in reader:
+        if not isinstance(part, BodyPartReader):
+            raise InvalidRequest("nested multipart bodies are not accepted", code="invalid_upload")
+        if part.name == "file":
+            raise InvalidRequest("one file per upload", code="invalid_upload", param="file")
+        if part.name in FIELDS:
+            raise InvalidRequest(f"the {part.name!r} field came after the 'file' part: send the form fields before "
+                                 "the file, which is streamed into the vault as it arrives; nothing was stored",
+                                 code="invalid_upload", param=part.name)
+        await part.release()
+
+
 async def create_file(request: web.Request) -> web.StreamResponse:
     if not private_transport(request):
         raise PermissionDenied("plaintext uploads to /v1/files are accepted only over TLS or from this machine "
@@ -86,7 +105,7 @@ async def create_file(request: web.Request) -> web.StreamResponse:
         if not isinstance(part, BodyPartReader):
             raise InvalidRequest("nested multipart bodies are not accepted", code="invalid_upload")
         if part.name != "file":
-            if part.name in ("purpose", "dataset", "format"):
+            if part.name in FIELDS:
                 fields[part.name] = await _field(part)
             else:
                 await part.release()
@@ -115,12 +134,18 @@ async def create_file(request: web.Request) -> web.StreamResponse:
                                      size=int(version.report.get("bytes_in", 0)), version_id=version.id,
                                      created_by=who.actor)
 
+        async def read_file(size: int, part: BodyPartReader = part) -> bytes:
+            chunk = await part.read_chunk(size)
+            if not chunk:  # the file's end: what follows must be no field, before anything is stored
+                await _refuse_fields_after_the_file(reader)
+            return chunk
+
         service = ingest_service(request.app)
         ingest_request = IngestRequest(dataset=dataset, source="files", source_name=filename, format=fmt,
                                        sealed=False, actor=who.actor, max_bytes=max_upload_bytes(request.app),
                                        on_publish=on_publish,
                                        declared_bytes=request.content_length)  # the part and a few headers
-        result = await asyncio.to_thread(service.ingest, ThreadReader(part.read_chunk, asyncio.get_running_loop()),
+        result = await asyncio.to_thread(service.ingest, ThreadReader(read_file, asyncio.get_running_loop()),
                                          ingest_request)
         created["file_id"] = file_id
         created["result"] = result
@@ -173,10 +198,11 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 
 ROUTES = (
     Route("POST", "/v1/files", create_file, "ingest",
-          "Upload a plaintext JSONL file (multipart: purpose=fine-tune, then file; optional dataset, format); only "
-          "over TLS or loopback. It becomes a dataset version (redacted, encrypted).", "files",
+          "Upload a plaintext JSONL file (multipart: the fields purpose=fine-tune and optional dataset, format, "
+          "then the file part, as OpenAI's client sends them; a field after the file is refused); only over TLS "
+          "or loopback. It becomes a dataset version (redacted, encrypted).", "files",
           responses={"200": "the OpenAI file object, with dataset, version and report",
-                     "400": "refused (bad_lines, no_records, unsupported_purpose); nothing stored",
+                     "400": "refused (bad_lines, no_records, unsupported_purpose, invalid_upload); nothing stored",
                      "403": "not over TLS or loopback, or no ingest scope", "413": "larger than max_upload_mb"}),
     Route("GET", "/v1/files", list_files, "read", "Uploaded files (OpenAI's list shape).", "files",
           query=(("purpose", "string", "only files of this purpose"),)),
