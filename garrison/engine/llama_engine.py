@@ -77,8 +77,10 @@ from garrison.engine.llama_sampling import (
     TextAssembler,
     end_of_generation_ids,
     log_softmax_row,
+    tokenize,
     top_k_indices,
 )
+from garrison.engine.streams import QueuedStream
 from garrison.engine.types import (
     DeadlineExceeded,
     EngineClosed,
@@ -205,67 +207,24 @@ class _LoopSink:
                 state.cancelled = True
 
 
-class GenerationStream:
-    """Async iterator over one request: TokenEvent items, then one Finish, then it stops.
-
-    Errors after admission (DeadlineExceeded, EngineClosed, a bad LoRA file) are raised
-    from iteration. Stopping early is always safe: `break` out of `async for`, `aclose()`,
-    cancelling the consuming task or dropping the stream all free the slot within one
-    decode step. `finish` holds the Finish once it has been yielded.
-    """
+class GenerationStream(QueuedStream):
+    """One request's stream in process (see garrison.engine.streams); `request_id` names it."""
 
     def __init__(self, engine: LlamaEngine, state: _Request) -> None:
+        assert state.queue is not None
+        super().__init__(state.queue)
         self._engine = engine
         self._state = state
-        self._ended = False
-        self.finish: Finish | None = None
 
     @property
     def request_id(self) -> int:
         return self._state.rid
 
-    def __aiter__(self) -> GenerationStream:
-        return self
+    def _drop(self) -> None:
+        self._engine.cancel(self._state)
 
-    async def __anext__(self) -> TokenEvent | Finish:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            queue = self._state.queue
-            assert queue is not None
-            item = await queue.get()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        if isinstance(item, TokenEvent):
-            return item
-        self._ended = True
-        if isinstance(item, Finish):
-            self.finish = item
-            return item
-        raise item
-
-    def cancel(self) -> None:
-        """Ask the loop to drop this request; idempotent and safe from any thread."""
-        if not self._ended:
-            self._ended = True
-            self._engine.cancel(self._state)
-
-    async def aclose(self) -> None:
-        self.cancel()
-
-    async def __aenter__(self) -> GenerationStream:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        self.cancel()
-
-    def __del__(self) -> None:
-        # A consumer that just drops the stream (client disconnected, handler returned)
-        # must not keep a slot busy until max_tokens.
-        if not self._ended:
-            self._state.cancelled = True
+    def _drop_on_gc(self) -> None:
+        self._state.cancelled = True  # no lock from a finalizer: the loop sees the flag before its next step
 
 
 class LlamaEngine:
@@ -388,14 +347,7 @@ class LlamaEngine:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text to token ids (llama_tokenize reads only the vocabulary: safe beside the loop)."""
         self._check_open()
-        raw = text.encode("utf-8")
-        cap = len(raw) + 8
-        while True:
-            buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
-            if n >= 0:
-                return list(buf[:n])
-            cap = -n
+        return tokenize(self._vocab, text, add_special, parse_special)
 
     def token_piece(self, token: int, special: bool = False) -> bytes:
         """The raw bytes of one token (a byte-fallback token may be half a character)."""

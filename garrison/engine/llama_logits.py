@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from garrison.engine.cpu_kernels import load_backends
+from garrison.engine.llama_sampling import tokenize
 from garrison.errors import ConfigError
 
 
@@ -80,14 +81,7 @@ class SequenceScorer:
         return np.array(rows, dtype=np.float64)
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        raw = text.encode("utf-8")
-        cap = len(raw) + 8
-        while True:
-            buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
-            if n >= 0:
-                return list(buf[:n])
-            cap = -n
+        return tokenize(self._vocab, text, add_special, parse_special)
 
     def close(self) -> None:
         if self._batch is not None:

@@ -21,6 +21,18 @@ from garrison.engine.json_grammar import InvalidGrammar
 from garrison.engine.types import SamplingParams
 
 
+def tokenize(vocab: Any, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    """Text to token ids with llama.cpp's tokenizer (it reads only the vocabulary: safe beside decoding)."""
+    raw = text.encode("utf-8")
+    cap = len(raw) + 8
+    while True:
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n >= 0:
+            return list(buf[:n])
+        cap = -n  # llama.cpp says how many it needs
+
+
 def end_of_generation_ids(vocab: Any, n_vocab: int) -> list[int]:
     """Every token that ends generation (EOS, EOT, ...), as llama.cpp's vocabulary marks them."""
     return [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]

@@ -32,6 +32,7 @@ import psutil
 
 from garrison.engine import wire
 from garrison.engine.protocols import EmbeddingResult
+from garrison.engine.streams import QueuedStream
 from garrison.engine.types import EngineStats, Finish, GenerationRequest, TokenEvent
 from garrison.errors import GarrisonError
 
@@ -69,62 +70,23 @@ class RunnerExit:
         return exit_description(self.returncode)
 
 
-class RunnerStream:
-    """One request's items from the runner; the engine protocols' TokenStream.
-
-    Like the in-process stream: TokenEvent items, then one Finish; errors raise from
-    iteration; `cancel()` (also on break, aclose, task cancellation or garbage collection)
-    tells the runner to free the slot.
-    """
+class RunnerStream(QueuedStream):
+    """One request's items from the runner: the engine protocols' TokenStream (garrison.engine.streams);
+    dropping it tells the runner to free the slot."""
 
     def __init__(self, runner: RunnerProcess, rid: int) -> None:
+        super().__init__(asyncio.Queue())
         self._runner = runner
         self.rid = rid
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._ended = False
-        self.finish: Finish | None = None
 
     def put(self, item: _Item) -> None:
         self._queue.put_nowait(item)
 
-    def __aiter__(self) -> RunnerStream:
-        return self
+    def _drop(self) -> None:
+        self._runner._cancel(self.rid)
 
-    async def __anext__(self) -> TokenEvent | Finish:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        if isinstance(item, TokenEvent):
-            return item
-        self._ended = True
+    def _on_end(self) -> None:
         self._runner._forget(self.rid)
-        if isinstance(item, Finish):
-            self.finish = item
-            return item
-        raise item
-
-    def cancel(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._runner._cancel(self.rid)
-
-    async def aclose(self) -> None:
-        self.cancel()
-
-    async def __aenter__(self) -> RunnerStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cancel()
-
-    def __del__(self) -> None:
-        if not self._ended:
-            with contextlib.suppress(Exception):
-                self._runner._cancel(self.rid)
 
 
 class _FrameReader(asyncio.Protocol):
