@@ -96,7 +96,9 @@ def _key_file(config: Config, source: MasterKeySource) -> tuple[Path, bool]:
             raise ConfigError("the master key is a systemd credential with no key file behind it: rotate on the "
                               "file the credential is made from (set master_key_file)", code="master_key_readonly")
         return Path(config.master_key_file), True
-    return path, bool(credentials)
+    # A configured key file is what the appliance's units hand the services as a credential (install.sh
+    # --system): they hold a copy made at their start, so they must be restarted to see the new key.
+    return path, bool(credentials) or bool(config.master_key_file)
 
 
 def _journal(conn: Any, rotation_id: str, state: str, **detail: Any) -> None:
