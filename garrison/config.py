@@ -145,6 +145,10 @@ SETTINGS: tuple[Setting, ...] = (
             "llama.cpp's CPU weight repack (extra buffer types: AMX, AArch64 layouts). auto: used for a weight "
             "type once a throw-away probe decoded with it on this CPU and build; on: always (a CPU that faults "
             "crashes the model's runner, never the daemon); off: never. Also [engine] cpu_repack."),
+    Setting("master_key_keep_previous_days", _bounded(float, 0, 3650), lambda _env: 30.0,
+            "Days the replaced master key (master.key.previous) is kept after a rotation, then deleted at the "
+            "daemon's next start or the next `garrison keys` rotation command; 0 keeps it until "
+            "`garrison keys rotate-master --finish`."),
     Setting("runner_max_crashes", _bounded(int, 1, 1000), lambda _env: 3,
             "Crashes in a row after which a model's runner is no longer restarted and the model is failed."),
 )
@@ -176,6 +180,7 @@ class Config:
     max_upload_mb: float
     inference_threads: int
     cpu_repack: str
+    master_key_keep_previous_days: float
     runner_max_crashes: int
     source: str = field(default="defaults", compare=False)
 

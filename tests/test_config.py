@@ -35,7 +35,8 @@ def test_every_setting_has_an_environment_override(tmp_path: Path) -> None:
                "job_timeout_s": "10", "job_max_attempts": "4", "job_heartbeat_s": "1",
                "job_stale_after_s": "9", "allow_remote": "true", "run_jobs": "false", "model_memory_mb": "512",
                "model_keep_alive_s": "60", "model_queue": "3", "request_timeout_s": "30", "inference_threads": "2",
-               "policy_file": "/p.toml", "max_upload_mb": "10", "cpu_repack": "off", "runner_max_crashes": "5"}
+               "policy_file": "/p.toml", "max_upload_mb": "10", "cpu_repack": "off", "runner_max_crashes": "5",
+               "master_key_keep_previous_days": "7"}
     assert set(samples) == {s.key for s in SETTINGS}, "add a sample for the new setting"
     env = {f"GARRISON_{k.upper()}": v for k, v in samples.items()}
     config = load_config("/dev/null", env=env)

@@ -131,6 +131,14 @@ async def _drain(runner: web.AppRunner, state: DaemonState) -> None:
         log_event(log, "daemon.drain_timeout", level=logging.WARNING, in_flight=state.in_flight)
 
 
+def _expire_previous_master_key(config: Config, catalog: Catalog) -> None:
+    from garrison.operations.master_key import expire_previous_key
+
+    removed = expire_previous_key(config, catalog, actor="system:retention")
+    if removed:
+        log_event(log, "master_key.previous_expired", removed=[str(p) for p in removed])
+
+
 async def _serve(load: ConfigLoader, config: Config) -> int:
     started = time.monotonic()
     layout = StateLayout(config.state_path)
@@ -169,6 +177,7 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         tasks.append(asyncio.create_task(state.manager.run_keep_alive(watchdog_stop)))
         tasks.append(asyncio.create_task(InboxWatcher(ingest_service(app)).run(job_stop)))
 
+        await asyncio.to_thread(_expire_previous_master_key, config, catalog)
         notifier.ready(f"serving on {config.base_url}")
         log_event(log, "daemon.ready", url=config.base_url, state_dir=str(layout.root),
                   startup_ms=round((time.monotonic() - started) * 1000, 1), jobs=config.run_jobs,

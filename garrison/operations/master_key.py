@@ -219,6 +219,7 @@ def rotate_master(config: Config, catalog: Catalog, new_key_file: Path | None, *
         key_file, credential = _key_file(config, source)
         new_key = read_key_file(new_key_file) if new_key_file is not None else None
         _step("start")
+        expire_previous_key(config, catalog, actor=actor)
         resumed: str | None = None
         pending = _unfinished(catalog)
         if pending is not None and pending["state"] == "prepared":
@@ -269,7 +270,24 @@ def rotate_master(config: Config, catalog: Catalog, new_key_file: Path | None, *
         raise
 
 
-def finish_rotation(config: Config, catalog: Catalog, *, actor: str) -> list[Path]:
+def expire_previous_key(config: Config, catalog: Catalog, *, actor: str, now: float | None = None) -> list[Path]:
+    """Retention: a rotation installed longer ago than master_key_keep_previous_days is finished
+    (the kept old key and identity file deleted). Best effort: a process that may not touch the key
+    file (the service user, with a root-only key) leaves it to the next root command."""
+    days = config.master_key_keep_previous_days
+    if days <= 0:
+        return []
+    row = catalog.query_one("SELECT updated_at FROM key_rotations WHERE state = 'installed' "
+                            "ORDER BY updated_at DESC LIMIT 1")
+    if row is None or (time.time() if now is None else now) - float(row[0]) < days * 86400:
+        return []
+    try:
+        return finish_rotation(config, catalog, actor=actor, reason=f"retention ({days:g} days)")
+    except (OSError, GarrisonError):
+        return []
+
+
+def finish_rotation(config: Config, catalog: Catalog, *, actor: str, reason: str = "confirmed") -> list[Path]:
     """The operator confirms the new key works: the old key and the old identity file are deleted."""
     layout = StateLayout(config.state_path)
     source = MasterKeySource(config)
@@ -289,7 +307,7 @@ def finish_rotation(config: Config, catalog: Catalog, *, actor: str) -> list[Pat
         conn.execute("UPDATE key_rotations SET state = 'finished', updated_at = ? WHERE state = 'installed'",
                      (time.time(),))
         append_audit(conn, actor=actor, action="master_key.rotate.finish", resource="master_key",
-                     detail={"removed": [p.name for p in removed]})
+                     detail={"removed": [p.name for p in removed], "reason": reason})
     return removed
 
 

@@ -289,3 +289,17 @@ def test_a_rotation_that_cannot_verify_changes_nothing_and_is_audited(appliance:
     assert ("master_key.rotate", "failed") in audit_actions(appliance)
     rotate(appliance, None)  # the failed attempt's leftovers are cleaned up
     assert not (appliance / "identity" / "keys.enc.next").exists()
+
+
+def test_the_previous_key_is_deleted_once_its_retention_passes(appliance: Path, tmp_path: Path) -> None:
+    rotate(appliance, new_key(tmp_path, "k2.key"))
+    previous = key_file(appliance).with_name("master.key.previous")
+    assert previous.exists()
+    short = {"GARRISON_MASTER_KEY_KEEP_PREVIOUS_DAYS": "0.00001"}  # under a second
+    time.sleep(1.2)
+    rotate(appliance, None, env_extra={"GARRISON_MASTER_KEY_KEEP_PREVIOUS_DAYS": "0"})  # 0: kept until --finish
+    assert previous.exists()
+    rotate(appliance, None, env_extra=short)
+    assert not previous.exists() and not (appliance / "identity" / "keys.enc.previous").exists()
+    assert ("master_key.rotate.finish", "ok") in audit_actions(appliance)
+    assert opened(appliance)["records"]
