@@ -422,9 +422,11 @@ make_venv() {
 }
 
 apt_packages() {
-    # Debian's age (interoperability tests) and systemd (systemd-analyze for the unit tests).
+    # Debian's age (interoperability tests), systemd (systemd-analyze, systemd-creds) and strace (the
+    # network guard's test watches system calls).
     local missing=()
     command -v age >/dev/null || missing+=(age)
+    command -v strace >/dev/null || missing+=(strace)
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then

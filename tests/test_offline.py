@@ -68,3 +68,41 @@ def test_guard_refuses_lookups_and_connections_but_allows_loopback() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:4] == ["refused 192.0.2.1", "refused example.com", "refused 2001:db8::1",
                                            "loopback ok"]
+
+
+LOOKUPS = r'''
+import socket, sys
+if sys.argv[1] == "guarded":
+    from garrison.policies import network_guard
+    network_guard.install()
+calls = [(socket.gethostbyname, ("example.com",)), (socket.gethostbyname_ex, ("example.org",)),
+         (socket.gethostbyaddr, ("192.0.2.7",)), (socket.getnameinfo, (("192.0.2.8", 80), 0)),
+         (socket.getaddrinfo, ("example.net", 443))]
+refused = 0
+for fn, args in calls:
+    try:
+        fn(*args)
+    except PermissionError:
+        refused += 1
+    except OSError:
+        pass  # no network here: the resolver tried and failed
+socket.gethostbyname("localhost")  # local names still resolve (from /etc/hosts)
+print(refused)
+'''
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace (Debian's strace) shows the system calls")
+def test_guard_covers_every_name_lookup_and_no_dns_query_leaves(tmp_path: Path) -> None:
+    """Under strace: unguarded, the resolver connects to the nameservers' port 53; guarded, all five entry
+    points are refused before the C library is called, and no system call reaches port 53."""
+    traffic = {}
+    for mode in ("unguarded", "guarded"):
+        trace = tmp_path / f"{mode}.strace"
+        proc = subprocess.run(["strace", "-f", "-e", "trace=connect,sendto,sendmsg,sendmmsg", "-o", str(trace),
+                               sys.executable, "-c", LOOKUPS, mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        traffic[mode] = (int(proc.stdout.strip().splitlines()[-1]), trace.read_text().count("htons(53)"))
+    assert traffic["guarded"] == (5, 0)
+    assert traffic["unguarded"][0] == 0
+    if Path("/etc/resolv.conf").exists() and "nameserver" in Path("/etc/resolv.conf").read_text():
+        assert traffic["unguarded"][1] > 0, "the unguarded control should have queried a nameserver"

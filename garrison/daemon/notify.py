@@ -25,11 +25,13 @@ class SystemdNotifier:
             return False
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         payload = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
+        # Non-blocking, as libsystemd's sd_notify: this runs on the event loop, and a notify socket whose
+        # queue is full (systemd busy or stuck) must cost one lost message, never a stalled daemon.
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
                 sock.sendto(payload, target)
             return True
-        except OSError:
+        except OSError:  # BlockingIOError included: the message is dropped
             return False
 
     def ready(self, status: str) -> bool:

@@ -49,8 +49,16 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
         host = address[0] if isinstance(address, tuple) and address else address
         if not _is_local_host(host):
             raise OutboundNetworkRefused(f"Garrison refuses outbound network access (to {host!r})")
-    elif event == "socket.getaddrinfo" and not _is_local_host(args[0]):
-        raise OutboundNetworkRefused(f"Garrison refuses to resolve {args[0]!r}: no network")
+    elif event in _LOOKUPS:
+        target = args[0]
+        host = target[0] if isinstance(target, tuple) and target else target  # getnameinfo: a sockaddr
+        if not _is_local_host(host):
+            raise OutboundNetworkRefused(f"Garrison refuses to resolve {host!r}: no network")
+
+
+# Every name-resolution entry point of the socket module: each may send a DNS query (glibc asks the
+# nameservers of /etc/resolv.conf). gethostbyname_ex raises the gethostbyname event.
+_LOOKUPS = frozenset({"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"})
 
 
 def install() -> None:

@@ -175,3 +175,20 @@ def test_sigterm_checkpoints_running_job_which_resumes_on_next_start(make_daemon
     final = restarted.request("GET", f"/v1/garrison/jobs/{job['id']}?wait=60", timeout=90)[1]
     assert final["state"] == "succeeded" and final["attempts"] == 1
     assert final["result"]["resumed_from"] >= 12
+
+
+def test_notify_never_blocks_on_a_full_socket(tmp_path: Path) -> None:
+    """systemd busy or stuck: its notify socket's queue fills; the daemon (whose event loop sends) loses
+    messages instead of stopping, as libsystemd's sd_notify does."""
+    from garrison.daemon.notify import SystemdNotifier
+
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server.bind(str(path))  # never read: the queue fills
+        notifier = SystemdNotifier(str(path))
+        results = [notifier.status(f"message {i} " + "x" * 200) for i in range(2000)]
+        assert results[0] is True
+        assert results.count(False) > 0  # dropped, returned at once (a blocking send would hang here)
+        server.recv(65536)
+        assert notifier.watchdog() is True  # room again: sends go through
