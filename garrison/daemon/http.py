@@ -30,9 +30,44 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        # The C parser stops at Python's recursion limit (about 1,000 levels) at once, whatever the size.
+        raise InvalidRequest("request body is nested too deeply", code="json_too_deep") from None
+    except ValueError as exc:  # an integer beyond sys.get_int_max_str_digits() (4,300 digits)
+        raise InvalidRequest(f"request body has a number too large to read ({str(exc)[:80]})",
+                             code="number_too_large") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    _refuse_lone_surrogates(body)
     return body
+
+
+def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    """JSON's \\uD800 escapes decode to strings that are not Unicode text: refused here, with the field
+    named, instead of failing later (a tokenizer, a log line, SQLite) as a 500."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            texts: list[tuple[str, str]] = []
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                texts.append((where, key))
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+            continue
+        elif isinstance(value, str):
+            texts = [(path, value)]
+        else:
+            continue
+        for where, text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                field = where.split(".", 1)[0].split("[", 1)[0]
+                raise InvalidRequest(f"{where!r} holds a lone UTF-16 surrogate (not Unicode text)",
+                                     code="invalid_unicode", param=field) from None
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

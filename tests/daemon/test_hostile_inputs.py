@@ -1,0 +1,77 @@
+"""Input that used to give 500: each is now a 400 with a stable code, and none of it reaches the log."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, free_port, garrison_env, run_cli
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("hostile")
+    state = root / "state"
+    env = garrison_env(state)
+    run_cli(state, "models", "import", str(tiny_llama_gguf), "--name", "tiny", "--parallel", "2", "--ctx", "256",
+            env=env)
+    daemon = Daemon(state, free_port(), env, root / "daemon.log").start()
+    yield daemon
+    daemon.stop()
+
+
+def post_raw(daemon: Daemon, path: str, raw: bytes, role: str = "admin") -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(daemon.url + path, data=raw, method="POST",
+                                 headers={"Authorization": f"Bearer {daemon.key(role)}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def chat(extra: str) -> bytes:
+    return ('{"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]' + extra + "}").encode()
+
+
+SCHEMA = ', "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": %s}}'
+
+CASES = {
+    "nested 100,000 deep": ("/v1/chat/completions", ('{"model": "tiny", "messages": ' + "[" * 100_000
+                                                     + "]" * 100_000 + "}").encode(), "json_too_deep", None),
+    "a 5,000-digit integer": ("/v1/chat/completions", chat(', "seed": 1' + "0" * 5000), "number_too_large", None),
+    "a schema of an unknown type": ("/v1/chat/completions", chat(SCHEMA % '{"type": "nonsense"}'), "invalid_schema",
+                                    "response_format"),
+    "a broken pattern": ("/v1/chat/completions", chat(SCHEMA % '{"type": "string", "pattern": "(((("}'),
+                         "invalid_schema", "response_format"),
+    "a lone surrogate in chat content": ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", '
+                                         b'"content": "a\\ud800b"}]}', "invalid_unicode", "messages"),
+    "a lone surrogate in a prompt": ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800"}', "invalid_unicode",
+                                     "prompt"),
+    "a lone surrogate in a key name": ("/v1/garrison/keys", b'{"role": "infer", "name": "k\\udc00"}',
+                                       "invalid_unicode", "name"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_input_that_gave_500_is_a_400_with_a_stable_code(served: Daemon, case: str) -> None:
+    path, raw, code, param = CASES[case]
+    status, body = post_raw(served, path, raw)
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert (status, error["code"]) == (400, code), body
+    if param is not None:
+        assert error["param"] == param
+    assert served.request("GET", "/health", role=None)[0] == 200
+
+
+def test_request_content_never_reaches_the_log(served: Daemon) -> None:
+    for path, raw, _, _ in CASES.values():
+        post_raw(served, path, raw)
+    log = served.log()
+    assert "nonsense" not in log and "((((" not in log and "Traceback" not in log
