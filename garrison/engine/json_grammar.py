@@ -8,6 +8,7 @@ file on its own (it imports only the standard library).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from functools import cache
@@ -42,16 +43,41 @@ def _converter() -> ModuleType:
     return module
 
 
+class SchemaTooComplex(InvalidSchema):
+    """Larger than MAX_SCHEMA_BYTES: the converter's cost grows faster than the schema (an enum of
+    80,000 values took 33 s of CPU), so size is bounded before any work."""
+
+    code = "schema_too_complex"
+
+
+#: The largest JSON schema (as compact JSON) turned into a grammar; real response formats are far smaller.
+MAX_SCHEMA_BYTES = 64 * 1024
+_CACHE_SIZE = 256
+_cache: dict[str, str] = {}
+
+
 def json_schema_grammar(schema: dict[str, Any] | str) -> str:
     """GBNF for a JSON schema (response_format json_schema), via llama-cpp-python's converter.
 
-    Unsupported schema constructs surface as InvalidGrammar rather than a 500, since they
-    are the caller's input.
+    Unsupported schema constructs surface as InvalidSchema rather than a 500, since they are the
+    caller's input. Grammars are cached by the schema's digest, so a client that sends the same
+    schema with every request pays for it once. CPU-bound: callers on an event loop run it in a thread.
     """
-    text = schema if isinstance(schema, str) else json.dumps(schema)
+    text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SCHEMA_BYTES:
+        raise SchemaTooComplex(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KiB",
+                               param="response_format")
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    cached = _cache.get(digest)
+    if cached is not None:
+        return cached
     try:
-        return str(_converter().json_schema_to_gbnf(text))
+        grammar = str(_converter().json_schema_to_gbnf(text))
     except Exception as err:  # the converter asserts on some inputs: any failure is the schema's
         # The message names the failure, never the schema: a client's schema does not go to the log.
         raise InvalidSchema(f"cannot convert the JSON schema to a grammar ({type(err).__name__}: {str(err)[:120]})",
                             param="response_format") from None
+    if len(_cache) >= _CACHE_SIZE:
+        _cache.pop(next(iter(_cache)))  # the oldest entry: insertion order
+    _cache[digest] = grammar
+    return grammar

@@ -137,7 +137,9 @@ async def _stream(request: web.Request, engine: GenerationEngine, req: Generatio
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     body = await read_json(request)
     model = _model_id(body, request)
-    params: SamplingParams = fmt.sampling_params(body, default_max_tokens=DEFAULT_MAX_TOKENS)
+    # Off the event loop: a response_format schema becomes a grammar here (CPU-bound, up to MAX_SCHEMA_BYTES).
+    params: SamplingParams = await asyncio.to_thread(fmt.sampling_params, body,
+                                                     default_max_tokens=DEFAULT_MAX_TOKENS)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false", param="stream")
