@@ -497,7 +497,13 @@ install_system() {
     if [ ! -f "$ETC/master.key" ]; then
         (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$ETC/master.key")
         chmod 0600 "$ETC/master.key"
-        say "generated the master key $ETC/master.key (root only; back it up offline)"
+        say "generated the master key $ETC/master.key (root only; back it up: garrison keys backup-master)"
+    fi
+    if [ ! -f "$ETC/tls.crt" ]; then
+        # For listening beyond loopback (tls_cert_file / tls_key_file in garrison.toml); clients trust this
+        # certificate as their CA file, or pin its fingerprint.
+        say "$("$OPT/bin/garrison" tls new-cert --cert "$ETC/tls.crt" --key "$ETC/tls.key")"
+        if [ -z "$ROOT" ]; then chgrp garrison "$ETC/tls.key" && chmod 0640 "$ETC/tls.key"; fi
     fi
     install -m 0644 "$HERE/systemd/garrison.service" "$UNITS/garrison.service"
     install -m 0644 "$HERE/systemd/garrison-worker.service" "$UNITS/garrison-worker.service"

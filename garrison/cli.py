@@ -635,7 +635,7 @@ def _client(ctx: click.Context, config_file: str | None, state_dir: str | None, 
     from garrison.client import DaemonClient, api_key, daemon_url
 
     config = config_loader(ctx, config_file, state_dir)()
-    return DaemonClient(daemon_url(config), api_key(key))
+    return DaemonClient(daemon_url(config), api_key(key), ca_file=config.tls_cert_file or None)
 
 
 def _sampling(max_tokens: int, temperature: float, seed: int | None) -> dict[str, Any]:
@@ -747,6 +747,27 @@ def stop_model(ctx: click.Context, config_file: str | None, state_dir: str | Non
     """Unload MODEL now: its runner process ends and its memory returns to the OS (also clears a failed model)."""
     asyncio.run(_client(ctx, config_file, state_dir, key).request("DELETE", f"/v1/garrison/runners/{model}"))
     click.echo(f"stopped {model}")
+
+
+@cli.group("tls")
+def tls_group() -> None:
+    """HTTPS for a daemon that listens beyond this machine."""
+
+
+@tls_group.command("new-cert")
+@click.option("--cert", "cert_file", required=True, type=click.Path(dir_okay=False), help="Certificate to write.")
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False), help="Private key (mode 0600).")
+@click.option("--host", "hosts", multiple=True, help="Another name or address clients use (repeatable).")
+def tls_new_cert(cert_file: str, key_file: str, hosts: tuple[str, ...]) -> None:
+    """Make a self-signed certificate for this host (its name, localhost, --host ...) and print its
+    SHA-256 fingerprint; point tls_cert_file / tls_key_file at them, and give clients the certificate
+    as their CA file (the `openai` client: an http_client whose verify trusts CERT)."""
+    from pathlib import Path
+
+    from garrison.daemon.tls import new_self_signed
+
+    print_ = new_self_signed(Path(cert_file), Path(key_file), list(hosts))
+    click.echo(f"wrote {cert_file} and {key_file}; SHA-256 fingerprint {print_}")
 
 
 # -- audit -------------------------------------------------------------------------

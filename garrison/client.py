@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,16 +38,18 @@ def api_key(explicit: str | None) -> str:
 
 
 class DaemonClient:
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: str, key: str, ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {key}"}
+        # A daemon with its own (self-signed) certificate: trust exactly that one for HTTPS.
+        self.ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
 
     async def stream_chat(self, body: dict[str, Any], path: str = "/v1/chat/completions") -> AsyncIterator[str]:
         """Text pieces as the daemon streams them."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-                    self.url + path, json={**body, "stream": True}, headers=self.headers) as resp:
+                    self.url + path, json={**body, "stream": True}, headers=self.headers, ssl=self.ssl) as resp:
                 if resp.status != 200:
                     raise from_http(resp.status, await resp.json(content_type=None))
                 async for raw in resp.content:
@@ -72,7 +75,7 @@ class DaemonClient:
         timeout = aiohttp.ClientTimeout(total=120, sock_connect=5)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
-                    method, self.url + path, json=body, headers=self.headers) as resp:
+                    method, self.url + path, json=body, headers=self.headers, ssl=self.ssl) as resp:
                 data = await resp.json(content_type=None)
                 if resp.status >= 400:
                     raise from_http(resp.status, data)

@@ -122,7 +122,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("job_stale_after_s", _bounded(float, 0.5, 86400), lambda _env: 30.0,
             "A running job whose heartbeat is older than this is orphaned."),
     Setting("allow_remote", _parse_bool, lambda _env: False,
-            "Allow listening on a non-loopback address (expose on the LAN)."),
+            "Allow listening on a non-loopback address (expose on the LAN); needs TLS (tls_cert_file) unless "
+            "allow_plaintext_lan."),
+    Setting("tls_cert_file", _optional_path, lambda _env: "",
+            "PEM certificate (chain) the daemon serves HTTPS with; reloaded on SIGHUP "
+            "(`garrison tls new-cert` makes a self-signed one)."),
+    Setting("tls_key_file", _optional_path, lambda _env: "",
+            "PEM private key of tls_cert_file (empty: the key is in the certificate file)."),
+    Setting("allow_plaintext_lan", _parse_bool, lambda _env: False,
+            "Serve plain HTTP on a non-loopback address (a trusted network or a TLS proxy in front)."),
     Setting("run_jobs", _parse_bool, lambda _env: True,
             "Whether `garrison serve` also runs the job runner (false when garrison-worker runs it)."),
     Setting("model_memory_mb", _bounded(float, 0, 16 * 1024 * 1024), lambda _env: 0.0,
@@ -171,6 +179,9 @@ class Config:
     job_heartbeat_s: float
     job_stale_after_s: float
     allow_remote: bool
+    tls_cert_file: str
+    tls_key_file: str
+    allow_plaintext_lan: bool
     run_jobs: bool
     model_memory_mb: float
     model_keep_alive_s: float
@@ -205,7 +216,11 @@ class Config:
             host = "::1"
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls_cert_file else 'http'}://{host}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in {"127.0.0.1", "localhost", "::1"} or self.host.startswith("127.")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
@@ -269,12 +284,16 @@ def load_config(config_file: str | None = None, *, overrides: Mapping[str, Any] 
         else:
             values[setting.key] = setting.parse(setting.default(env))
     config = Config(**values, source=str(path) if path else "defaults")
-    if not config.allow_remote and config.host not in {"127.0.0.1", "localhost", "::1"} \
-            and not config.host.startswith("127."):
+    if not config.allow_remote and not config.loopback:
         raise ConfigError(
             f"invalid value {config.listen!r} for key 'listen': not a loopback address; "
             "set allow_remote = true to expose Garrison beyond this machine",
             code="config_invalid_value", param="listen")
+    if not config.loopback and not config.tls_cert_file and not config.allow_plaintext_lan:
+        raise ConfigError(
+            f"listening on {config.listen!r} (beyond this machine) needs TLS: set tls_cert_file and tls_key_file "
+            "(`garrison tls new-cert` makes a self-signed pair), or allow_plaintext_lan = true behind a TLS proxy",
+            code="config_invalid_value", param="tls_cert_file")
     return config
 
 

@@ -36,7 +36,8 @@ def test_every_setting_has_an_environment_override(tmp_path: Path) -> None:
                "job_stale_after_s": "9", "allow_remote": "true", "run_jobs": "false", "model_memory_mb": "512",
                "model_keep_alive_s": "60", "model_queue": "3", "request_timeout_s": "30", "inference_threads": "2",
                "policy_file": "/p.toml", "max_upload_mb": "10", "cpu_repack": "off", "runner_max_crashes": "5",
-               "master_key_keep_previous_days": "7"}
+               "master_key_keep_previous_days": "7", "tls_cert_file": "/c.pem", "tls_key_file": "/k.pem",
+               "allow_plaintext_lan": "true"}
     assert set(samples) == {s.key for s in SETTINGS}, "add a sample for the new setting"
     env = {f"GARRISON_{k.upper()}": v for k, v in samples.items()}
     config = load_config("/dev/null", env=env)
@@ -66,8 +67,8 @@ def test_bad_values_name_the_key_and_file(tmp_path: Path, text: str, key: str) -
 def test_non_loopback_needs_allow_remote() -> None:
     with pytest.raises(ConfigError, match="loopback"):
         load_config("/dev/null", env={"GARRISON_LISTEN": "0.0.0.0:8477"})
-    assert load_config("/dev/null", env={"GARRISON_LISTEN": "0.0.0.0:8477",
-                                         "GARRISON_ALLOW_REMOTE": "yes"}).port == 8477
+    assert load_config("/dev/null", env={"GARRISON_LISTEN": "0.0.0.0:8477", "GARRISON_ALLOW_REMOTE": "yes",
+                                         "GARRISON_ALLOW_PLAINTEXT_LAN": "yes"}).port == 8477
 
 
 def test_cli_exits_2_naming_the_key(tmp_path: Path, state_dir: Path) -> None:

@@ -178,6 +178,8 @@ def test_system_install_lays_out_the_appliance(system_root: Path) -> None:
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert len(bytes.fromhex(key.read_text().strip())) == 32
     assert (etc / "garrison.toml").exists()
+    assert (etc / "tls.crt").read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert stat.S_IMODE((etc / "tls.key").stat().st_mode) == 0o600  # 0640 group garrison on a real install
     for unit in ("garrison.service", "garrison-worker.service"):
         assert (units / unit).read_text() == (REPO / "systemd" / unit).read_text()
         assert (units / "multi-user.target.wants" / unit).is_symlink()

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from garrison.daemon.api.datasets import ingest_service
 from garrison.daemon.app import create_app
 from garrison.daemon.notify import SystemdNotifier, watchdog_interval_s
 from garrison.daemon.state import STATE, DaemonState
+from garrison.daemon.tls import load_certificate, server_context
 from garrison.errors import ConfigError, Conflict
 from garrison.ingest.inbox import InboxWatcher
 from garrison.jobs.runner import JobRunner, RunnerSettings
@@ -88,7 +90,7 @@ def serve(load: ConfigLoader) -> int:
     return asyncio.run(_serve(load, config))
 
 
-def _reload(load: ConfigLoader, state: DaemonState, notifier: SystemdNotifier) -> None:
+def _reload(load: ConfigLoader, state: DaemonState, notifier: SystemdNotifier, tls: ssl.SSLContext | None) -> None:
     notifier.reloading()
     try:
         new = load()
@@ -100,6 +102,14 @@ def _reload(load: ConfigLoader, state: DaemonState, notifier: SystemdNotifier) -
     for key in ("listen", "state_dir"):
         if getattr(new, key) != getattr(state.config, key):
             log_event(log, "config.needs_restart", level=logging.WARNING, key=key)
+    if tls is not None and new.tls_cert_file:
+        try:  # a renewed certificate, for the connections made from now on
+            load_certificate(tls, new)
+            log_event(log, "tls.reloaded", certificate=new.tls_cert_file)
+        except ConfigError as exc:
+            log_event(log, "tls.reload_failed", level=logging.ERROR, error=exc.message)
+    elif bool(tls) != bool(new.tls_cert_file):
+        log_event(log, "config.needs_restart", level=logging.WARNING, key="tls_cert_file")
     if new.run_jobs != state.config.run_jobs:
         log_event(log, "config.needs_restart", level=logging.WARNING, key="run_jobs")
     state.config = new
@@ -157,12 +167,13 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _reload, load, state, notifier)
+        tls = server_context(config)
+        loop.add_signal_handler(signal.SIGHUP, _reload, load, state, notifier, tls)
 
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=config.shutdown_grace_s)
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        site = web.TCPSite(runner, config.host, config.port, reuse_address=True, ssl_context=tls)
         await site.start()
 
         job_stop = asyncio.Event()
