@@ -124,6 +124,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_remote", _parse_bool, lambda _env: False,
             "Allow listening on a non-loopback address (expose on the LAN); needs TLS (tls_cert_file) unless "
             "allow_plaintext_lan."),
+    Setting("max_connections", _bounded(int, 16, 1_000_000), lambda _env: 4096,
+            "Client connections served at once (bounded by the file limit); beyond it a small reserve answers "
+            "only /health and /ready, and further connections are closed at once."),
+    Setting("header_timeout_s", _bounded(float, 0.5, 3600), lambda _env: 15.0,
+            "Seconds a connection gets to send a complete request head, after connecting and after each "
+            "response (slow senders and idle keep-alive connections are dropped)."),
+    Setting("body_timeout_s", _bounded(float, 1, 86400), lambda _env: 60.0,
+            "Seconds a JSON request body may take to arrive."),
     Setting("tls_cert_file", _optional_path, lambda _env: "",
             "PEM certificate (chain) the daemon serves HTTPS with; reloaded on SIGHUP "
             "(`garrison tls new-cert` makes a self-signed one)."),
@@ -179,6 +187,9 @@ class Config:
     job_heartbeat_s: float
     job_stale_after_s: float
     allow_remote: bool
+    max_connections: int
+    header_timeout_s: float
+    body_timeout_s: float
     tls_cert_file: str
     tls_key_file: str
     allow_plaintext_lan: bool

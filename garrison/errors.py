@@ -98,6 +98,15 @@ class Conflict(GarrisonError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeout(GarrisonError):
+    """The request (its body) did not arrive within the server's time limit."""
+
+    code = "request_timeout"
+    http_status = 408
+    exit_code = 2
+    error_type = "invalid_request_error"
+
+
 class PayloadTooLarge(GarrisonError):
     """An upload larger than `max_upload_mb`."""
 
@@ -163,7 +172,7 @@ def exit_code_for(exc: BaseException) -> int:
 # An error body received over HTTP becomes the same exception class again (CLI client side).
 _BY_STATUS: dict[int, type[GarrisonError]] = {
     400: InvalidRequest, 401: AuthenticationError, 403: PermissionDenied, 404: NotFound, 409: Conflict,
-    413: PayloadTooLarge, 429: RateLimited, 503: Unavailable, 504: Unavailable,
+    408: RequestTimeout, 413: PayloadTooLarge, 429: RateLimited, 503: Unavailable, 504: Unavailable,
 }
 
 
@@ -174,7 +183,7 @@ _BY_STATUS: dict[int, type[GarrisonError]] = {
 CODES_SHARING_A_STATUS: dict[type[GarrisonError], tuple[str, ...]] = {
     ConfigError: ("config_invalid_value", "config_not_found", "config_syntax", "config_unknown_key",
                   "config_unreadable", "converter_missing", "llama_cpp_missing", "master_key_exposed",
-                  "master_key_invalid", "master_key_missing", "master_key_readonly"),
+                  "master_key_invalid", "master_key_missing", "master_key_readonly", "tls_certificate_invalid"),
     CatalogError: ("catalog_schema_newer",),
     IntegrityError: ("artifact_file_missing", "artifact_hash_mismatch", "artifact_unsigned", "audit_chain_broken",
                      "backup_invalid", "checkpoint_unreadable", "identity_unreadable", "master_key_mismatch",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
-from garrison.errors import InvalidRequest, PayloadTooLarge
+from garrison.daemon.state import STATE
+from garrison.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from garrison.policies.keys import Principal
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -21,7 +23,9 @@ def principal(request: web.Request) -> Principal:
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, with a clear 400/413 for anything else."""
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), request.app[STATE].config.body_timeout_s)
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time (body_timeout_s)") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body larger than {request.app._client_max_size} bytes") from None
     if not raw:

@@ -19,13 +19,14 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from aiohttp import web
 
 from garrison.config import Config
 from garrison.daemon.api.datasets import ingest_service
 from garrison.daemon.app import create_app
+from garrison.daemon.connections import ConnectionGate, GatedSite, raise_file_limit
 from garrison.daemon.notify import SystemdNotifier, watchdog_interval_s
 from garrison.daemon.state import STATE, DaemonState
 from garrison.daemon.tls import load_certificate, server_context
@@ -141,6 +142,27 @@ async def _drain(runner: web.AppRunner, state: DaemonState) -> None:
         log_event(log, "daemon.drain_timeout", level=logging.WARNING, in_flight=state.in_flight)
 
 
+ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> ExceptionHandler:
+    """Out of file descriptors, asyncio logs a traceback per failed accept (thousands a second): one
+    line per 10 s with a count instead. Everything else goes to the default handler."""
+    state = {"count": 0, "last": 0.0}
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "accept" not in str(context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        state["count"] += 1
+        now = time.monotonic()
+        if now - state["last"] >= 10.0:
+            log_event(log, "connections.accept_failed", level=logging.ERROR, count=int(state["count"]),
+                      error=str(context.get("exception", ""))[:200])
+            state["last"], state["count"] = now, 0
+    return handler
+
+
 def _expire_previous_master_key(config: Config, catalog: Catalog) -> None:
     from garrison.operations.master_key import expire_previous_key
 
@@ -170,10 +192,15 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         tls = server_context(config)
         loop.add_signal_handler(signal.SIGHUP, _reload, load, state, notifier, tls)
 
+        soft, _hard = raise_file_limit()
+        gate = ConnectionGate(max_connections=min(config.max_connections, max(64, soft - 512)),
+                              header_timeout_s=config.header_timeout_s)
+        app.middlewares.insert(0, gate.middleware)  # outermost: sees every request, refused ones included
+        loop.set_exception_handler(_quiet_accept_errors(loop))
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=config.shutdown_grace_s)
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True, ssl_context=tls)
+        site = GatedSite(runner, gate, config.host, config.port, reuse_address=True, ssl_context=tls)
         await site.start()
 
         job_stop = asyncio.Event()
@@ -192,7 +219,7 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         notifier.ready(f"serving on {config.base_url}")
         log_event(log, "daemon.ready", url=config.base_url, state_dir=str(layout.root),
                   startup_ms=round((time.monotonic() - started) * 1000, 1), jobs=config.run_jobs,
-                  pid=os.getpid())
+                  pid=os.getpid(), open_files_limit=soft, max_connections=gate.max_connections)
         await stop.wait()
 
         log_event(log, "daemon.stopping", grace_s=state.config.shutdown_grace_s)
