@@ -50,8 +50,6 @@ class ManagerSettings:
     cpu_repack: str = "auto"
     #: Crashes in a row (no request finished in between) after which a model is marked failed.
     max_crashes: int = 3
-    #: Where the CPU-kernel verdicts are cached (None: probe on every load, for tests).
-    verdicts_file: Path | None = None
 
 
 Engine = GenerationEngine | EmbeddingEngine
@@ -193,7 +191,7 @@ class ModelManager:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._verified_adapters: set[tuple[str, float]] = set()
-        self.verdicts = RepackVerdicts(settings.verdicts_file or registry.layout.cache / "cpu-kernels.json")
+        self.verdicts = RepackVerdicts(registry.layout.cache / "cpu-kernels.json")
         self.loads = 0
         self.evictions = 0
         self.crashes: dict[tuple[str, str], int] = {}  # (model, how) -> count, for /metrics
