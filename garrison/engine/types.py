@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from garrison.errors import InvalidRequest, Unavailable
 
-FinishReason = Literal["stop", "length"]
+# "content_filter" is never an engine's: the inference privacy filter ends a response with it.
+FinishReason = Literal["stop", "length", "content_filter"]
 
 
 class ContextLengthExceeded(InvalidRequest):
