@@ -139,7 +139,7 @@ def quality(train_s: float) -> dict[str, Any]:
 
     from garrison.converters.hf_to_gguf import convert_hf_to_gguf
     from garrison.converters.quantize import quantize_gguf
-    from garrison.training.corpus import machine_corpus
+    from garrison.corpus import machine_corpus
     from garrison.training.tiny_models import TinySpec, build_tiny_llama
 
     spec = TinySpec(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, context=1024, vocab=4000,

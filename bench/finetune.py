@@ -79,7 +79,7 @@ def build_model(kind: str, out: Path) -> Path:
 
 def make_records(n: int, seed: int) -> list[dict[str, Any]]:
     """Chat records from the built-in corpus; answer lengths spread log-uniformly (skewed short, long tail)."""
-    from garrison.training.corpus import PARAGRAPHS, corpus_lines
+    from garrison.corpus import PARAGRAPHS, corpus_lines
 
     rng = random.Random(seed)
     lines = corpus_lines()

@@ -463,7 +463,7 @@ class Prompts:
         import llama_cpp
 
         from garrison.engine.cpu_kernels import load_backends
-        from garrison.training.corpus import corpus_lines
+        from garrison.corpus import corpus_lines
 
         load_backends()
         self._llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)

@@ -13,6 +13,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -23,8 +24,11 @@ from garrison.config import Config, settings_help
 from garrison.errors import GarrisonError, InvalidRequest, JobFailed, exit_code_for
 from garrison.jobs.kinds import JOB_KINDS
 from garrison.jobs.store import Job, JobStore
+from garrison.operations import jobs as jobs_ops
+from garrison.operations import models as models_ops
+from garrison.operations.appliance import open_appliance
 from garrison.paths import StateLayout
-from garrison.policies.keys import KeyStore
+from garrison.policies.keys import LOCAL_ADMIN, KeyStore
 from garrison.policies.scopes import ROLE_DESCRIPTIONS, ROLES
 from garrison.store.catalog import Catalog
 
@@ -163,6 +167,34 @@ def keys_revoke(ctx: click.Context, config_file: str | None, state_dir: str | No
     click.echo(f"{record.id} revoked")
 
 
+@keys.command("usage")
+@config_options
+@click.option("--key", "key_id", default=None, metavar="ID", help="Only this key.")
+@click.option("--since", default=None, metavar="WHEN", help="90m, 12h, 7d, 2w, all (default) or an ISO date.")
+@click.option("--by", default="model", show_default=True, type=click.Choice(["key", "model", "day", "hour"]),
+              help="One line per key, per key and model, or per key, model and day or hour.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def keys_usage(ctx: click.Context, config_file: str | None, state_dir: str | None, key_id: str | None,
+               since: str | None, by: str, as_json: bool) -> None:
+    """Requests and tokens used by each key. A running daemon writes its counts every few seconds."""
+    from garrison.operations.usage import GROUPINGS, usage_report
+
+    _, catalog = _open(ctx, config_file, state_dir)
+    report = usage_report(catalog, key_id=key_id, since=since, by=by)
+    if as_json:
+        echo_json(report)
+        return
+    labels = [("KEY", "key_id", 22), ("NAME", "key_name", 14)] + [
+        (name.upper(), name, {"model": 24}.get(name, 20)) for name in GROUPINGS[by][1:]]
+    counts = [("REQUESTS", "requests"), ("PROMPT", "prompt_tokens"), ("COMPLETION", "completion_tokens"),
+              ("TOTAL", "total_tokens")]
+    click.echo(" ".join([f"{title:{width}}" for title, _, width in labels] + [f"{t:>11}" for t, _ in counts]))
+    for row in [*report["data"], {"key_id": "total", **report["totals"]}]:
+        click.echo(" ".join([f"{str(row.get(name) or '')[:width]:{width}}" for _, name, width in labels]
+                            + [f"{row[name]:>11}" for _, name in counts]))
+
+
 # -- jobs ------------------------------------------------------------------------
 class JobProgress:
     """A progress bar for one job, fed by catalog snapshots."""
@@ -249,10 +281,7 @@ def submit_job(ctx: click.Context, config_file: str | None, state_dir: str | Non
                max_attempts: int | None = None) -> None:
     """Queue a job and follow it: the shared path of every long-running command."""
     config, catalog = _open(ctx, config_file, state_dir)
-    store = JobStore(catalog)
-    job = store.create(kind, params, max_attempts=max_attempts, created_by="cli",
-                       default_max_attempts=config.job_max_attempts,
-                       default_timeout_s=config.job_timeout_s)
+    job = jobs_ops.submit_job(open_appliance(config, catalog), LOCAL_ADMIN, kind, params, max_attempts=max_attempts)
     if detach:
         echo_json(job.to_json()) if as_json else click.echo(job.id)
         return
@@ -275,8 +304,8 @@ def jobs() -> None:
 def jobs_list(ctx: click.Context, config_file: str | None, state_dir: str | None, state: str | None,
               kind: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
-    _, catalog = _open(ctx, config_file, state_dir)
-    found = JobStore(catalog).list(state=state, kind=kind, limit=limit)
+    config, catalog = _open(ctx, config_file, state_dir)
+    found = jobs_ops.list_jobs(open_appliance(config, catalog), LOCAL_ADMIN, state=state, kind=kind, limit=limit)
     if as_json:
         echo_json([j.to_json() for j in found])
         return
@@ -294,11 +323,11 @@ def jobs_list(ctx: click.Context, config_file: str | None, state_dir: str | None
 def jobs_show(ctx: click.Context, config_file: str | None, state_dir: str | None, job_id: str,
               with_events: bool) -> None:
     """Show one job as JSON."""
-    _, catalog = _open(ctx, config_file, state_dir)
-    store = JobStore(catalog)
-    data = store.get(job_id).to_json()
+    config, catalog = _open(ctx, config_file, state_dir)
+    app = open_appliance(config, catalog)
+    data = jobs_ops.get_job(app, LOCAL_ADMIN, job_id).to_json()
     if with_events:
-        data["events"] = [e.to_json() for e in store.events(job_id)]
+        data["events"] = [e.to_json() for e in jobs_ops.job_events(app, LOCAL_ADMIN, job_id)]
     echo_json(data)
 
 
@@ -321,8 +350,8 @@ def jobs_watch(ctx: click.Context, config_file: str | None, state_dir: str | Non
 @click.pass_context
 def jobs_cancel(ctx: click.Context, config_file: str | None, state_dir: str | None, job_id: str) -> None:
     """Cancel a job: at once if queued, at its next check if running (keeping its checkpoint)."""
-    _, catalog = _open(ctx, config_file, state_dir)
-    job = JobStore(catalog).request_cancel(job_id, actor="cli")
+    config, catalog = _open(ctx, config_file, state_dir)
+    job = jobs_ops.cancel_job(open_appliance(config, catalog), LOCAL_ADMIN, job_id)
     click.echo(f"{job.id} {'cancelled' if job.state == 'cancelled' else 'cancel requested'}")
 
 
@@ -446,9 +475,7 @@ def quickstart(ctx: click.Context, config_file: str | None, state_dir: str | Non
 
 
 def _run_job(config: Config, catalog: Catalog, kind: str, params: dict[str, Any]) -> Job:
-    store = JobStore(catalog)
-    job = store.create(kind, params, created_by="cli", default_max_attempts=config.job_max_attempts,
-                       default_timeout_s=config.job_timeout_s)
+    job = jobs_ops.submit_job(open_appliance(config, catalog), LOCAL_ADMIN, kind, params)
     job = _follow(config, catalog, job)
     if job.state != "succeeded":
         _finish(job, as_json=False)
@@ -459,14 +486,6 @@ def _run_job(config: Config, catalog: Catalog, kind: str, params: dict[str, Any]
 @cli.group()
 def models() -> None:
     """Models: import (GGUF file, Hugging Face or ONNX folder), list, show, rm."""
-
-
-def _registry(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Any:
-    from garrison.crypto.identity import load_appliance_identity
-    from garrison.models.registry import ModelRegistry
-
-    config, catalog = _open(ctx, config_file, state_dir)
-    return ModelRegistry(catalog, StateLayout(config.state_path), signer=lambda: load_appliance_identity(config))
 
 
 @models.command("import")
@@ -487,11 +506,9 @@ def models_import(ctx: click.Context, config_file: str | None, state_dir: str | 
                   name: str | None, n_parallel: int | None, n_ctx_per_slot: int | None, n_gpu_layers: int | None,
                   gpu: int | None, base: str | None, max_queue: int | None, as_json: bool) -> None:
     """Copy a model into the state folder, hashing every file into its manifest."""
-    from pathlib import Path
-
     from tqdm import tqdm
 
-    registry = _registry(ctx, config_file, state_dir)
+    config, catalog = _open(ctx, config_file, state_dir)
     bar = tqdm(unit="B", unit_scale=True, desc="import", disable=not sys.stderr.isatty())
 
     def progress(done: int, total: int) -> None:
@@ -499,10 +516,10 @@ def models_import(ctx: click.Context, config_file: str | None, state_dir: str | 
         bar.update(done - bar.n)
 
     try:
-        record = registry.import_path(Path(path), name, settings={"n_parallel": n_parallel,
-                                      "n_ctx_per_slot": n_ctx_per_slot, "n_gpu_layers": n_gpu_layers,
-                                      "max_queue": max_queue, "gpu": gpu},
-                                      base=base, progress=progress)
+        record = models_ops.import_model(open_appliance(config, catalog), LOCAL_ADMIN, path, name,
+                                         settings={"n_parallel": n_parallel, "n_ctx_per_slot": n_ctx_per_slot,
+                                                   "n_gpu_layers": n_gpu_layers, "max_queue": max_queue, "gpu": gpu},
+                                         base=base, progress=progress)
     finally:
         bar.close()
     if as_json:
@@ -518,7 +535,8 @@ def models_import(ctx: click.Context, config_file: str | None, state_dir: str | 
 @click.pass_context
 def models_list(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
     """List models."""
-    records = _registry(ctx, config_file, state_dir).list()
+    config, catalog = _open(ctx, config_file, state_dir)
+    records = models_ops.list_models(open_appliance(config, catalog), LOCAL_ADMIN)
     if as_json:
         echo_json([r.to_json() for r in records])
         return
@@ -534,9 +552,8 @@ def models_list(ctx: click.Context, config_file: str | None, state_dir: str | No
 @click.pass_context
 def models_show(ctx: click.Context, config_file: str | None, state_dir: str | None, name: str) -> None:
     """Show one model and its manifest as JSON."""
-    from garrison.models.names import check_model_id
-
-    echo_json(_registry(ctx, config_file, state_dir).get(check_model_id(name)).to_json())
+    config, catalog = _open(ctx, config_file, state_dir)
+    echo_json(models_ops.get_model(open_appliance(config, catalog), LOCAL_ADMIN, name).to_json())
 
 
 @models.command("rm")
@@ -545,9 +562,8 @@ def models_show(ctx: click.Context, config_file: str | None, state_dir: str | No
 @click.pass_context
 def models_rm(ctx: click.Context, config_file: str | None, state_dir: str | None, name: str) -> None:
     """Delete a model (a running daemon unloads it at its next use or via the API)."""
-    from garrison.models.names import check_model_id
-
-    _registry(ctx, config_file, state_dir).remove(check_model_id(name))
+    config, catalog = _open(ctx, config_file, state_dir)
+    models_ops.remove_model(open_appliance(config, catalog), LOCAL_ADMIN, name)
     click.echo(f"removed {name}")
 
 
@@ -571,10 +587,7 @@ def export(ctx: click.Context, config_file: str | None, state_dir: str | None, m
     MODEL:onnx-PRECISION. A peft adapter goes to gguf:lora (served on a GGUF export of its
     base, sharing it in memory) and hf:merged (a full model, which can be exported in turn).
     """
-    from garrison.converters.export import parse_targets
-
     spec = ",".join(targets)
-    parse_targets(spec)  # refuse a bad target before a job exists
     submit_job(ctx, config_file, state_dir, "export",
                {"model": model, "to": spec, "imatrix": imatrix, "base_gguf": base_gguf}, detach=detach,
                as_json=as_json)
@@ -619,10 +632,6 @@ def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None,
 
     hyper = {"n_epochs": number("n_epochs", n_epochs), "batch_size": number("batch_size", batch_size),
              "learning_rate_multiplier": number("learning_rate_multiplier", lr_mult)}
-    if export_targets:
-        from garrison.converters.export import parse_targets
-
-        parse_targets(export_targets, "hf")
     params = {"model": model, "training_file": dataset, "validation_file": validation,
               "hyperparameters": json.dumps(hyper), "method": method, "lora_r": lora_r, "max_steps": max_steps,
               "max_seq_len": max_seq_len, "checkpoint_every": checkpoint_every, "seed": seed, "suffix": suffix,
@@ -771,24 +780,52 @@ def tls_new_cert(cert_file: str, key_file: str, hosts: tuple[str, ...]) -> None:
 
 
 # -- audit -------------------------------------------------------------------------
-@cli.command("audit")
+@cli.group("audit", invoke_without_command=True)
 @config_options
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, help="How many of the latest entries to show.")
 @click.pass_context
 def audit(ctx: click.Context, config_file: str | None, state_dir: str | None, limit: int) -> None:
-    """Show the latest audit entries and verify the hash chain (exit 8 if broken)."""
-    from garrison.errors import IntegrityError
-    from garrison.policies.audit import verify_audit
+    """Show the latest audit entries and verify the whole trail (exit 8 if broken; see `audit verify`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from garrison.policies.audit import verify_trail
+    from garrison.policies.audit_keys import AuditKeys
 
-    _, catalog = _open(ctx, config_file, state_dir)
-    rows = catalog.query("SELECT * FROM audit ORDER BY seq")
-    for r in rows[-limit:]:
+    config, catalog = _open(ctx, config_file, state_dir)
+    rows = catalog.query("SELECT * FROM (SELECT * FROM audit ORDER BY seq DESC LIMIT ?) ORDER BY seq", (limit,))
+    for r in rows:
         click.echo(f"{r['seq']:6} {_when(r['at'])} {r['actor']:24} {r['action']:16} {r['resource']:24} "
                    f"{r['outcome']}")
-    intact, broken = verify_audit(rows)
-    if not intact:
-        raise IntegrityError(f"audit chain broken at entry {broken}", code="audit_chain_broken")
-    click.echo(f"chain intact ({len(rows)} entries)")
+    report = verify_trail(catalog, AuditKeys(config).verifying())
+    report.raise_if_broken()
+    click.echo(f"chain intact ({report.entries} entries)")
+
+
+@audit.command("verify")
+@config_options
+@click.option("--anchors", "anchor_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Another anchor file to check against, e.g. the journal's copy "
+                   "(`journalctl -t garrison-audit -o cat > FILE`); repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON (also when broken).")
+@click.pass_context
+def audit_verify(ctx: click.Context, config_file: str | None, state_dir: str | None, anchor_files: tuple[str, ...],
+                 as_json: bool) -> None:
+    """Verify the audit trail: every hash and MAC, gaps, and the catalog against the anchors kept outside it
+    (state folder's audit-anchors.jsonl, --anchors). Exit 8 names the first bad entry and the kind of break
+    (edited, deleted, mac_mismatch, unknown_key, unsigned, truncated, rewritten, anchor_forged)."""
+    from garrison.policies.audit import verify_trail
+    from garrison.policies.audit_keys import AuditKeys
+
+    config, catalog = _open(ctx, config_file, state_dir)
+    report = verify_trail(catalog, AuditKeys(config).verifying(), [Path(p) for p in anchor_files])
+    if as_json:
+        echo_json(report.as_dict())
+    elif report.intact:
+        legacy = f", {report.legacy} from before MACs" if report.legacy else ""
+        anchored = f", anchored up to {report.anchored_seq}" if report.anchored_seq else ", no anchor yet"
+        click.echo(f"chain intact: {report.entries} entries{legacy}, {report.macs_checked} MACs verified, "
+                   f"{report.anchors} anchors matched{anchored}")
+    report.raise_if_broken()
 
 
 @cli.group("docs", hidden=True)
@@ -834,30 +871,39 @@ def docs_exit_codes() -> None:
 @docs_group.command("config")
 def docs_config() -> None:
     """Print the configuration reference generated from the settings table."""
-    from garrison.config import ENV_PREFIX, SETTINGS
+    from garrison.config import ENV_PREFIX, SETTINGS, reload_label
 
     lines = ["# Configuration reference", "",
              "Generated from the settings table by `garrison docs config`; do not edit by hand.", "",
              "Garrison reads `/etc/garrison/garrison.toml` (or the file named by `--config` or "
              "`GARRISON_CONFIG`), then the environment (`GARRISON_<KEY>`), then command-line flags. "
-             "Unknown keys and bad values stop Garrison with exit code 2 and a message naming the key.",
-             "", "| key | environment | default | meaning |", "|---|---|---|---|"]
+             "Unknown keys and bad values stop Garrison with exit code 2 and a message naming the key. "
+             "SIGHUP reads the file (and the policy file) again: the last column says what it applies.",
+             "", "| key | environment | default | meaning | on SIGHUP |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = "(see meaning)" if s.key == "state_dir" else repr(s.default({}))
-        lines.append(f"| `{s.key}` | `{ENV_PREFIX}{s.key.upper()}` | `{default}` | {s.doc} |")
+        lines.append(f"| `{s.key}` | `{ENV_PREFIX}{s.key.upper()}` | `{default}` | {s.doc} | {reload_label(s)} |")
     click.echo("\n".join(lines))
+
+
+@docs_group.command("reload")
+def docs_reload() -> None:
+    """Print what SIGHUP applies, from the settings table (docs/operator-guide.md embeds it)."""
+    from garrison.config import reload_markdown
+
+    click.echo(reload_markdown(), nl=False)
 
 
 def _register_commands() -> None:
     """Commands defined beside the code they drive (one CLI, several modules)."""
-    from garrison.crypto.commands import identity_command, seal_command
-    from garrison.crypto.key_commands import (
+    from garrison.commands.identity import identity_command, seal_command
+    from garrison.commands.ingest import datasets_group, ingest_command
+    from garrison.commands.master_key import (
         backup_master_command,
         new_master_key_command,
         restore_master_command,
         rotate_master_command,
     )
-    from garrison.ingest.commands import datasets_group, ingest_command
 
     cli.add_command(identity_command)
     cli.add_command(seal_command)

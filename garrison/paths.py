@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+CHECKPOINTS = "checkpoints"  # below a fine-tuning job's training folder: its encrypted checkpoints
+
 
 @dataclass(frozen=True)
 class StateLayout:
@@ -43,6 +45,14 @@ class StateLayout:
         """Per-job scratch and checkpoints (encrypted where they hold data)."""
         return self.root / "jobs"
 
+    def training_folder(self, job_id: str) -> Path:
+        """A fine-tuning job's work folder (the trainer writes its checkpoints below it)."""
+        return self.jobs / job_id / "train"
+
+    def checkpoint_folder(self, job_id: str) -> Path:
+        """A fine-tuning job's encrypted checkpoints: one rule for the trainer and the API that lists them."""
+        return self.training_folder(job_id) / CHECKPOINTS
+
     @property
     def cache(self) -> Path:
         """What is costly to rebuild and safe to lose (the PII prefilter's compiled database)."""
@@ -51,6 +61,11 @@ class StateLayout:
     @property
     def daemon_lock(self) -> Path:
         return self.root / "daemon.lock"
+
+    @property
+    def audit_anchors(self) -> Path:
+        """The audit trail's head, appended every N entries and at shutdown (garrison.policies.audit_anchors)."""
+        return self.root / "audit-anchors.jsonl"
 
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -49,7 +49,7 @@ def tiny_bert_dir(test_model_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_gguf(tiny_llama_dir: Path) -> Path:
     """The tiny Llama as an F16 GGUF written by llama.cpp's reference converter."""
-    from garrison.training.tiny_models import ensure_gguf
+    from garrison.converters.hf_to_gguf import ensure_gguf
 
     return ensure_gguf(tiny_llama_dir, "f16")
 

@@ -108,3 +108,11 @@ def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, outt
                               code="invalid_adapter")
     return run_converter("convert_lora_to_gguf.py", [str(adapter_dir), "--base", str(base_dir),
                                                      "--outtype", outtype], out_file, timeout_s=timeout_s)
+
+
+def ensure_gguf(model_dir: Path, outtype: str = "f16") -> Path:
+    """The model converted once by llama.cpp's reference converter, cached beside it."""
+    out = model_dir.parent / f"{model_dir.name}.{outtype}.gguf"
+    if not out.exists():
+        convert_hf_to_gguf(model_dir, out, outtype)
+    return out

@@ -18,6 +18,7 @@ from typing import Any
 
 from garrison.converters.hf_to_gguf import ConversionError
 from garrison.converters.quantize import gguf_py
+from garrison.corpus import machine_corpus
 
 # Architectures whose tensor names gguf-py maps (one row per supported family).
 ARCHITECTURES: dict[str, str] = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA",
@@ -25,8 +26,7 @@ ARCHITECTURES: dict[str, str] = {"LlamaForCausalLM": "LLAMA", "MistralForCausalL
 
 
 def builtin_calibration(max_chars: int = 200_000) -> list[str]:
-    from garrison.training.corpus import machine_corpus
-
+    """Calibration text every machine has (the built-in corpus), in paragraphs."""
     return [p for p in machine_corpus(max_chars).split("\n\n") if p.strip()]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from garrison.training.corpus import PARAGRAPHS
+from garrison.corpus import PARAGRAPHS
 
 # Probe prompts: what the model is asked. Held-out text: perplexity, never trained on verbatim.
 PROBES: tuple[str, ...] = (

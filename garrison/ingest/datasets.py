@@ -62,6 +62,23 @@ def parse_reference(ref: str) -> tuple[str, int | None]:
     return name, int(number)
 
 
+def resolve_reference(catalog: Catalog, ref: str, param: str = "dataset") -> tuple[str, int | None]:
+    """A dataset reference (`NAME`, `NAME:N`) or an uploaded file id (`file-...`) -> (NAME, version or None).
+
+    Resolving touches only metadata, so grants can be checked before any data key is unwrapped."""
+    if not isinstance(ref, str) or not ref:
+        raise InvalidRequest(f"'{param}' must name a dataset (NAME, NAME:N) or a file id", param=param)
+    if ref.startswith("file-"):
+        record = DatasetStore(catalog).file(ref)
+        if record.dataset is None or record.version is None:
+            raise InvalidRequest(f"file {ref[:80]} holds no dataset version", param=param, code="file_not_usable")
+        return record.dataset, record.version
+    try:
+        return parse_reference(ref)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.message, code=exc.code, param=param) from None
+
+
 def new_version_id() -> str:
     return "dsv_" + secrets.token_hex(12)
 

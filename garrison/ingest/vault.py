@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from garrison.errors import ConfigError, IntegrityError, NotFound
-from garrison.ingest.datasets import DatasetStore, VersionRecord, new_version_id, validate_name
+from garrison.ingest.datasets import DatasetStore, VersionRecord, new_version_id, resolve_reference, validate_name
 from garrison.ingest.records import encode_record
 from garrison.paths import StateLayout
 from garrison.policies.audit import append_audit
@@ -482,6 +482,12 @@ class Vault:
         """A ready version for reading (workers only: records never leave the appliance through the API)."""
         record = self.store.version(name, version)
         return VersionReader(record, self.layout.vault / record.id, self.data_key(record))
+
+    def open_reference(self, ref: str, param: str = "dataset") -> tuple[str, VersionReader]:
+        """`NAME`, `NAME:N` or a file id -> ("NAME:N", reader). Callers authorize the name first."""
+        name, version = resolve_reference(self.catalog, ref, param)
+        reader = self.open(name, version)
+        return reader.record.reference, reader
 
     # -- deleting ------------------------------------------------------------------------------
     def _shred(self, records: list[VersionRecord], state: str, actor: str, action: str,

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from garrison.config import Config
 from garrison.crypto.identity import ApplianceIdentity
 from garrison.jobs.store import Job, JobStore
 from garrison.paths import StateLayout
+from garrison.policies.keys import Principal
+
+if TYPE_CHECKING:  # the worker imports what a kind needs, when it needs it
+    from garrison.ingest.vault import Vault, VersionReader
+    from garrison.models.registry import ModelRecord, ModelRegistry
 from garrison.store.master_key import MasterKeySource
 
 _PROGRESS_EVERY_S = 0.2
@@ -39,6 +44,38 @@ class JobContext:
         self.shutdown_event = threading.Event()
         self._last_progress = 0.0
         self._identity: ApplianceIdentity | None = None
+        self._principal: Principal | None = None
+
+    @property
+    def principal(self) -> Principal:
+        """Who the job acts for, as that key stands now (looked up once per attempt)."""
+        if self._principal is None:
+            from garrison.jobs.grants import principal_for
+
+            self._principal = principal_for(self.store.catalog, self.job.created_by)
+        return self._principal
+
+    def authorize(self, resource: tuple[str, str]) -> None:
+        """Re-check a grant just before the job opens the resource (the worker's own check)."""
+        from garrison.jobs.kinds import job_kind
+        from garrison.policies.access import authorize
+
+        authorize(self.principal, job_kind(self.job.kind).scope, resource)
+
+    def open_dataset(self, vault: Vault, ref: str, param: str) -> tuple[str, VersionReader]:
+        """A dataset version named by `NAME`, `NAME:N` or a file id, opened only if the principal is granted it."""
+        from garrison.ingest.datasets import resolve_reference
+
+        name, _version = resolve_reference(vault.catalog, ref, param)
+        self.authorize(("dataset", name))
+        return vault.open_reference(ref, param)
+
+    def open_model(self, registry: ModelRegistry, name: str, param: str = "model") -> ModelRecord:
+        """A registry entry, checked against the principal's model grants first."""
+        from garrison.models.names import check_model_id
+
+        self.authorize(("model", check_model_id(name, param=param)))
+        return registry.get(name)
 
     @property
     def layout(self) -> StateLayout:

@@ -56,6 +56,9 @@ class JobKind:
     resumable: bool = False
     default_timeout_s: float | None = None
     params: tuple[Param, ...] = field(default_factory=tuple)
+    # "module:function(catalog, registry, principal, params)": checks at submission what would
+    # otherwise fail only inside the worker (a model's format, a target, a reference that resolves).
+    check: str = ""
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(params, dict):
@@ -69,11 +72,19 @@ class JobKind:
                 for name, spec in known.items()}
 
     def load(self) -> Callable[..., dict[str, Any]]:
-        import importlib
-
-        module_name, _, func = self.entry.partition(":")
-        fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module_name), func)
+        fn: Callable[..., dict[str, Any]] = _resolve(self.entry)
         return fn
+
+    def load_check(self) -> Callable[..., None] | None:
+        fn: Callable[..., None] | None = _resolve(self.check) if self.check else None
+        return fn
+
+
+def _resolve(spec: str) -> Any:
+    import importlib
+
+    module_name, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module_name), func)
 
 
 JOB_KINDS: dict[str, JobKind] = {
@@ -109,7 +120,8 @@ JOB_KINDS: dict[str, JobKind] = {
         ),
         JobKind(
             name="export",
-            entry="garrison.converters.export:run",
+            entry="garrison.jobs.export:run",
+            check="garrison.jobs.export:check",
             scope="export",
             description="Converts a Hugging Face model to GGUF (llama.cpp's converter and quantizer) and ONNX "
                         "(optimum-onnx), gates every artifact on parity with the source and publishes each as "
@@ -126,7 +138,8 @@ JOB_KINDS: dict[str, JobKind] = {
         ),
         JobKind(
             name="finetune",
-            entry="garrison.training.job:run",
+            entry="garrison.jobs.finetune:run",
+            check="garrison.jobs.finetune:check",
             scope="train",
             resumable=True,
             description="Fine-tunes a Hugging Face model on a dataset version (LoRA by default) with encrypted, "

@@ -14,7 +14,7 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ class Job:
     error_code: str | None
     error_message: str | None
     created_by: str | None
+    resources: tuple[tuple[str, str], ...] = ()
 
     @property
     def terminal(self) -> bool:
@@ -77,6 +78,7 @@ class Job:
             "error": ({"code": self.error_code, "message": self.error_message}
                       if self.error_code else None),
             "created_by": self.created_by,
+            "resources": [f"{kind}:{name}" for kind, name in self.resources],
         }
 
 
@@ -93,6 +95,7 @@ def _job(row: sqlite3.Row) -> Job:
         checkpoint=json.loads(row["checkpoint"]) if row["checkpoint"] else None,
         result=json.loads(row["result"]) if row["result"] else None,
         error_code=row["error_code"], error_message=row["error_message"], created_by=row["created_by"],
+        resources=tuple((str(k), str(n)) for k, n in json.loads(row["resources"] or "[]")),
     )
 
 
@@ -126,9 +129,12 @@ class JobStore:
     # -- creation and queries --------------------------------------------------
     def create(self, kind: str, params: dict[str, Any] | None = None, *, max_attempts: int | None = None,
                timeout_s: float | None = None, created_by: str = "local",
-               default_max_attempts: int = 3, default_timeout_s: float = 86400.0) -> Job:
+               default_max_attempts: int = 3, default_timeout_s: float = 86400.0,
+               resources: builtins.list[tuple[str, str]] | None = None, validated: bool = False) -> Job:
+        """Queue a job. Callers go through `garrison.operations.jobs.submit_job`, which authorizes the
+        principal for the kind and every resource first and passes them as `resources`."""
         spec = job_kind(kind)
-        clean = spec.validate(params or {})
+        clean = dict(params or {}) if validated else spec.validate(params or {})
         attempts = max_attempts if max_attempts is not None else default_max_attempts
         timeout = timeout_s if timeout_s is not None else min(spec.default_timeout_s or default_timeout_s,
                                                                default_timeout_s)
@@ -141,12 +147,12 @@ class JobStore:
         with self.catalog.write() as conn:
             conn.execute(
                 "INSERT INTO jobs (id, kind, params, state, max_attempts, timeout_s, created_at,"
-                " updated_at, resumable, created_by) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " updated_at, resumable, created_by, resources) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (job_id, kind, json.dumps(clean), "queued", attempts, timeout, now, now,
-                 int(spec.resumable), created_by))
+                 int(spec.resumable), created_by, json.dumps(resources or [])))
             _event(conn, job_id, "queued", f"{kind} job queued")
             append_audit(conn, actor=created_by, action="jobs.create", resource=job_id,
-                         detail={"kind": kind})
+                         detail={"kind": kind, "resources": [f"{k}:{n}" for k, n in resources or []]})
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
@@ -155,15 +161,25 @@ class JobStore:
             raise NotFound(f"no job with id {job_id!r}", code="job_not_found", param="job_id")
         return _job(row)
 
-    def list(self, *, state: str | None = None, kind: str | None = None, limit: int = 100) -> builtins.list[Job]:
+    def list(self, *, state: str | None = None, kind: str | None = None, limit: int = 100,
+             visible: Callable[[Job], bool] | None = None) -> builtins.list[Job]:
+        """Newest first; with `visible`, the newest `limit` jobs it accepts (pages through the rest)."""
         if state is not None and state not in STATES:
             raise InvalidRequest(f"unknown state {state!r}; states: {', '.join(STATES)}", param="state")
         if kind is not None and kind not in JOB_KINDS:
             raise InvalidRequest(f"unknown job kind {kind!r}", param="kind")
         limit = max(1, min(int(limit), 1000))
         sql = "SELECT * FROM jobs WHERE (? IS NULL OR state = ?) AND (? IS NULL OR kind = ?)" \
-              " ORDER BY created_at DESC LIMIT ?"
-        return [_job(r) for r in self.catalog.query(sql, (state, state, kind, kind, limit))]
+              " ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+        found: builtins.list[Job] = []
+        offset = 0
+        while len(found) < limit:
+            page = [_job(r) for r in self.catalog.query(sql, (state, state, kind, kind, 500, offset))]
+            found.extend(j for j in page if visible is None or visible(j))
+            if len(page) < 500:
+                break
+            offset += len(page)
+        return found[:limit]
 
     def counts_by_state(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)

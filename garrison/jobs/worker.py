@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from garrison.errors import GarrisonError
     from garrison.jobs.context import JobContext, StopRequested
+    from garrison.jobs.grants import authorize_job
     from garrison.jobs.kinds import job_kind
     from garrison.jobs.store import JobStore
+    from garrison.models.registry import ModelRegistry
     from garrison.store.catalog import Catalog
 
     catalog = Catalog(Path(args.catalog), migrate=False)
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if store.cancel_requested(job.id):
             raise StopRequested(cancelled=True)
+        # Grants again, as the key stands now, before the job opens anything (it checks once more at each open).
+        authorize_job(catalog, ModelRegistry(catalog, ctx.layout), ctx.principal, job.kind, kind.scope, job.params)
         result = kind.load()(ctx)
         store.succeed(job.id, args.token, result or {})
         return EXIT_DONE

@@ -36,3 +36,11 @@ def check_model_id(model_id: str, *, param: str = "model") -> str:
     if sep and (not _VARIANT.fullmatch(variant) or ".." in variant or len(variant) > 32):
         raise InvalidRequest(f"invalid model variant {variant[:32]!r}", param=param, code="invalid_model_name")
     return model_id
+
+
+def fine_tuned_name(base: str, suffix: str, job_id: str) -> str:
+    """The name a fine-tune of `base` is registered under (`BASE-ft-SUFFIX`, else the job id's tail).
+
+    One rule for the job that registers it and the routes that name it before it exists."""
+    tail = (suffix or job_id[-8:]).lower()
+    return check_name(f"{base}-ft-{tail}"[:MAX_NAME], param="suffix")

@@ -12,11 +12,8 @@ from garrison.policies.keys import Principal
 RESOURCE_KINDS = ("model", "dataset")
 
 
-def allowed(principal: Principal, scope: str, resource: tuple[str, str] | None = None) -> bool:
-    if scope not in principal.scopes:
-        return False
-    if resource is None:
-        return True
+def granted(principal: Principal, resource: tuple[str, str]) -> bool:
+    """Grants only (no scope): may this key reach this model or dataset at all?"""
     kind, name = resource
     grants = principal.models if kind == "model" else principal.datasets if kind == "dataset" else None
     if grants is None:
@@ -24,6 +21,12 @@ def allowed(principal: Principal, scope: str, resource: tuple[str, str] | None =
     # A grant on a model covers its published artifacts (`NAME:q4_k_m`).
     base = name.split(":", 1)[0]
     return name in grants or base in grants
+
+
+def allowed(principal: Principal, scope: str, resource: tuple[str, str] | None = None) -> bool:
+    if scope not in principal.scopes:
+        return False
+    return resource is None or granted(principal, resource)
 
 
 def authorize(principal: Principal, scope: str, resource: tuple[str, str] | None = None) -> None:

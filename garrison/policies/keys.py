@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from garrison.errors import AuthenticationError, InvalidRequest, NotFound
+from garrison.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
 from garrison.policies.audit import append_audit
 from garrison.policies.scopes import ROLES, scopes_for
 from garrison.store.catalog import Catalog
@@ -28,6 +28,9 @@ _LAST_USED_EVERY_S = 60.0
 _GRANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+LOCAL_ACTOR = "local"
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,12 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        return f"key:{self.key_id}"
+        """How the audit trail and job rows name it: `key:ID`, or `local` for the machine's operator."""
+        return LOCAL_ACTOR if self.key_id == LOCAL_ACTOR else f"key:{self.key_id}"
 
 
-LOCAL_ADMIN = Principal("local", "admin", scopes_for("admin"), None, None)
+# Commands run on the machine by someone who can read the state folder and the master key.
+LOCAL_ADMIN = Principal(LOCAL_ACTOR, "admin", scopes_for("admin"), None, None)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,14 @@ def _grants(values: list[str] | None, what: str) -> list[str] | None:
     if "*" in cleaned:
         return None
     return cleaned
+
+
+def _principal(record: KeyRecord) -> Principal:
+    return Principal(
+        key_id=record.id, role=record.role, scopes=scopes_for(record.role),
+        models=frozenset(record.models) if record.models is not None else None,
+        datasets=frozenset(record.datasets) if record.datasets is not None else None,
+    )
 
 
 def _record(row: Any) -> KeyRecord:
@@ -211,11 +224,17 @@ class KeyStore:
         if status != "active":
             raise AuthenticationError(f"This API key is {status}.", code=f"api_key_{status}")
         self._touch(record.id)
-        return Principal(
-            key_id=record.id, role=record.role, scopes=scopes_for(record.role),
-            models=frozenset(record.models) if record.models is not None else None,
-            datasets=frozenset(record.datasets) if record.datasets is not None else None,
-        )
+        return _principal(record)
+
+    def principal(self, key_id: str) -> Principal:
+        """The principal of a key as it stands now, for work done later in its name (a job's worker):
+        a key revoked or expired since it queued the job no longer acts."""
+        record = self.get(key_id)
+        status = record.status()
+        if status != "active":
+            raise PermissionDenied(f"the key {key_id} that submitted this work is {status}",
+                                   code="principal_inactive", details={"key_id": key_id, "status": status})
+        return _principal(record)
 
     def _touch(self, key_id: str) -> None:
         # A durable write per request would cost an fsync each; once a minute is plenty.
@@ -223,5 +242,8 @@ class KeyStore:
         if now - self._last_used_written.get(key_id, 0.0) < _LAST_USED_EVERY_S:
             return
         self._last_used_written[key_id] = now
-        with self.catalog.write() as conn:
-            conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key_id))
+        # Never wait for another writer here (authentication must answer in milliseconds): a busy catalog
+        # skips this write, and a later request records the use.
+        if not self.catalog.try_write(
+                lambda conn: conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key_id))):
+            self._last_used_written.pop(key_id, None)

@@ -234,3 +234,41 @@ def m006_key_custody(db: Database) -> None:
         )
         """
     )
+
+
+@MIGRATIONS()
+def m007_audit_macs(db: Database) -> None:
+    # The audit chain MACed under a key derived from the master key (garrison.policies.audit): `kcv`
+    # names the master key (its check value), `mac` the entry's HMAC. Entries from before stay NULL:
+    # a legacy prefix that the first MACed entry vouches for (a migration has no key to MAC them).
+    db.execute("ALTER TABLE audit ADD COLUMN kcv TEXT")
+    db.execute("ALTER TABLE audit ADD COLUMN mac TEXT")
+
+@MIGRATIONS()
+def m008_key_usage(db: Database) -> None:
+    # Token usage per key, model and UTC hour (garrison.operations.usage): the daemon adds to a row
+    # in batches, every few seconds and at shutdown, never once per request. `hour` is the Unix time
+    # of the hour's start. No foreign key to api_keys: keys are revoked, never deleted, and the
+    # usage of a key stays readable whatever becomes of it.
+    db.execute(
+        """
+        CREATE TABLE key_usage (
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            hour INTEGER NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (key_id, model, hour)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX key_usage_hour ON key_usage(hour)")
+
+
+@MIGRATIONS()
+def m009_job_resources(db: Database) -> None:
+    # The models and datasets a job reaches (its parameters resolved at submission: file ids to
+    # their datasets, `dataset:NAME` inside parameters, an adapter's base), so listing and reading
+    # jobs shows a key only the jobs it is granted every resource of, without resolving again.
+    db.execute("ALTER TABLE jobs ADD COLUMN resources TEXT NOT NULL DEFAULT '[]'")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from garrison.errors import IntegrityError, InvalidRequest
+from garrison.paths import CHECKPOINTS
 from garrison.store.durable import fsync_dir
 from garrison.training import checkpoints as ckpt
 from garrison.training import data as td
@@ -50,7 +51,7 @@ from garrison.training import data as td
 log = logging.getLogger("garrison.training")
 
 BASE_LR = {"lora": 2e-4, "full": 2e-5}
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = CHECKPOINTS
 OUTPUT_DIR = "output"
 METADATA_FILE = "garrison_training.json"
 _STATE_VERSION = 1

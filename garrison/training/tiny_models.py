@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from garrison.training.corpus import PARAGRAPHS, corpus_lines, corpus_text
+from garrison.corpus import PARAGRAPHS, corpus_lines, corpus_text
 
 BUILDER_VERSION = "6"
 
@@ -163,7 +163,7 @@ def build_base_llama(out: Path) -> Path:
     """The default base model of `garrison quickstart`: pre-trained for a few minutes on machine text."""
     import os
 
-    from garrison.training.corpus import machine_corpus
+    from garrison.corpus import machine_corpus
 
     seconds = float(os.environ.get("GARRISON_BASE_TRAIN_S", "150"))
     return build_tiny_llama(out, BASE_SPEC, corpus=machine_corpus(), train_seconds=seconds)
@@ -350,13 +350,3 @@ def ensure_model(name: str, root: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def ensure_gguf(model_dir: Path, outtype: str = "f16") -> Path:
-    """The model converted once by llama.cpp's reference converter, cached beside it."""
-    from garrison.converters.hf_to_gguf import convert_hf_to_gguf
-
-    out = model_dir.parent / f"{model_dir.name}.{outtype}.gguf"
-    if not out.exists():
-        convert_hf_to_gguf(model_dir, out, outtype)
-    return out

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from garrison.config import load_config
 from garrison.crypto import age
-from garrison.crypto.commands import identity_command, seal_command
+from garrison.commands.identity import identity_command, seal_command
 from garrison.crypto.identity import (
     MAGIC,
     IdentityCache,

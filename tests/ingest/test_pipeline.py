@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from garrison.commands.ingest import datasets_group, ingest_command
+from garrison.commands.master_key import rotate_master_command
 from garrison.config import load_config
 from garrison.crypto.identity import load_appliance_identity
-from garrison.crypto.key_commands import rotate_master_command
 from garrison.errors import GarrisonError, PayloadTooLarge
-from garrison.ingest.commands import datasets_group, ingest_command
 from garrison.ingest.pipeline import IngestPolicy, IngestRefused, IngestRequest, IngestService, pseudonym_key
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog

@@ -28,9 +28,10 @@ from garrison.daemon.http import json_response, principal
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.errors import InvalidRequest
-from garrison.ingest.datasets import DatasetStore, validate_name
+from garrison.ingest.datasets import validate_name
 from garrison.ingest.formats import FORMATS, parse_columns
 from garrison.ingest.pipeline import IngestRequest, IngestService
+from garrison.operations import datasets as ops
 from garrison.policies.access import authorize
 
 _STALL_S = 300.0  # a body that sends nothing for this long is abandoned (the thread must not wait forever)
@@ -46,7 +47,8 @@ def ingest_service(app: web.Application) -> IngestService:
     if isinstance(service, IngestService):
         return service
     cache = identity_cache(app)
-    made = IngestService(state.config, state.catalog, identity_loader=cache.get)
+    # The live policy, asked per ingestion: SIGHUP swaps state.policy (garrison.daemon.lifecycle).
+    made = IngestService(state.config, state.catalog, identity_loader=cache.get, policy=lambda: state.policy.ingest)
     state.__dict__[_SERVICE_ATTR] = made
     return made
 
@@ -109,62 +111,54 @@ def _version_number(request: web.Request) -> int:
     return int(raw)
 
 
-def _dataset_name(request: web.Request, scope: str) -> str:
-    name = validate_name(request.match_info["name"])
-    authorize(principal(request), scope, ("dataset", name))
-    return name
 
 
 # -- handlers --------------------------------------------------------------------------------------
 
 
 async def upload_version(request: web.Request) -> web.StreamResponse:
-    name = _dataset_name(request, "ingest")
+    who = principal(request)
+    name = validate_name(request.match_info["name"])
+    authorize(who, "ingest", ("dataset", name))  # before a byte of the body is read
     fmt, columns = request_format(request)
     filename = request.query.get("filename", "")[:255]
     service = ingest_service(request.app)
     reader = ThreadReader(request.content.read, asyncio.get_running_loop())
     ingest_request = IngestRequest(dataset=name, source="upload", source_name=filename, format=fmt, columns=columns,
-                                   sealed=True, actor=principal(request).actor,
-                                   max_bytes=max_upload_bytes(request.app), declared_bytes=request.content_length)
-    result = await asyncio.to_thread(service.ingest, reader, ingest_request)
+                                   sealed=True, max_bytes=max_upload_bytes(request.app),
+                                   declared_bytes=request.content_length)
+    result = await asyncio.to_thread(ops.ingest, service, who, reader, ingest_request)
     return json_response(result.to_json(), status=200 if result.duplicate else 201)
 
 
 async def list_datasets(request: web.Request) -> web.StreamResponse:
-    who = principal(request)
-    store = DatasetStore(request.app[STATE].catalog)
-    data = await asyncio.to_thread(store.list_datasets, who.datasets)
+    data = await asyncio.to_thread(ops.list_datasets, request.app[STATE].catalog, principal(request))
     return json_response({"object": "list", "data": data})
 
 
 async def show_dataset(request: web.Request) -> web.StreamResponse:
-    name = _dataset_name(request, "read")
-    store = DatasetStore(request.app[STATE].catalog)
-    return json_response(await asyncio.to_thread(store.dataset, name))
+    return json_response(await asyncio.to_thread(ops.get_dataset, request.app[STATE].catalog, principal(request),
+                                                 request.match_info["name"]))
 
 
 async def show_version(request: web.Request) -> web.StreamResponse:
-    name = _dataset_name(request, "read")
-    number = _version_number(request)
-    store = DatasetStore(request.app[STATE].catalog)
-    record = await asyncio.to_thread(store.version, name, number, ready=False)
+    record = await asyncio.to_thread(ops.get_version, request.app[STATE].catalog, principal(request),
+                                     request.match_info["name"], _version_number(request))
     return json_response(record.to_json())
 
 
 async def delete_dataset(request: web.Request) -> web.StreamResponse:
-    name = _dataset_name(request, "ingest")
-    vault = ingest_service(request.app).vault
-    shredded = await asyncio.to_thread(vault.delete_dataset, name, actor=principal(request).actor)
+    name = request.match_info["name"]
+    shredded = await asyncio.to_thread(ops.delete_dataset, ingest_service(request.app).vault, principal(request),
+                                       name)
     return json_response({"object": "garrison.dataset.deleted", "name": name, "deleted": True,
                           "versions": [r.version for r in shredded]})
 
 
 async def delete_version(request: web.Request) -> web.StreamResponse:
-    name = _dataset_name(request, "ingest")
-    number = _version_number(request)
-    vault = ingest_service(request.app).vault
-    record = await asyncio.to_thread(vault.delete_version, name, number, actor=principal(request).actor)
+    name, number = request.match_info["name"], _version_number(request)
+    record = await asyncio.to_thread(ops.delete_version, ingest_service(request.app).vault, principal(request),
+                                     name, number)
     return json_response({"object": "garrison.dataset_version.deleted", "id": record.id, "dataset": name,
                           "version": number, "deleted": True})
 

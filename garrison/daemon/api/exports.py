@@ -10,12 +10,10 @@ from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.errors import InvalidRequest
-from garrison.policies.access import authorize
+from garrison.operations import jobs as ops
 
 
 async def create_export(request: web.Request) -> web.StreamResponse:
-    from garrison.converters.export import parse_targets
-
     body = await read_json(request)
     model, targets = body.get("model"), body.get("to")
     if not isinstance(model, str) or not model:
@@ -24,16 +22,11 @@ async def create_export(request: web.Request) -> web.StreamResponse:
         targets = ",".join(targets)
     if not isinstance(targets, str):
         raise InvalidRequest("'to' must be a list of targets such as [\"gguf:q4_k_m\", \"onnx:int8\"]", param="to")
-    parse_targets(targets)
-    who = principal(request)
-    authorize(who, "export", ("model", model))
-    state = request.app[STATE]
-    imatrix = body.get("imatrix", "")
-    if not isinstance(imatrix, str):
-        raise InvalidRequest("'imatrix' must be a path", param="imatrix")
-    job = await asyncio.to_thread(state.jobs.create, "export", {"model": model, "to": targets, "imatrix": imatrix},
-                                  created_by=who.actor, default_max_attempts=state.config.job_max_attempts,
-                                  default_timeout_s=state.config.job_timeout_s)
+    params = {"model": model, "to": targets}
+    for name in ("imatrix", "base_gguf"):
+        if name in body:
+            params[name] = body[name]
+    job = await asyncio.to_thread(ops.submit_job, request.app[STATE], principal(request), "export", params)
     return json_response(job.to_json(), status=202)
 
 
@@ -43,6 +36,10 @@ ROUTES = (
           "exports", body={"type": "object", "required": ["model", "to"],
                            "properties": {"model": {"type": "string"},
                                           "to": {"type": "array", "items": {"type": "string"}},
-                                          "imatrix": {"type": "string"}}},
-          responses={"202": "job queued", "400": "unknown target", "403": "no export scope or model grant"}),
+                                          "imatrix": {"type": "string", "description": "builtin, dataset:NAME[:N] "
+                                                      "or (admin keys) the path of an imatrix .gguf file"},
+                                          "base_gguf": {"type": "string", "description": "for an adapter: the "
+                                                        "GGUF model to serve it on"}}},
+          responses={"202": "job queued", "400": "unknown target or a source that cannot be exported",
+                     "403": "no export scope, or a model or dataset not granted", "404": "no such model or dataset"}),
 )

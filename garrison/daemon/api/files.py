@@ -33,6 +33,7 @@ from garrison.errors import Conflict, InvalidRequest, PermissionDenied
 from garrison.ingest.datasets import DatasetStore, VersionRecord, new_file_id, validate_name
 from garrison.ingest.formats import FORMATS
 from garrison.ingest.pipeline import IngestRequest
+from garrison.operations import datasets as ops
 from garrison.policies.access import authorize
 
 PURPOSES = ("fine-tune",)
@@ -142,10 +143,10 @@ async def create_file(request: web.Request) -> web.StreamResponse:
 
         service = ingest_service(request.app)
         ingest_request = IngestRequest(dataset=dataset, source="files", source_name=filename, format=fmt,
-                                       sealed=False, actor=who.actor, max_bytes=max_upload_bytes(request.app),
+                                       sealed=False, max_bytes=max_upload_bytes(request.app),
                                        on_publish=on_publish,
                                        declared_bytes=request.content_length)  # the part and a few headers
-        result = await asyncio.to_thread(service.ingest, ThreadReader(read_file, asyncio.get_running_loop()),
+        result = await asyncio.to_thread(ops.ingest, service, who, ThreadReader(read_file, asyncio.get_running_loop()),
                                          ingest_request)
         created["file_id"] = file_id
         created["result"] = result
@@ -160,38 +161,26 @@ async def create_file(request: web.Request) -> web.StreamResponse:
 
 
 async def list_files(request: web.Request) -> web.StreamResponse:
-    who = principal(request)
-    store = DatasetStore(request.app[STATE].catalog)
-    files = await asyncio.to_thread(store.files, who.datasets, request.query.get("purpose") or None)
+    files = await asyncio.to_thread(ops.list_files, request.app[STATE].catalog, principal(request),
+                                    request.query.get("purpose") or None)
     return json_response({"object": "list", "data": [f.to_openai() for f in files], "has_more": False})
 
 
-async def _granted_file(request: web.Request, scope: str) -> Any:
-    store = DatasetStore(request.app[STATE].catalog)
-    record = await asyncio.to_thread(store.file, request.match_info["file_id"])
-    authorize(principal(request), scope, ("dataset", record.dataset or record.id))
-    return record
-
-
 async def get_file(request: web.Request) -> web.StreamResponse:
-    record = await _granted_file(request, "read")
+    record = await asyncio.to_thread(ops.get_file, request.app[STATE].catalog, principal(request),
+                                     request.match_info["file_id"])
     return json_response(record.to_openai())
 
 
 async def delete_file(request: web.Request) -> web.StreamResponse:
-    record = await _granted_file(request, "ingest")
-    vault = ingest_service(request.app).vault
-    actor = principal(request).actor
-    if record.dataset and record.version is not None:
-        if record.dataset == record.id:  # the dataset exists only for this file: it goes with it
-            await asyncio.to_thread(vault.delete_dataset, record.dataset, actor=actor)
-        else:
-            await asyncio.to_thread(vault.delete_version, record.dataset, record.version, actor=actor)
+    record = await asyncio.to_thread(ops.delete_file, ingest_service(request.app).vault, principal(request),
+                                     request.match_info["file_id"])
     return json_response({"id": record.id, "object": "file", "deleted": True})
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:
-    await _granted_file(request, "read")
+    await asyncio.to_thread(ops.get_file, request.app[STATE].catalog, principal(request),
+                            request.match_info["file_id"])
     raise PermissionDenied("file content never leaves the appliance: it is kept encrypted and read only by "
                            "fine-tuning workers", code="content_not_exportable")
 

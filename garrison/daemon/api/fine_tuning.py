@@ -18,9 +18,10 @@ from aiohttp import web
 from garrison.daemon.http import json_response, principal, query_int, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
-from garrison.errors import InvalidRequest, NotFound
+from garrison.errors import InvalidRequest
 from garrison.jobs.store import Job
-from garrison.policies.access import authorize
+from garrison.models.names import fine_tuned_name
+from garrison.operations import jobs as ops
 
 KIND = "finetune"
 _STATUS = {"queued": "queued", "running": "running", "succeeded": "succeeded", "failed": "failed",
@@ -54,10 +55,8 @@ def to_openai(job: Job) -> dict[str, Any]:
 
 
 async def _job(request: web.Request) -> Job:
-    job = await asyncio.to_thread(request.app[STATE].jobs.get, request.match_info["job_id"])
-    if job.kind != KIND:
-        raise NotFound(f"no fine-tuning job {job.id}", code="job_not_found", param="fine_tuning_job_id")
-    return job
+    return await asyncio.to_thread(ops.get_job, request.app[STATE], principal(request), request.match_info["job_id"],
+                                   kind=KIND)
 
 
 def _params(body: dict[str, Any]) -> dict[str, Any]:
@@ -91,23 +90,14 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
 
 async def create(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    params = _params(body)
-    who = principal(request)
-    authorize(who, "train", ("model", params["model"]))
-    for ref in (params["training_file"], params["validation_file"]):
-        if ref and not ref.startswith("file-"):
-            authorize(who, "train", ("dataset", ref.partition(":")[0]))
-    state = request.app[STATE]
-    job = await asyncio.to_thread(state.jobs.create, KIND, params, created_by=who.actor,
-                                  default_max_attempts=state.config.job_max_attempts,
-                                  default_timeout_s=state.config.job_timeout_s)
+    job = await asyncio.to_thread(ops.submit_job, request.app[STATE], principal(request), KIND, _params(body))
     return json_response(to_openai(job))
 
 
 async def list_jobs(request: web.Request) -> web.StreamResponse:
     limit = query_int(request, "limit", 20, 1, 100)
     after = request.query.get("after")
-    jobs = await asyncio.to_thread(request.app[STATE].jobs.list, kind=KIND, limit=1000)
+    jobs = await asyncio.to_thread(ops.list_jobs, request.app[STATE], principal(request), kind=KIND, limit=1000)
     if after:
         ids = [j.id for j in jobs]
         jobs = jobs[ids.index(after) + 1:] if after in ids else []
@@ -120,16 +110,15 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 
 
 async def cancel(request: web.Request) -> web.StreamResponse:
-    job = await _job(request)
-    who = principal(request)
-    job = await asyncio.to_thread(request.app[STATE].jobs.request_cancel, job.id, actor=who.actor)
+    job = await asyncio.to_thread(ops.cancel_job, request.app[STATE], principal(request),
+                                  request.match_info["job_id"], kind=KIND)
     return json_response(to_openai(job))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    job = await _job(request)
     limit = query_int(request, "limit", 20, 1, 1000)
-    rows = await asyncio.to_thread(request.app[STATE].jobs.events, job.id, limit=100_000)
+    rows = await asyncio.to_thread(ops.job_events, request.app[STATE], principal(request),
+                                   request.match_info["job_id"], limit=100_000, kind=KIND)
     data = [{"object": "fine_tuning.job.event", "id": f"ftevent-{e.seq}", "created_at": int(e.at),
              "level": e.level if e.level in ("info", "warn", "error") else "info", "message": e.message or e.type,
              "type": "metrics" if e.type == "metrics" else "message", "data": e.data}
@@ -145,9 +134,10 @@ async def checkpoints(request: web.Request) -> web.StreamResponse:
     from garrison.training.checkpoints import list_checkpoints
 
     job = await _job(request)
-    folder = request.app[STATE].models.layout.jobs / job.id / "train" / "checkpoints"
+    folder = request.app[STATE].models.layout.checkpoint_folder(job.id)
     found = await asyncio.to_thread(list_checkpoints, folder) if folder.exists() else []
-    name = (job.result or {}).get("fine_tuned_model") or f"{job.params.get('model')}-ft-{job.id[-8:]}"
+    name = (job.result or {}).get("fine_tuned_model") or fine_tuned_name(str(job.params.get("model")),
+                                                                        str(job.params.get("suffix") or ""), job.id)
     data = [{"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job.id}-{step}",
              "created_at": int(path.stat().st_mtime), "fine_tuned_model_checkpoint": f"{name}:step-{step}",
              "step_number": step, "metrics": {"step": step}, "fine_tuning_job_id": job.id}

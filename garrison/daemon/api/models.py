@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -12,19 +11,20 @@ from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.errors import InvalidRequest
-from garrison.models.names import check_model_id, check_name
+from garrison.operations import models as ops
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
-    records = await asyncio.to_thread(request.app[STATE].models.list)
-    return json_response({"object": "list", "data": [r.to_json() for r in records]})
+    who = principal(request)
+    records = await asyncio.to_thread(ops.list_models, request.app[STATE], who)
+    return json_response({"object": "list", "data": [ops.model_view(who, r) for r in records]})
 
 
 async def show_model(request: web.Request) -> web.StreamResponse:
-    name = check_model_id(request.match_info["name"])
-    record = await asyncio.to_thread(request.app[STATE].models.get, name)
-    data = record.to_json()
-    loaded = request.app[STATE].manager.stats().get(name)
+    who = principal(request)
+    record = await asyncio.to_thread(ops.get_model, request.app[STATE], who, request.match_info["name"])
+    data = ops.model_view(who, record)
+    loaded = request.app[STATE].manager.stats().get(record.name)
     data["loaded"] = loaded is not None
     if loaded:
         data["runtime"] = loaded
@@ -33,33 +33,32 @@ async def show_model(request: web.Request) -> web.StreamResponse:
 
 async def import_model(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    path = body.get("path")
-    if not isinstance(path, str) or not path:
-        raise InvalidRequest("'path' (a file or folder on this machine) is required", param="path")
-    name = body.get("name")
-    if name is not None:
-        check_name(name)
     settings: Any = body.get("settings") or {}
     if not isinstance(settings, dict):
         raise InvalidRequest("'settings' must be an object", param="settings")
-    base = body.get("base")
+    name, base = body.get("name"), body.get("base")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest("'name' must be a string", param="name")
     if base is not None and not isinstance(base, str):
         raise InvalidRequest("'base' must be a model name", param="base")
-    record = await asyncio.to_thread(request.app[STATE].models.import_path, Path(path), name,
-                                     settings=settings, base=base, actor=principal(request).actor)
+    record = await asyncio.to_thread(ops.import_model, request.app[STATE], principal(request), body.get("path", ""),
+                                     name, settings=settings, base=base)
     return json_response(record.to_json(), status=201)
 
 
 async def remove_model(request: web.Request) -> web.StreamResponse:
-    name = check_model_id(request.match_info["name"])
     state = request.app[STATE]
-    await state.manager.unload(name, reason="removed")
-    record = await asyncio.to_thread(state.models.remove, name)
+    who = principal(request)
+    record = await asyncio.to_thread(ops.get_model, state, who, request.match_info["name"], scope="admin")
+    await state.manager.unload(record.name, reason="removed")
+    record = await asyncio.to_thread(ops.remove_model, state, who, record.name)
     return json_response({"id": record.name, "object": "model", "deleted": True})
 
 
 ROUTES = (
-    Route("GET", "/v1/garrison/models", list_models, "read", "Every model with its manifest and settings.", "models"),
+    Route("GET", "/v1/garrison/models", list_models, "read",
+          "The models this key is granted, with manifests and settings (import paths for admin keys only).",
+          "models"),
     Route("POST", "/v1/garrison/models", import_model, "admin",
           "Import a GGUF file, a Hugging Face folder or an ONNX folder from a path on this machine.", "models",
           body={"type": "object", "required": ["path"],

@@ -12,7 +12,7 @@ from garrison.daemon.state import STATE
 from garrison.engine import cpu_kernels
 from garrison.errors import NotFound
 from garrison.models.names import check_model_id
-from garrison.policies.access import allowed
+from garrison.policies.access import allowed, authorize
 
 
 async def list_runners(request: web.Request) -> web.StreamResponse:
@@ -32,6 +32,7 @@ async def list_runners(request: web.Request) -> web.StreamResponse:
 async def stop_runner(request: web.Request) -> web.StreamResponse:
     """Unload a model now: its runner ends and its memory returns to the OS; a failed model may load again."""
     name = check_model_id(request.match_info["model"])
+    authorize(principal(request), "admin", ("model", name))
     manager = request.app[STATE].manager
     was_known = name in manager.loaded or name in manager.health
     stopped = await manager.unload(name, reason=f"stopped by {principal(request).actor}")

@@ -1,5 +1,8 @@
 """The `finetune` job kind: a dataset version and a base model in, a served fine-tune out.
 
+The job composes the domains (ingest's vault, training, the converters, the registry); each model and
+dataset it opens is authorized again against the job's principal first (`ctx.open_model`, `ctx.open_dataset`).
+
 The worker reads the dataset's records decrypted in memory from the vault, trains (LoRA by
 default) with encrypted, resumable checkpoints in the job's folder, registers the adapter
 with its lineage, converts it to a GGUF LoRA through the export machinery (parity-gated,
@@ -17,25 +20,12 @@ from typing import Any
 
 from garrison.errors import InvalidRequest, JobFailed
 from garrison.jobs.context import JobContext, StopRequested
+from garrison.models.names import check_name, fine_tuned_name
+from garrison.models.registry import ModelRecord, ModelRegistry
+from garrison.policies.keys import Principal
+from garrison.store.catalog import Catalog
 
 SUFFIX_MAX = 40
-
-
-def open_dataset(vault: Any, ref: str, param: str) -> tuple[str, Any]:
-    """A dataset reference (`NAME`, `NAME:N`) or an uploaded file id (`file-...`) -> (reference, reader)."""
-    from garrison.ingest.datasets import DatasetStore, parse_reference
-
-    name: str
-    version: int | None
-    if ref.startswith("file-"):
-        record = DatasetStore(vault.catalog).file(ref)
-        if record.dataset is None or record.version is None:
-            raise InvalidRequest(f"file {ref} holds no dataset version", param=param, code="file_not_usable")
-        name, version = record.dataset, record.version
-    else:
-        name, version = parse_reference(ref)
-    reader = vault.open(name, version)
-    return f"{name}:{reader.record.version}", reader
 
 
 def dataset_records(state_dir: str, ref: str) -> Any:
@@ -51,7 +41,8 @@ def dataset_records(state_dir: str, ref: str) -> Any:
     config = load_config(os.environ.get("GARRISON_CONFIG"), overrides={"state_dir": state_dir})
     master = load_master_key(config)
     layout = StateLayout(Path(state_dir))
-    _, reader = open_dataset(Vault(layout, Catalog(layout.catalog, migrate=False), lambda: master), ref, "dataset")
+    # The rank opens the reference its parent authorized and resolved to NAME:N a moment before.
+    _, reader = Vault(layout, Catalog(layout.catalog, migrate=False), lambda: master).open_reference(ref)
     return reader.records()
 
 
@@ -69,8 +60,8 @@ def _train_ddp(ctx: JobContext, config: Any, plan: Any, workdir: Path, key: byte
             on_progress(ProgressEvent(**{k: v for k, v in event.items() if k in fields}))
 
     kwargs = {"state_dir": str(ctx.layout.root), "ref": train_ref}
-    raw = launch(dataclasses.replace(config, devices=plan.devices), "garrison.training.job:dataset_records",
-                 records_kwargs=kwargs, val_records="garrison.training.job:dataset_records" if val_ref else None,
+    raw = launch(dataclasses.replace(config, devices=plan.devices), "garrison.jobs.finetune:dataset_records",
+                 records_kwargs=kwargs, val_records="garrison.jobs.finetune:dataset_records" if val_ref else None,
                  val_records_kwargs={**kwargs, "ref": val_ref} if val_ref else None, workdir=workdir,
                  checkpoint_key=key, nproc=plan.world_size, on_event=on_event)
     return FinetuneResult(**{k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(FinetuneResult)}})
@@ -87,25 +78,57 @@ def _message(event: Any) -> str:
     return " ".join(parts)
 
 
+METHODS = ("lora", "full")
+HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
+def _base(record: ModelRecord) -> ModelRecord:
+    if record.format != "hf":
+        raise InvalidRequest(f"model {record.name!r} is a {record.format} model; fine-tuning needs a Hugging Face "
+                             "model", param="model", code="finetune_needs_hf_model")
+    return record
+
+
+def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dict[str, Any]) -> None:
+    """At submission, after grants: what would otherwise fail only inside the worker fails here with a 400/404."""
+    from garrison.converters.export import parse_targets
+    from garrison.ingest.datasets import DatasetStore, resolve_reference
+
+    base = _base(registry.get(check_name(params["model"], param="model")))
+    if params["method"] not in METHODS:
+        raise InvalidRequest(f"method must be one of {', '.join(METHODS)}", param="method")
+    try:
+        hyper = json.loads(params["hyperparameters"] or "{}")
+    except json.JSONDecodeError:
+        raise InvalidRequest("hyperparameters must be a JSON object", param="hyperparameters") from None
+    if not isinstance(hyper, dict) or set(hyper) - set(HYPERPARAMETERS):
+        raise InvalidRequest(f"hyperparameters must be an object of {', '.join(HYPERPARAMETERS)}",
+                             param="hyperparameters")
+    fine_tuned_name(base.name, params["suffix"], "job_00000000")
+    if params["export"]:
+        parse_targets(params["export"], "hf")
+    store = DatasetStore(catalog)
+    for param in ("training_file", "validation_file"):
+        if params[param]:
+            name, version = resolve_reference(catalog, params[param], param)
+            store.version(name, version)
+
+
 def run(ctx: JobContext) -> dict[str, Any]:
-    from garrison.converters.export import Target, run_adapter_export, run_model_export
+    from garrison.converters.export import Target, parse_targets
     from garrison.ingest.vault import Vault
-    from garrison.models.names import check_name
-    from garrison.models.registry import ModelRegistry
+    from garrison.jobs.export import run_adapter_export, run_model_export
     from garrison.training.finetune import FinetuneConfig, train
     from garrison.training.gpus import plan_devices
 
     p = ctx.params
     registry = ModelRegistry(ctx.store.catalog, ctx.layout, signer=ctx.identity)
-    base = registry.get(check_name(p["model"], param="model"))
-    if base.format != "hf":
-        raise InvalidRequest(f"model {base.name!r} is a {base.format} model; fine-tuning needs a Hugging Face model",
-                             param="model", code="finetune_needs_hf_model")
+    base = _base(ctx.open_model(registry, check_name(p["model"], param="model")))
     registry.verify(base)
     master = ctx.master_key()
     vault = Vault(ctx.layout, ctx.store.catalog, lambda: master, key_source=ctx.master_key_source())
-    train_ref, train_reader = open_dataset(vault, p["training_file"], "training_file")
-    val_ref, val_reader = (open_dataset(vault, p["validation_file"], "validation_file") if p["validation_file"]
+    train_ref, train_reader = ctx.open_dataset(vault, p["training_file"], "training_file")
+    val_ref, val_reader = (ctx.open_dataset(vault, p["validation_file"], "validation_file") if p["validation_file"]
                            else (None, None))
     hyper = json.loads(p["hyperparameters"] or "{}")
     overrides: dict[str, Any] = {"method": p["method"], "lora_r": p["lora_r"], "seed": p["seed"],
@@ -116,7 +139,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     plan = plan_devices(config)
     ctx.event("plan", f"training on {plan.kind} {plan.devices or ''} in {plan.precision}, estimated "
               f"{plan.estimate_bytes / 2**30:.2f} GiB", plan=plan.as_dict(), config=config.as_dict())
-    workdir = ctx.layout.jobs / ctx.job.id / "train"
+    workdir = ctx.layout.training_folder(ctx.job.id)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
@@ -139,8 +162,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise StopRequested(cancelled=False)
     if result.output_dir is None:
         raise JobFailed("training produced no output", code="finetune_no_output")
-    suffix = (p["suffix"] or ctx.job.id[-8:]).lower()
-    name = check_name(f"{base.name}-ft-{suffix}"[:96], param="suffix")
+    name = fine_tuned_name(base.name, p["suffix"], ctx.job.id)
     lineage = {"base": base.name, "datasets": [r for r in (train_ref, val_ref) if r], "job": ctx.job.id,
                "hyperparameters": {"n_epochs": config.n_epochs, "batch_size": config.batch_size,
                                    "learning_rate_multiplier": config.learning_rate_multiplier,
@@ -169,8 +191,6 @@ def run(ctx: JobContext) -> dict[str, Any]:
         merged_name = name
     exported: list[str] = []
     if p["export"]:
-        from garrison.converters.export import parse_targets
-
         merged = registry.get(merged_name)
         results = run_model_export(ctx, registry, merged, parse_targets(p["export"], "hf"))
         exported = [r["model"] for r in results["artifacts"]]
