@@ -44,7 +44,9 @@ def test_unit_verifies_without_any_warning(name: str, tmp_path: Path) -> None:
     assert proc.stderr.strip() == "", proc.stderr
 
 
-@pytest.mark.parametrize(("name", "ceiling"), [("garrison.service", 2.0), ("garrison-worker.service", 2.0)])
+# The ceiling is 1.2 for the daemon (measured 1.2: it must listen, so it keeps AF_INET); the worker has no
+# network and measures 0.5.
+@pytest.mark.parametrize(("name", "ceiling"), [("garrison.service", 1.2), ("garrison-worker.service", 0.5)])
 def test_security_exposure_score(name: str, ceiling: float, tmp_path: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "security", "--offline=true", str(_installed_copy(tmp_path, name))],
                           capture_output=True, text=True)
