@@ -7,11 +7,19 @@ from aiohttp import web
 from garrison.config import Config
 from garrison.crypto.identity import IdentityCache
 from garrison.daemon.metrics import METRICS, make_metrics
-from garrison.daemon.middleware import ROUTE_TABLE, auth_middleware, error_middleware, metrics_middleware
+from garrison.daemon.middleware import (
+    ROUTE_TABLE,
+    auth_middleware,
+    error_middleware,
+    metrics_middleware,
+    rate_limit_middleware,
+)
 from garrison.daemon.routes import ROUTES
 from garrison.daemon.state import STATE, DaemonState
+from garrison.daemon.usage import install as install_usage
 from garrison.jobs.store import JobStore
 from garrison.models.registry import ModelRegistry
+from garrison.operations.policy import load_appliance_policy
 from garrison.paths import StateLayout
 from garrison.policies.keys import KeyStore
 from garrison.serving.manager import ManagerSettings, ModelManager, default_budget_bytes
@@ -31,7 +39,7 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
         layout.ensure()
         catalog = Catalog(layout.catalog)
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, auth_middleware, rate_limit_middleware],
         client_max_size=int(config.max_request_mb * 1024 * 1024),
     )
     jobs = JobStore(catalog)
@@ -41,8 +49,9 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
     models.reap_staging()
     manager = ModelManager(models, manager_settings(config))
     state = DaemonState(config=config, catalog=catalog, keys=KeyStore(catalog), jobs=jobs, models=models,
-                        manager=manager, identity_cache=identities)
+                        manager=manager, policy=load_appliance_policy(config), identity_cache=identities)
     app[STATE] = state
+    install_usage(app, catalog)
     app[METRICS] = make_metrics(jobs, lambda: len(state.runner.active) if state.runner else 0, manager)
     table = {}
     for route in ROUTES:

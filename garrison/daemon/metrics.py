@@ -21,6 +21,8 @@ class Metrics:
     requests: Counter
     latency: Histogram
     in_flight: Gauge
+    rate_limited: Counter
+    key_tokens: Counter
 
 
 class _JobCollector(Collector):
@@ -89,6 +91,10 @@ def make_metrics(jobs: JobStore, active_workers: Callable[[], int], manager: Mod
                           ["method", "route"], registry=registry,
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
         in_flight=Gauge("garrison_http_requests_in_flight", "Requests being handled now.", registry=registry),
+        rate_limited=Counter("garrison_rate_limited", "Requests refused (429) by a key's rate limit, by key and "
+                             "limit (requests, tokens, concurrency).", ["key", "limit"], registry=registry),
+        key_tokens=Counter("garrison_key_tokens", "Tokens used by inference, by key and kind (prompt, "
+                           "completion).", ["key", "kind"], registry=registry),
     )
     registry.register(_JobCollector(jobs, active_workers))
     if manager is not None:

@@ -1,7 +1,8 @@
-"""Cross-cutting rules, in order: metrics, error mapping, authentication.
+"""Cross-cutting rules, in order: metrics, error mapping, authentication, rate limits.
 
 `errors` is the single place a `GarrisonError` becomes an HTTP response (OpenAI's error
-shape), and `auth` the single place a route's scope is enforced.
+shape), `auth` the single place a route's scope is enforced, and `rate_limit` the single
+place a key's limits are applied (garrison.policies.rate_limits) and its usage counted.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from garrison.daemon.http import PRINCIPAL, json_response
 from garrison.daemon.metrics import METRICS
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
+from garrison.daemon.usage import ADMITTED, LIMITER, RECORDER, USAGE, Admitted, RequestUsage
 from garrison.errors import GarrisonError, NotFound, Unavailable
 from garrison.logs import log_event
 from garrison.policies.access import authorize
+from garrison.policies.rate_limits import refusal_error
 
 log = logging.getLogger("garrison.http")
 
@@ -130,3 +133,33 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     assert route.scope is not None
     authorize(principal, route.scope)
     return await handler(request)
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """After authentication, on every route with a key: admit under the key's limits, then charge
+    the token bucket and record the usage the handler noted (a stream's when it has ended)."""
+    who = request.get(PRINCIPAL)
+    if who is None:  # /health and other routes without a key
+        return await handler(request)
+    app = request.app
+    limits = app[STATE].policy.rate_limits.limits_for(who.key_id, who.role)
+    limiter = app[LIMITER]
+    if limits.any:
+        refusal = limiter.check(who.key_id, limits)
+        request[ADMITTED] = Admitted(who.key_id, limits, refusal)
+        if refusal is not None:
+            app[METRICS].rate_limited.labels(who.key_id, refusal.kind).inc()
+            raise refusal_error(who.key_id, refusal)
+    usage = request[USAGE] = RequestUsage()
+    try:
+        return await handler(request)
+    finally:
+        if limits.any:
+            limiter.release(who.key_id)
+        if usage.noted and usage.model is not None:
+            limiter.charge_tokens(who.key_id, limits, usage.total)
+            app[RECORDER].add(who.key_id, usage.model, usage.prompt_tokens, usage.completion_tokens)
+            tokens = app[METRICS].key_tokens
+            tokens.labels(who.key_id, "prompt").inc(usage.prompt_tokens)
+            tokens.labels(who.key_id, "completion").inc(usage.completion_tokens)

@@ -13,6 +13,7 @@ from garrison.crypto.identity import IdentityCache
 from garrison.jobs.runner import JobRunner, RunnerSettings
 from garrison.jobs.store import JobStore
 from garrison.models.registry import ModelRegistry
+from garrison.operations.policy import AppliancePolicy
 from garrison.policies.keys import KeyStore
 from garrison.serving.manager import ModelManager
 from garrison.store.catalog import Catalog
@@ -28,6 +29,7 @@ class DaemonState:
     jobs: JobStore
     models: ModelRegistry
     manager: ModelManager
+    policy: AppliancePolicy = field(default_factory=AppliancePolicy)
     started_at: float = field(default_factory=time.time)
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     identity_cache: IdentityCache = field(default_factory=IdentityCache)

@@ -21,6 +21,7 @@ from aiohttp import web
 from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
+from garrison.daemon.usage import usage_of
 from garrison.engine.protocols import GenerationEngine
 from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest, SamplingParams, TokenEvent
 from garrison.errors import GarrisonError, InvalidRequest
@@ -38,6 +39,7 @@ def _model_id(body: dict[str, Any], request: web.Request) -> str:
         raise InvalidRequest("'model' is required", param="model")
     check_model_id(model)
     authorize(principal(request), "infer", ("model", model))
+    usage_of(request).model = model
     return model
 
 
@@ -70,13 +72,21 @@ async def get_model(request: web.Request) -> web.StreamResponse:
 async def _events(engine: GenerationEngine, req: GenerationRequest,
                   request: web.Request) -> AsyncGenerator[TokenEvent | Finish, None]:
     stream = engine.generate(req)
+    generated = 0  # the tokens of a generation cut short, which never reaches its Finish
     try:
         async for item in stream:
+            if isinstance(item, Finish):
+                usage_of(request).add(item.prompt_tokens, item.completion_tokens)
+                generated = -1
+            elif generated >= 0:
+                generated += 1
             yield item
             if _disconnected(request):
                 stream.cancel()
                 return
     finally:
+        if generated > 0:
+            usage_of(request).add(len(req.prompt_tokens), generated)
         await stream.aclose()
 
 
@@ -196,6 +206,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     async with request.app[STATE].manager.use(model, "embed") as loaded:
         result = await loaded.embedder.embed(inputs)
     vectors, tokens = result.vectors, result.total_tokens
+    usage_of(request).add(int(tokens), 0)
     data = []
     for i, vector in enumerate(np.asarray(vectors, dtype=np.float32)):
         value: Any = (base64.b64encode(vector.tobytes()).decode() if encoding == "base64"

@@ -9,7 +9,9 @@ from aiohttp import web
 from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
+from garrison.daemon.usage import RECORDER
 from garrison.errors import InvalidRequest
+from garrison.operations.usage import GROUPINGS, usage_report
 
 
 def _str_list(body: dict[str, object], name: str) -> list[str] | None:
@@ -47,6 +49,14 @@ async def revoke_key(request: web.Request) -> web.StreamResponse:
     return json_response(record.to_json())
 
 
+async def key_usage(request: web.Request) -> web.StreamResponse:
+    await request.app[RECORDER].flush_async()  # the report includes the last few seconds too
+    query = request.query
+    report = await asyncio.to_thread(usage_report, request.app[STATE].catalog, key_id=query.get("key"),
+                                     since=query.get("since"), by=query.get("by", "model"))
+    return json_response(report)
+
+
 ROUTES = (
     Route("GET", "/v1/garrison/keys", list_keys, "admin", "List API keys (never their secrets).", "keys"),
     Route("POST", "/v1/garrison/keys", create_key, "admin",
@@ -57,6 +67,12 @@ ROUTES = (
                                "datasets": {"type": "array", "items": {"type": "string"}},
                                "expires": {"type": "string", "description": "30d, 12h or ISO-8601"}}},
           responses={"201": "created", "400": "invalid role, grant or expiry"}),
+    Route("GET", "/v1/garrison/keys/usage", key_usage, "admin",
+          "Requests and tokens (prompt, completion) used by each key, per model (or per key, day or hour).",
+          "keys", query=(("key", "string", "only this key id"),
+                         ("since", "string", "90m, 12h, 7d, 2w, all (default) or an ISO date"),
+                         ("by", "string", f"grouping: {', '.join(GROUPINGS)} (default model)")),
+          responses={"200": "OK", "400": "invalid since or by", "404": "no such key"}),
     Route("DELETE", "/v1/garrison/keys/{key_id}", revoke_key, "admin", "Revoke a key.", "keys",
           responses={"200": "revoked", "404": "no such key"}),
 )
