@@ -167,6 +167,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`garrison keys rotate-master --finish`."),
     Setting("runner_max_crashes", _bounded(int, 1, 1000), lambda _env: 3,
             "Crashes in a row after which a model's runner is no longer restarted and the model is failed."),
+    Setting("audit_anchor_every", _bounded(int, 1, 1_000_000), lambda _env: 100,
+            "The audit trail's head (sequence number and MAC) is written to the anchor file outside the "
+            "catalog (and the systemd journal) at least every this many entries, and at daemon shutdown."),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -204,6 +207,7 @@ class Config:
     cpu_repack: str
     master_key_keep_previous_days: float
     runner_max_crashes: int
+    audit_anchor_every: int
     source: str = field(default="defaults", compare=False)
 
     @property

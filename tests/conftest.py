@@ -130,6 +130,13 @@ class Daemon:
         return self.proc.wait(timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def _private_master_key_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit entries are MACed with a key derived from the master key, and a developer install mints
+    that key in XDG_CONFIG_HOME: in a test, never in the real home of whoever runs it."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+
+
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A developer install isolated in tmp_path, in this process: its own state folder and ~/.config (master key)."""

@@ -36,6 +36,7 @@ from garrison.jobs.runner import JobRunner, RunnerSettings
 from garrison.jobs.store import JobStore
 from garrison.logs import log_event, set_level, setup_logging
 from garrison.paths import StateLayout
+from garrison.policies.audit import anchor_at_shutdown
 from garrison.store.catalog import Catalog
 
 log = logging.getLogger("garrison.daemon")
@@ -231,6 +232,7 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         watchdog_stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await state.manager.close()
+        await asyncio.to_thread(anchor_at_shutdown, catalog)
         catalog.close()
         log_event(log, "daemon.stopped")
     return 0
@@ -288,6 +290,7 @@ async def _run_worker(load: ConfigLoader, config: Config) -> int:
     watchdog_stop.set()
     if dog:
         await dog
+    await asyncio.to_thread(anchor_at_shutdown, catalog)
     catalog.close()
     return 0
 

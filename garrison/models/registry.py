@@ -23,6 +23,7 @@ from garrison.crypto.identity import ApplianceIdentity
 from garrison.errors import Conflict, IntegrityError, InvalidRequest, NotFound
 from garrison.models.names import check_model_id
 from garrison.paths import StateLayout
+from garrison.policies.audit import append_audit
 from garrison.store.catalog import Catalog
 from garrison.store.durable import fsync_dir
 
@@ -283,12 +284,15 @@ class ModelRegistry:
                     " created_by) VALUES (?,?,?,?,?,?,?,?,?)",
                     (name, fmt, folder_name, manifest["entry"], json.dumps(chosen),
                      json.dumps(manifest), total, time.time(), actor))
+                append_audit(conn, actor=actor, action="models.import", resource=f"model:{name}",
+                             detail={"format": fmt, "size_bytes": total, "files": len(manifest_files),
+                                     **({"base": chosen["base"]} if "base" in chosen else {})})
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             raise
         return self.get(name)
 
-    def remove(self, name: str) -> ModelRecord:
+    def remove(self, name: str, *, actor: str = "local") -> ModelRecord:
         record = self.get(name)
         users = [r.name for r in self.list() if r.base == name]
         if users:
@@ -296,6 +300,8 @@ class ModelRegistry:
                            code="model_in_use")
         with self.catalog.write() as conn:
             conn.execute("DELETE FROM models WHERE name = ?", (name,))
+            append_audit(conn, actor=actor, action="models.remove", resource=f"model:{name}",
+                         detail={"format": record.format})
         shutil.rmtree(record.folder, ignore_errors=True)
         return record
 

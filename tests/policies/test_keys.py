@@ -11,7 +11,8 @@ from conftest import run_cli
 
 from garrison.errors import AuthenticationError, InvalidRequest, PermissionDenied
 from garrison.policies.access import authorize
-from garrison.policies.audit import verify_audit
+from garrison.policies.audit import verify_trail
+from garrison.policies.audit_keys import AuditKeys
 from garrison.policies.keys import KeyStore, parse_expiry
 from garrison.policies.scopes import ROLES, SCOPES
 from garrison.store.catalog import Catalog
@@ -92,10 +93,12 @@ def test_key_operations_are_audited_in_a_verifiable_chain(store: KeyStore) -> No
     store.revoke(record.id)
     rows = store.catalog.query("SELECT * FROM audit ORDER BY seq")
     assert [r["action"] for r in rows] == ["keys.create", "keys.revoke"]
-    assert verify_audit(rows) == (True, None)
+    keys = AuditKeys.from_environment().verifying()
+    assert verify_trail(store.catalog, keys).intact
     with store.catalog.write() as conn:
         conn.execute("UPDATE audit SET actor = 'someone-else' WHERE seq = 1")
-    assert verify_audit(store.catalog.query("SELECT * FROM audit ORDER BY seq")) == (False, 1)
+    broken = verify_trail(store.catalog, keys).broken
+    assert broken is not None and (broken.seq, broken.kind) == (1, "edited")
 
 
 def test_keys_cli(state_dir: Path) -> None:
