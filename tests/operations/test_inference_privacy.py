@@ -87,6 +87,15 @@ def test_mistakes_are_refused_naming_the_dotted_key(toml: str, param: str) -> No
     assert refused.value.code == "invalid_policy" and refused.value.param == param
 
 
+def test_the_operator_guides_example_is_a_valid_policy() -> None:
+    guide = (REPO / "docs" / "operator-guide.md").read_text()
+    section = guide[guide.index("## Privacy on the inference path"):]
+    example = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert example is not None
+    p = policy(example.group(1))
+    assert p.prompts.action_for("payment_card") == "deny" and p.responses.action_for("email") == "redact"
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 def test_a_denied_type_refuses_the_prompt_naming_only_the_type() -> None:

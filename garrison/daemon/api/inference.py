@@ -26,6 +26,7 @@ from garrison.engine.protocols import GenerationEngine
 from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest, SamplingParams, TokenEvent
 from garrison.errors import GarrisonError, InvalidRequest
 from garrison.models.names import check_model_id
+from garrison.operations.inference_privacy import ResponseFilter, filtered_events
 from garrison.policies.access import allowed, authorize
 from garrison.serving import openai_format as fmt
 
@@ -90,11 +91,17 @@ async def _events(engine: GenerationEngine, req: GenerationRequest,
         await stream.aclose()
 
 
-async def _collect(engine: GenerationEngine, req: GenerationRequest, request: web.Request) -> fmt.Collected:
+def _screened(events: AsyncGenerator[TokenEvent | Finish, None], screen: ResponseFilter | None,
+              req: GenerationRequest) -> AsyncGenerator[TokenEvent | Finish, None]:
+    return events if screen is None else filtered_events(events, screen, len(req.prompt_tokens))
+
+
+async def _collect(engine: GenerationEngine, req: GenerationRequest, request: web.Request,
+                   screen: ResponseFilter | None) -> fmt.Collected:
     parts: list[str] = []
     events: list[TokenEvent] = []
     finish: Finish | None = None
-    async for item in _events(engine, req, request):
+    async for item in _screened(_events(engine, req, request), screen, req):
         if isinstance(item, Finish):
             finish = item
             parts.append(item.text)
@@ -107,13 +114,13 @@ async def _collect(engine: GenerationEngine, req: GenerationRequest, request: we
 
 
 async def _stream(request: web.Request, engine: GenerationEngine, req: GenerationRequest, model: str, kind: str,
-                  include_usage: bool) -> web.StreamResponse:
+                  include_usage: bool, screen: ResponseFilter | None) -> web.StreamResponse:
     rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = int(time.time())
     chunk = fmt.chat_chunk if kind == "chat" else fmt.completion_chunk
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-    events = _events(engine, req, request)
+    events = _screened(_events(engine, req, request), screen, req)
     first_item = await events.__anext__()  # errors before the first token still get a proper status
     await response.prepare(request)
     try:
@@ -156,20 +163,29 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     state = request.app[STATE]
+    privacy = state.policy.inference_privacy
+    if params.logprobs and privacy.responses.active:
+        raise InvalidRequest("logprobs would show the response's tokens before the privacy policy screens them "
+                             "([inference_privacy.responses])", code="logprobs_unavailable", param="logprobs")
+    # Screened before the model is touched: a denied prompt costs no load, and a redacted one is all it sees.
+    if kind == "chat":
+        messages = await privacy.screen_messages(fmt.chat_messages(body))
+    else:
+        prompt = (await privacy.screen_prompts([fmt.completion_prompt(body)], ["prompt"]))[0]
     async with state.manager.use(model, "generate") as loaded:
         engine = loaded.generator
         if kind == "chat":
-            text = fmt.render_chat(engine.chat_template, fmt.chat_messages(body), bos_token=engine.bos_token,
+            text = fmt.render_chat(engine.chat_template, messages, bos_token=engine.bos_token,
                                    eos_token=engine.eos_token)
             tokens = await engine.tokenize(text, add_special=False, parse_special=True)
         else:
-            tokens = await engine.tokenize(fmt.completion_prompt(body), add_special=True, parse_special=False)
+            tokens = await engine.tokenize(prompt, add_special=True, parse_special=False)
         req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request),
                                 lora_path=loaded.lora_path)
         try:
             if stream:
-                return await _stream(request, engine, req, model, kind, include_usage)
-            collected = await _collect(engine, req, request)
+                return await _stream(request, engine, req, model, kind, include_usage, privacy.response_filter())
+            collected = await _collect(engine, req, request, privacy.response_filter())
         except ContextLengthExceeded as exc:
             exc.param = "messages" if kind == "chat" else "prompt"  # name the field the client sent
             raise
@@ -200,6 +216,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = _model_id(body, request)
     inputs = _embedding_inputs(body)
+    fields = [f"input[{i}]" for i in range(len(inputs))] if isinstance(body["input"], list) else ["input"]
+    inputs = await request.app[STATE].policy.inference_privacy.screen_prompts(inputs, fields)
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64", param="encoding_format")
