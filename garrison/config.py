@@ -13,6 +13,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -88,88 +89,141 @@ def _optional_path(value: Any) -> str:
     return str(Path(text).expanduser()) if text else ""
 
 
+class Reload(StrEnum):
+    """What SIGHUP does with a changed setting (garrison.daemon.lifecycle applies each one)."""
+
+    LIVE = "live"              # applied at once: the next request, connection, job or poll uses it
+    NEXT_LOAD = "next load"    # applied to models loaded from then on; a loaded model keeps its own
+    RESTART = "restart"        # kept as it was, and logged as config.needs_restart
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
     parse: Callable[[Any], Any]
     default: Callable[[Mapping[str, str]], Any]
     doc: str
+    #: Required of every row: a setting nobody decided about is not silently "live" or "restart".
+    reload: Reload
+    #: Why a restart is needed, or what "live" means for this setting; shown in the docs.
+    reload_note: str = ""
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("state_dir", _path, _default_state_dir,
-            "Folder for the catalog, vault, models and inbox (systemd: StateDirectory)."),
+            "Folder for the catalog, vault, models and inbox (systemd: StateDirectory).",
+            Reload.RESTART, "the catalog, vault and daemon lock are opened at start"),
     Setting("listen", _parse_listen, lambda _env: f"127.0.0.1:{DEFAULT_PORT}",
-            "HOST:PORT the daemon listens on; loopback by default."),
+            "HOST:PORT the daemon listens on; loopback by default.",
+            Reload.RESTART, "the socket is bound at start"),
     Setting("log_level", _choice("debug", "info", "warning", "error"), lambda _env: "info",
-            "Lowest level of log lines written to stderr."),
+            "Lowest level of log lines written to stderr.",
+            Reload.LIVE),
     Setting("master_key_file", _optional_path, lambda _env: "",
-            "Root-only file holding the master key; $CREDENTIALS_DIRECTORY/master.key wins."),
+            "Root-only file holding the master key; $CREDENTIALS_DIRECTORY/master.key wins.",
+            Reload.RESTART,
+            "the master key opens the identity and the data keys, read at start"),
     Setting("shutdown_grace_s", _bounded(float, 0, 3600), lambda _env: 20.0,
-            "Seconds in-flight requests and workers get to finish after SIGTERM."),
+            "Seconds in-flight requests and workers get to finish after SIGTERM.",
+            Reload.LIVE),
     Setting("max_request_mb", _bounded(float, 0.01, 1_048_576), lambda _env: 8.0,
-            "Largest JSON request body accepted, in MiB (uploads stream separately)."),
+            "Largest JSON request body accepted, in MiB (uploads stream separately).",
+            Reload.LIVE, "from the next request"),
     Setting("job_concurrency", _bounded(int, 1, 64), lambda _env: 1,
-            "Worker subprocesses the job runner runs at once."),
+            "Worker subprocesses the job runner runs at once.",
+            Reload.LIVE),
     Setting("job_poll_s", _bounded(float, 0.01, 60), lambda _env: 0.25,
-            "How often the job runner looks for queued jobs and cancellations."),
+            "How often the job runner looks for queued jobs and cancellations.",
+            Reload.LIVE),
     Setting("job_timeout_s", _bounded(float, 1, 30 * 86400), lambda _env: 86400.0,
-            "Default wall-clock limit of one job attempt."),
+            "Default wall-clock limit of one job attempt.",
+            Reload.LIVE, "jobs submitted afterwards"),
     Setting("job_max_attempts", _bounded(int, 1, 100), lambda _env: 3,
-            "Default attempts of a job before it is marked failed."),
+            "Default attempts of a job before it is marked failed.",
+            Reload.LIVE, "jobs submitted afterwards"),
     Setting("job_heartbeat_s", _bounded(float, 0.05, 600), lambda _env: 2.0,
-            "How often a worker records that it is alive."),
+            "How often a worker records that it is alive.",
+            Reload.LIVE, "workers started afterwards"),
     Setting("job_stale_after_s", _bounded(float, 0.5, 86400), lambda _env: 30.0,
-            "A running job whose heartbeat is older than this is orphaned."),
+            "A running job whose heartbeat is older than this is orphaned.",
+            Reload.LIVE),
     Setting("allow_remote", _parse_bool, lambda _env: False,
             "Allow listening on a non-loopback address (expose on the LAN); needs TLS (tls_cert_file) unless "
-            "allow_plaintext_lan."),
+            "allow_plaintext_lan.",
+            Reload.RESTART, "goes with listen"),
     Setting("max_connections", _bounded(int, 16, 1_000_000), lambda _env: 4096,
             "Client connections served at once (bounded by the file limit); beyond it a small reserve answers "
-            "only /health and /ready, and further connections are closed at once."),
+            "only /health and /ready, and further connections are closed at once.",
+            Reload.LIVE,
+            "new connections; at most the open-file limit found at start allows"),
     Setting("header_timeout_s", _bounded(float, 0.5, 3600), lambda _env: 15.0,
             "Seconds a connection gets to send a complete request head, after connecting and after each "
-            "response (slow senders and idle keep-alive connections are dropped)."),
+            "response (slow senders and idle keep-alive connections are dropped).",
+            Reload.LIVE, "each deadline armed afterwards"),
     Setting("body_timeout_s", _bounded(float, 1, 86400), lambda _env: 60.0,
-            "Seconds a JSON request body may take to arrive."),
+            "Seconds a JSON request body may take to arrive.",
+            Reload.LIVE, "from the next request"),
     Setting("tls_cert_file", _optional_path, lambda _env: "",
             "PEM certificate (chain) the daemon serves HTTPS with; reloaded on SIGHUP "
-            "(`garrison tls new-cert` makes a self-signed one)."),
+            "(`garrison tls new-cert` makes a self-signed one).",
+            Reload.LIVE,
+            "a renewed certificate, for connections made afterwards; turning TLS on or off needs a "
+            "restart"),
     Setting("tls_key_file", _optional_path, lambda _env: "",
-            "PEM private key of tls_cert_file (empty: the key is in the certificate file)."),
+            "PEM private key of tls_cert_file (empty: the key is in the certificate file).",
+            Reload.LIVE, "with tls_cert_file"),
     Setting("allow_plaintext_lan", _parse_bool, lambda _env: False,
-            "Serve plain HTTP on a non-loopback address (a trusted network or a TLS proxy in front)."),
+            "Serve plain HTTP on a non-loopback address (a trusted network or a TLS proxy in front).",
+            Reload.RESTART, "goes with listen"),
     Setting("run_jobs", _parse_bool, lambda _env: True,
-            "Whether `garrison serve` also runs the job runner (false when garrison-worker runs it)."),
+            "Whether `garrison serve` also runs the job runner (false when garrison-worker runs it).",
+            Reload.RESTART, "the job runner starts with the daemon"),
     Setting("model_memory_mb", _bounded(float, 0, 16 * 1024 * 1024), lambda _env: 0.0,
             "Memory budget for loaded models in MiB; past it the least recently used idle model is "
-            "unloaded (0: half of the machine's memory)."),
+            "unloaded (0: half of the machine's memory).",
+            Reload.LIVE, "idle models beyond a smaller budget are unloaded at once"),
     Setting("model_keep_alive_s", _bounded(float, 0, 30 * 86400), lambda _env: 900.0,
-            "A model unused this long is unloaded (0: keep loaded)."),
+            "A model unused this long is unloaded (0: keep loaded).",
+            Reload.LIVE),
     Setting("model_queue", _bounded(int, 0, 100_000), lambda _env: 64,
-            "Requests that may wait per model beyond its parallel slots; past it: 429 with Retry-After."),
+            "Requests that may wait per model beyond its parallel slots; past it: 429 with Retry-After.",
+            Reload.NEXT_LOAD,
+            "a loaded model's runner keeps its queue until it is unloaded"),
     Setting("request_timeout_s", _bounded(float, 1, 86400), lambda _env: 600.0,
-            "Deadline of one inference request, queued time included."),
+            "Deadline of one inference request, queued time included.",
+            Reload.LIVE, "from the next request"),
     Setting("policy_file", _optional_path, lambda _env: "",
             "TOML file of the data policy (redaction actions, custom patterns, bad lines, retention); "
-            "default: policy.toml in the state folder if present, else the built-in defaults."),
+            "default: policy.toml in the state folder if present, else the built-in defaults.",
+            Reload.LIVE,
+            "the file is read again, whole, on every SIGHUP; a bad one is refused and the old policy "
+            "kept"),
     Setting("max_upload_mb", _bounded(float, 1, 16 * 1024 * 1024), lambda _env: 65536.0,
-            "Largest sealed upload accepted, in MiB (streamed, never held in memory)."),
+            "Largest sealed upload accepted, in MiB (streamed, never held in memory).",
+            Reload.LIVE, "from the next upload"),
     Setting("inference_threads", _bounded(int, 0, 1024), lambda _env: 0,
-            "CPU threads per loaded model (0: all cores, at most 8)."),
+            "CPU threads per loaded model (0: all cores, at most 8).",
+            Reload.NEXT_LOAD,
+            "a loaded model's runner keeps its threads until it is unloaded"),
     Setting("cpu_repack", _choice("auto", "on", "off"), lambda _env: "auto",
             "llama.cpp's CPU weight repack (extra buffer types: AMX, AArch64 layouts). auto: used for a weight "
             "type once a throw-away probe decoded with it on this CPU and build; on: always (a CPU that faults "
-            "crashes the model's runner, never the daemon); off: never. Also [engine] cpu_repack."),
+            "crashes the model's runner, never the daemon); off: never. Also [engine] cpu_repack.",
+            Reload.NEXT_LOAD,
+            "a loaded model's weights keep their layout until it is unloaded"),
     Setting("master_key_keep_previous_days", _bounded(float, 0, 3650), lambda _env: 30.0,
             "Days the replaced master key (master.key.previous) is kept after a rotation, then deleted at the "
             "daemon's next start or the next `garrison keys` rotation command; 0 keeps it until "
-            "`garrison keys rotate-master --finish`."),
+            "`garrison keys rotate-master --finish`.",
+            Reload.RESTART,
+            "checked when the daemon starts; `garrison keys` rotation commands read it themselves"),
     Setting("runner_max_crashes", _bounded(int, 1, 1000), lambda _env: 3,
-            "Crashes in a row after which a model's runner is no longer restarted and the model is failed."),
+            "Crashes in a row after which a model's runner is no longer restarted and the model is failed.",
+            Reload.LIVE),
     Setting("audit_anchor_every", _bounded(int, 1, 1_000_000), lambda _env: 100,
             "The audit trail's head (sequence number and MAC) is written to the anchor file outside the "
-            "catalog (and the systemd journal) at least every this many entries, and at daemon shutdown."),
+            "catalog (and the systemd journal) at least every this many entries, and at daemon shutdown.",
+            Reload.LIVE, "from the next audited change"),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -310,6 +364,31 @@ def load_config(config_file: str | None = None, *, overrides: Mapping[str, Any] 
             "(`garrison tls new-cert` makes a self-signed pair), or allow_plaintext_lan = true behind a TLS proxy",
             code="config_invalid_value", param="tls_cert_file")
     return config
+
+
+#: Markers around the reload table that docs/operator-guide.md embeds (tests/test_docs.py keeps it current).
+RELOAD_BEGIN = "<!-- BEGIN reload: generated by `garrison docs reload`; do not edit by hand -->"
+RELOAD_END = "<!-- END reload -->"
+_RELOAD_HEADINGS = {
+    Reload.LIVE: "applied at once",
+    Reload.NEXT_LOAD: "applied to models loaded afterwards (`garrison stop MODEL` unloads one now)",
+    Reload.RESTART: "need a restart (`config.needs_restart` is logged; the running value stays)",
+}
+
+
+def reload_label(setting: Setting) -> str:
+    """The settings table's "on SIGHUP" cell."""
+    return f"{setting.reload.value}: {setting.reload_note}" if setting.reload_note else setting.reload.value
+
+
+def reload_markdown() -> str:
+    """What SIGHUP applies, from the settings table: the operator guide embeds it between the markers."""
+    lines = [RELOAD_BEGIN, ""]
+    for mode, heading in _RELOAD_HEADINGS.items():
+        keys = [f"`{s.key}` ({s.reload_note})" if s.reload_note else f"`{s.key}`"
+                for s in SETTINGS if s.reload is mode]
+        lines.append(f"- **{heading[0].upper()}{heading[1:]}:** {'; '.join(keys)}.")
+    return "\n".join([*lines, "", RELOAD_END]) + "\n"
 
 
 def settings_help() -> str:

@@ -17,9 +17,10 @@ from garrison.daemon.middleware import (
 from garrison.daemon.routes import ROUTES
 from garrison.daemon.state import STATE, DaemonState
 from garrison.daemon.usage import install as install_usage
+from garrison.errors import InvalidRequest
 from garrison.jobs.store import JobStore
 from garrison.models.registry import ModelRegistry
-from garrison.operations.policy import load_appliance_policy
+from garrison.operations.policy import AppliancePolicy, load_appliance_policy, policy_path
 from garrison.paths import StateLayout
 from garrison.policies.keys import KeyStore
 from garrison.serving.manager import ManagerSettings, ModelManager, default_budget_bytes
@@ -33,7 +34,19 @@ def manager_settings(config: Config) -> ManagerSettings:
                            max_crashes=config.runner_max_crashes)
 
 
+def load_policy(config: Config) -> AppliancePolicy:
+    """The policy file, validated whole; a refusal names the file and the key (at start: no start; on
+    SIGHUP: the old policy keeps running)."""
+    try:
+        return load_appliance_policy(config)
+    except InvalidRequest as exc:
+        where = f" (key {exc.param})" if exc.param and exc.param not in exc.message else ""
+        raise InvalidRequest(f"policy file {policy_path(config)}: {exc.message}{where}", code="invalid_policy",
+                             param=exc.param) from None
+
+
 def create_app(config: Config, catalog: Catalog | None = None) -> web.Application:
+    policy = load_policy(config)  # before anything is opened: a bad policy stops the start here
     if catalog is None:
         layout = StateLayout(config.state_path)
         layout.ensure()
@@ -49,7 +62,7 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
     models.reap_staging()
     manager = ModelManager(models, manager_settings(config))
     state = DaemonState(config=config, catalog=catalog, keys=KeyStore(catalog), jobs=jobs, models=models,
-                        manager=manager, policy=load_appliance_policy(config), identity_cache=identities)
+                        manager=manager, policy=policy, identity_cache=identities)
     app[STATE] = state
     install_usage(app, catalog)
     app[METRICS] = make_metrics(jobs, lambda: len(state.runner.active) if state.runner else 0, manager)

@@ -55,6 +55,12 @@ class ConnectionGate:
         self.silent_reserve: dict[_GatedProtocol, None] = {}  # reserve connections yet to send a head, oldest first
         self._last_report = 0.0
 
+    def reconfigure(self, *, max_connections: int, header_timeout_s: float) -> None:
+        """SIGHUP: connections accepted from now on count against the new cap, and every deadline armed from
+        now on uses the new timeout; connections already open beyond a lowered cap finish normally."""
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+
     def wrap(self, factory: Any) -> Any:
         def make() -> _GatedProtocol:
             return _GatedProtocol(self, factory())

@@ -20,14 +20,31 @@ def principal(request: web.Request) -> Principal:
     return found
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes. Read here rather than by aiohttp's `request.read()`, whose limit
+    (`client_max_size`) is fixed when the app is made: `max_request_mb` is read per request, so a
+    SIGHUP that changes it applies to the next request."""
+    def too_large() -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body larger than max_request_mb ({limit} bytes)")
+
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large()  # refused before a byte of the body is read
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large()
+    return bytes(body)
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, with a clear 400/413 for anything else."""
+    config = request.app[STATE].config
     try:
-        raw = await asyncio.wait_for(request.read(), request.app[STATE].config.body_timeout_s)
+        raw = await asyncio.wait_for(_read_body(request, int(config.max_request_mb * 1024 * 1024)),
+                                     config.body_timeout_s)
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time (body_timeout_s)") from None
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body larger than {request.app._client_max_size} bytes") from None
     if not raw:
         return {}
     try:

@@ -2,14 +2,16 @@
 
 SIGTERM: STOPPING=1, stop accepting, let in-flight requests finish within the grace
 period, and tell workers to checkpoint (they go back to the queue and resume on the
-next start). SIGHUP: RELOADING=1, re-read the configuration; a bad file keeps the old
-one and says why in the log.
+next start). SIGHUP: RELOADING=1, re-read the configuration and the policy file and apply every
+setting that can change live (garrison.config's `reload` column says which); a bad file refuses the
+whole reload, naming the key, and the old configuration and policy keep running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -23,14 +25,14 @@ from typing import IO, Any
 
 from aiohttp import web
 
-from garrison.config import Config
+from garrison.config import SETTINGS, Config, Reload
 from garrison.daemon.api.datasets import ingest_service
-from garrison.daemon.app import create_app
+from garrison.daemon.app import create_app, load_policy, manager_settings
 from garrison.daemon.connections import ConnectionGate, GatedSite, raise_file_limit
 from garrison.daemon.notify import SystemdNotifier, watchdog_interval_s
 from garrison.daemon.state import STATE, DaemonState
 from garrison.daemon.tls import load_certificate, server_context
-from garrison.errors import ConfigError, Conflict
+from garrison.errors import ConfigError, Conflict, GarrisonError
 from garrison.ingest.inbox import InboxWatcher
 from garrison.jobs.runner import JobRunner, RunnerSettings
 from garrison.jobs.store import JobStore
@@ -92,32 +94,63 @@ def serve(load: ConfigLoader) -> int:
     return asyncio.run(_serve(load, config))
 
 
-def _reload(load: ConfigLoader, state: DaemonState, notifier: SystemdNotifier, tls: ssl.SSLContext | None) -> None:
+def _running_values(old: Config, new: Config, *, serves_tls: bool | None) -> Config:
+    """`new`, except where a setting cannot change without a restart: there the running value stays (so
+    `state.config` says what the daemon really does) and the change is logged as needing a restart.
+    `serves_tls`: whether the listening socket has TLS (None: no socket, the worker)."""
+    kept = {s.key: getattr(old, s.key) for s in SETTINGS
+            if s.reload is Reload.RESTART and getattr(new, s.key) != getattr(old, s.key)}
+    if serves_tls is not None and serves_tls != bool(new.tls_cert_file):
+        # a renewed certificate reloads; TLS on or off would be another socket
+        kept |= {key: getattr(old, key) for key in ("tls_cert_file", "tls_key_file")
+                 if getattr(new, key) != getattr(old, key)}
+    for key in kept:
+        log_event(log, "config.needs_restart", level=logging.WARNING, key=key, running=getattr(old, key),
+                  configured=getattr(new, key))
+    return dataclasses.replace(new, **kept) if kept else new
+
+
+def _connection_cap(config: Config, file_limit: int) -> int:
+    """max_connections, within what the open-file limit allows (512 descriptors kept for everything else)."""
+    return min(config.max_connections, max(64, file_limit - 512))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reloadable:
+    """What SIGHUP reconfigures beside DaemonState: the TLS context and the connection gate."""
+
+    tls: ssl.SSLContext | None
+    gate: ConnectionGate
+    file_limit: int
+
+
+def _reload(load: ConfigLoader, state: DaemonState, notifier: SystemdNotifier, live: Reloadable) -> None:
+    """Everything is read and checked first (configuration, policy file, certificate), then applied at once:
+    a mistake anywhere refuses the whole reload, naming the key, and the old configuration and policy run on."""
     notifier.reloading()
     try:
         new = load()
-    except ConfigError as exc:
-        log_event(log, "config.reload_failed", level=logging.ERROR, error=exc.message,
-                  kept=state.config.source)
-        notifier.send(READY=1, STATUS=f"reload failed, old configuration kept: {exc.message}"[:200])
+        policy = load_policy(new)
+        if live.tls is not None and new.tls_cert_file:
+            server_context(new)  # the certificate loads into a scratch context before the live one is touched
+    except GarrisonError as exc:
+        event = "policy.reload_refused" if exc.code == "invalid_policy" else "config.reload_failed"
+        log_event(log, event, level=logging.ERROR, code=exc.code, key=exc.param, error=exc.message,
+                  kept_config=state.config.source, kept_policy=state.policy.source)
+        notifier.send(READY=1, STATUS=f"reload refused, old configuration and policy kept: {exc.message}"[:200])
         return
-    for key in ("listen", "state_dir"):
-        if getattr(new, key) != getattr(state.config, key):
-            log_event(log, "config.needs_restart", level=logging.WARNING, key=key)
-    if tls is not None and new.tls_cert_file:
-        try:  # a renewed certificate, for the connections made from now on
-            load_certificate(tls, new)
-            log_event(log, "tls.reloaded", certificate=new.tls_cert_file)
-        except ConfigError as exc:
-            log_event(log, "tls.reload_failed", level=logging.ERROR, error=exc.message)
-    elif bool(tls) != bool(new.tls_cert_file):
-        log_event(log, "config.needs_restart", level=logging.WARNING, key="tls_cert_file")
-    if new.run_jobs != state.config.run_jobs:
-        log_event(log, "config.needs_restart", level=logging.WARNING, key="run_jobs")
-    state.config = new
+    new = _running_values(state.config, new, serves_tls=live.tls is not None)
+    changed = [s.key for s in SETTINGS if getattr(new, s.key) != getattr(state.config, s.key)]
+    if live.tls is not None and new.tls_cert_file:
+        load_certificate(live.tls, new)  # for the connections made from now on
+        log_event(log, "tls.reloaded", certificate=new.tls_cert_file)
+    state.config, state.policy = new, policy  # handlers, the job runner and ingestion read these per use
     state.reloads += 1
     set_level(new.log_level)
-    log_event(log, "config.reloaded", source=new.source)
+    live.gate.reconfigure(max_connections=_connection_cap(new, live.file_limit),
+                          header_timeout_s=new.header_timeout_s)
+    state.manager.reconfigure(manager_settings(new))
+    log_event(log, "config.reloaded", source=new.source, changed=changed, policy=policy.source)
     notifier.send(READY=1, STATUS=f"serving on {state.config.base_url} (reloaded)")
 
 
@@ -191,11 +224,10 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         tls = server_context(config)
-        loop.add_signal_handler(signal.SIGHUP, _reload, load, state, notifier, tls)
 
         soft, _hard = raise_file_limit()
-        gate = ConnectionGate(max_connections=min(config.max_connections, max(64, soft - 512)),
-                              header_timeout_s=config.header_timeout_s)
+        gate = ConnectionGate(max_connections=_connection_cap(config, soft), header_timeout_s=config.header_timeout_s)
+        loop.add_signal_handler(signal.SIGHUP, _reload, load, state, notifier, Reloadable(tls, gate, soft))
         app.middlewares.insert(0, gate.middleware)  # outermost: sees every request, refused ones included
         loop.set_exception_handler(_quiet_accept_errors(loop))
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -265,13 +297,20 @@ async def _run_worker(load: ConfigLoader, config: Config) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
     def reload() -> None:
+        """The worker's share of SIGHUP: the job runner's settings (read per poll) and the log level. Its
+        jobs read the configuration and the policy file themselves, in each worker subprocess."""
         notifier.reloading()
         try:
-            current["config"] = load()
-            set_level(current["config"].log_level)
-            log_event(log, "config.reloaded", source=current["config"].source)
+            new = _running_values(current["config"], load(), serves_tls=None)
         except ConfigError as exc:
-            log_event(log, "config.reload_failed", level=logging.ERROR, error=exc.message)
+            log_event(log, "config.reload_failed", level=logging.ERROR, code=exc.code, key=exc.param,
+                      error=exc.message, kept_config=current["config"].source)
+            notifier.send(READY=1, STATUS=f"running jobs; reload refused: {exc.message}"[:200])
+            return
+        changed = [s.key for s in SETTINGS if getattr(new, s.key) != getattr(current["config"], s.key)]
+        current["config"] = new
+        set_level(new.log_level)
+        log_event(log, "config.reloaded", source=new.source, changed=changed)
         notifier.send(READY=1, STATUS="running jobs")
 
     loop.add_signal_handler(signal.SIGHUP, reload)

@@ -21,7 +21,8 @@ from garrison.store.catalog import Catalog
 
 @dataclass
 class DaemonState:
-    """Mutable on purpose: SIGHUP swaps `config`; shutdown flips `shutting_down`."""
+    """Mutable on purpose: SIGHUP swaps `config` and `policy` (each replaced whole, never edited, so a
+    request reads either the old one or the new one); shutdown flips `shutting_down`."""
 
     config: Config
     catalog: Catalog

@@ -72,8 +72,11 @@ __all__ = [
     "IngestRequest",
     "IngestResult",
     "IngestService",
+    "PolicyProvider",
     "ingest",
+    "ingest_part",
     "load_policy",
+    "policy_file",
     "pseudonym_key",
 ]
 
@@ -138,14 +141,40 @@ class IngestPolicy:
                 "retention_days": self.retention_days}
 
 
-def load_policy(config: Config) -> IngestPolicy:
-    """The appliance's policy: the `policy_file` setting if the configuration has one, else
-    `<state_dir>/policy.toml` if present, else the defaults (tag every entity, refuse bad lines)."""
-    configured = config.policy_file
-    if configured:
-        return IngestPolicy.from_file(Path(configured))
+#: The top-level keys of the appliance's policy file that belong to ingestion; the file's other
+#: sections ([rate_limits], [inference_privacy]) are validated by garrison.operations.policy.
+INGEST_KEYS = frozenset({"redaction", "retention_days"})
+
+#: Where a caller gets the policy each ingestion runs under: the daemon passes the live one (reloaded
+#: on SIGHUP), the CLI one that validates the whole file.
+PolicyProvider = Callable[[], IngestPolicy]
+
+
+def ingest_part(path: Path) -> IngestPolicy:
+    """Ingestion's part of an appliance policy file; the other sections are left to their owners."""
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read the policy file {path}: {exc.strerror}", code="invalid_policy") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest(f"the policy is not valid TOML: {exc}", code="invalid_policy") from None
+    return IngestPolicy.from_dict({k: v for k, v in doc.items() if k in INGEST_KEYS})
+
+
+def policy_file(config: Config) -> Path | None:
+    """The `policy_file` setting, else `<state_dir>/policy.toml` if present, else None (the defaults)."""
+    if config.policy_file:
+        return Path(config.policy_file)
     default = config.state_path / POLICY_FILE
-    return IngestPolicy.from_file(default) if default.exists() else IngestPolicy()
+    return default if default.exists() else None
+
+
+def load_policy(config: Config) -> IngestPolicy:
+    """Ingestion's part of the appliance's policy file (see `policy_file`), else the defaults (tag every
+    entity, refuse bad lines). Read at each call: callers that must not see a half-edited file between
+    two reloads (the daemon) pass IngestService a provider instead."""
+    path = policy_file(config)
+    return ingest_part(path) if path is not None else IngestPolicy()
 
 
 def pseudonym_key(identity: ApplianceIdentity) -> bytes:
@@ -367,16 +396,20 @@ def _version_in(conn: sqlite3.Connection, version_id: str) -> VersionRecord:
 class IngestService:
     """The pipeline bound to one appliance: its catalog, vault, identity and policy (daemon and CLI).
 
+    `policy` provides the policy of each ingestion; without one, ingestion's part of the policy file
+    is read at each ingestion (`load_policy`).
+
     The identity is loaded on first use (through `identity_loader`, e.g. the daemon's IdentityCache),
     then the master key; both are cached. Thread-safe: the daemon runs ingestions in worker threads.
     """
 
     def __init__(self, config: Config, catalog: Catalog, *,
                  identity_loader: Callable[[Config], ApplianceIdentity] | None = None,
-                 chunk_size: int = CHUNK_SIZE) -> None:
+                 chunk_size: int = CHUNK_SIZE, policy: PolicyProvider | None = None) -> None:
         from garrison.crypto.identity import load_appliance_identity
 
         self.config = config
+        self._policy = policy or (lambda: load_policy(config))
         self.catalog = catalog
         self.layout = StateLayout(config.state_path)
         self._identity_loader = identity_loader or load_appliance_identity
@@ -397,7 +430,8 @@ class IngestService:
             return self._master
 
     def policy(self) -> IngestPolicy:
-        return load_policy(self.config)
+        """The policy an ingestion starting now runs under (asked per ingestion, so a reload applies)."""
+        return self._policy()
 
     def ingest(self, src: Any, request: IngestRequest, *, policy: IngestPolicy | None = None,
                progress: Callable[[int], None] | None = None) -> IngestResult:

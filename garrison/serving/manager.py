@@ -327,6 +327,24 @@ class ModelManager:
                   during_load=how.during_load, in_a_row=health.crashes_in_a_row,
                   failed=health.failed_reason is not None, restart_in_s=round(backoff, 2))
 
+    def reconfigure(self, settings: ManagerSettings) -> None:
+        """SIGHUP's new settings. The budget, keep-alive and crash limit are read where they are used, so they
+        apply at once (and idle models beyond a smaller budget are unloaded now); threads, queue and CPU
+        repack are part of a runner's spec, so they apply to models loaded from now on."""
+        self.settings = settings
+        task = asyncio.get_running_loop().create_task(self.fit_budget())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def fit_budget(self) -> None:
+        """Unload idle models, least recently used first, until the loaded ones fit the budget; busy ones
+        stay (the next load makes room once they are idle)."""
+        while self._used_bytes() > self.settings.memory_budget_bytes:
+            idle = sorted((m for m in self.loaded.values() if m.users == 0), key=lambda m: m.last_used)
+            if not idle:
+                return
+            await self.unload(idle[0].name, reason="memory budget")
+
     def _used_bytes(self) -> int:
         return sum(m.size_bytes for m in self.loaded.values())
 

@@ -15,7 +15,7 @@ from garrison.store.migrations import MIGRATIONS
 def test_new_catalog_is_wal_full_sync_and_migrated(tmp_path: Path) -> None:
     catalog = Catalog(tmp_path / "catalog.db")
     assert catalog.query_one("PRAGMA journal_mode")[0] == "wal"
-    assert catalog.query_one("PRAGMA synchronous")[0] == 2  # FULL
+    assert catalog.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL, on the connection that writes
     assert catalog.schema_version == len(MIGRATIONS._migrations)
     assert catalog.integrity_check() == "ok"
     assert (tmp_path / "catalog.db").stat().st_mode & 0o077 == 0

@@ -47,6 +47,7 @@ HEAVY_MODULES = ("torch", "transformers", "peft", "onnxruntime", "optimum", "sen
 async def system_info(request: web.Request) -> web.StreamResponse:
     """What an operator asks of a running daemon: versions, memory, and which heavy
     libraries it has loaded (the serving daemon must never load torch)."""
+    import dataclasses
     import os
     import platform
     import sys
@@ -61,6 +62,8 @@ async def system_info(request: web.Request) -> web.StreamResponse:
         "rss_bytes": proc.memory_info().rss, "threads": proc.num_threads(),
         "heavy_modules_loaded": [m for m in HEAVY_MODULES if m in sys.modules],
         "config_source": state.config.source, "config_reloads": state.reloads,
+        "policy_source": state.policy.source, "log_level": state.config.log_level,
+        "model_manager": dataclasses.asdict(state.manager.settings),  # what SIGHUP last applied
         "job_runner": state.runner is not None,
         "workers_active": len(state.runner.active) if state.runner else 0,
         "catalog_schema_version": state.catalog.schema_version,
@@ -79,6 +82,7 @@ ROUTES = (
           responses={"200": "ready", "503": "not ready"}),
     Route("GET", "/metrics", metrics, "read", "Prometheus metrics in the text exposition format.", "system"),
     Route("GET", "/v1/garrison/system", system_info, "read",
-          "Daemon facts: version, memory, uptime, heavy libraries loaded, job runner.", "system"),
+          "Daemon facts: version, memory, uptime, heavy libraries loaded, job runner, the configuration and "
+          "policy sources and the model manager's settings in force.", "system"),
     Route("GET", "/openapi.json", openapi, "read", "This API's OpenAPI 3.1 document.", "system"),
 )

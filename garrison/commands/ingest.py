@@ -1,9 +1,11 @@
 """`garrison ingest` and `garrison datasets list|show|rm`.
 
-Registered on the main group by garrison/cli.py. Like every administrative command they act on
-the local state folder (file permissions are the authority), whether or not the daemon runs, and
-they call the same library functions as the HTTP API: `ingest` runs `garrison.ingest.pipeline.ingest`
-in this process, so a file is refused or accepted by exactly the rules an upload meets.
+Registered on the main group by garrison/cli.py; a face over ingestion and the operations layer
+(the whole policy file is validated here, which the ingest package cannot do). Like every
+administrative command they act on the local state folder (file permissions are the authority),
+whether or not the daemon runs, and they call the same library functions as the HTTP API:
+`ingest` runs `garrison.ingest.pipeline.ingest` in this process, so a file is refused or accepted
+by exactly the rules an upload meets.
 """
 
 from __future__ import annotations
@@ -12,14 +14,26 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from garrison.cli_options import config_options, load
 from garrison.ingest.formats import FORMATS, parse_columns
 
+if TYPE_CHECKING:
+    from garrison.config import Config
+    from garrison.ingest.pipeline import IngestPolicy
+
 __all__ = ["datasets_group", "ingest_command"]
+
+
+def _policy(config: Config, path: Path | None) -> IngestPolicy:
+    """Ingestion's part of the policy file, after the whole file is validated, as the daemon does: a
+    mistake in [rate_limits] refuses `garrison ingest` as it would refuse a start or a reload."""
+    from garrison.operations.policy import AppliancePolicy, load_appliance_policy
+
+    return (AppliancePolicy.from_file(path) if path is not None else load_appliance_policy(config)).ingest
 
 
 def _service(ctx: click.Context, config_file: str | None, state_dir: str | None) -> Any:
@@ -30,7 +44,7 @@ def _service(ctx: click.Context, config_file: str | None, state_dir: str | None)
     config = load(ctx, config_file, state_dir)
     layout = StateLayout(config.state_path)
     layout.ensure()
-    return IngestService(config, Catalog(layout.catalog))
+    return IngestService(config, Catalog(layout.catalog), policy=lambda: _policy(config, None))
 
 
 def _echo_json(data: Any) -> None:
@@ -57,7 +71,7 @@ def _human(n: float) -> str:
 @click.option("--columns", default=None, metavar="T=COL,...",
               help="CSV column mapping onto prompt/completion, text or system/user/assistant.")
 @click.option("--policy", "policy_file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Policy TOML ([redaction], retention_days) instead of the appliance's.")
+              help="Policy file (TOML: [redaction], retention_days, ...) instead of the appliance's.")
 @click.option("--sealed/--plaintext", "sealed", default=None,
               help="Require an age file, or read plaintext (default: decide by the first bytes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the version and its report as JSON.")
@@ -71,11 +85,11 @@ def ingest_command(ctx: click.Context, config_file: str | None, state_dir: str |
     """
     from tqdm import tqdm
 
-    from garrison.ingest.pipeline import IngestPolicy, IngestRefused, IngestRequest
+    from garrison.ingest.pipeline import IngestRefused, IngestRequest
 
     service = _service(ctx, config_file, state_dir)
     service.recover()
-    policy = IngestPolicy.from_file(Path(policy_file)) if policy_file else service.policy()
+    policy = _policy(service.config, Path(policy_file)) if policy_file else service.policy()
     name = "" if file == "-" else Path(file).name
     request = IngestRequest(dataset=dataset, source="cli", source_name=name, format=fmt,
                             columns=parse_columns(columns), sealed=sealed, actor=f"local:{os.getuid()}")
