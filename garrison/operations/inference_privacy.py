@@ -163,7 +163,7 @@ class InferencePrivacyPolicy:
         """
         if not self.prompts.active:
             return list(texts)
-        if sum(map(len, texts)) > THREAD_ABOVE_CHARS or _finder.cache_info().currsize == 0:
+        if sum(map(len, texts)) > THREAD_ABOVE_CHARS or not _finder_built():
             return await asyncio.to_thread(self._screen_prompts, texts, fields)
         return self._screen_prompts(texts, fields)
 
@@ -189,10 +189,14 @@ class InferencePrivacyPolicy:
 
     # ------------------------------------------------------------------------------- responses
 
-    def response_filter(self) -> ResponseFilter | None:
+    async def response_filter(self) -> ResponseFilter | None:
         """A filter for one response (streamed or not: both go through it), or None when responses
         are not screened."""
-        return ResponseFilter(self.responses) if self.responses.active else None
+        if not self.responses.active:
+            return None
+        if not _finder_built():
+            await asyncio.to_thread(_finder)  # the first build compiles the prefilter: not on the event loop
+        return ResponseFilter(self.responses)
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,6 +204,10 @@ def _finder() -> Redactor:
     """The built-in detector table with ingestion's tag replacement. Built on first use (compiling the
     prefilter takes a fraction of a second); the HMAC key is never used, since inference only tags."""
     return Redactor(None, secrets.token_bytes(32))
+
+
+def _finder_built() -> bool:
+    return _finder.cache_info().currsize > 0
 
 
 def _redacted(finder: Redactor, text: str, spans: list[Span]) -> str:

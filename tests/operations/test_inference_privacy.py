@@ -60,7 +60,7 @@ def test_without_the_table_prompts_redact_secrets_and_nothing_else() -> None:
     assert p == InferencePrivacyPolicy()
     assert p.prompts.action_for("secret") == "redact"
     assert all(p.prompts.action_for(t) == "allow" for t in ENTITY_TYPES if t != "secret")
-    assert not p.responses.active
+    assert not p.responses.active and asyncio.run(p.response_filter()) is None
 
 
 def test_the_table_parses_per_direction_and_a_present_sub_table_replaces_the_default() -> None:

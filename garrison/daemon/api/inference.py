@@ -184,8 +184,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
                                 lora_path=loaded.lora_path)
         try:
             if stream:
-                return await _stream(request, engine, req, model, kind, include_usage, privacy.response_filter())
-            collected = await _collect(engine, req, request, privacy.response_filter())
+                return await _stream(request, engine, req, model, kind, include_usage,
+                                     await privacy.response_filter())
+            collected = await _collect(engine, req, request, await privacy.response_filter())
         except ContextLengthExceeded as exc:
             exc.param = "messages" if kind == "chat" else "prompt"  # name the field the client sent
             raise
