@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, NoReturn, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -143,7 +143,7 @@ class AgeArmorError(AgeError):
     code = "age_bad_armor"
 
 
-class AgeUnsupportedRecipientError(AgeError):
+class AgeUnsupportedRecipientError(AgeNoIdentityError):
     """Only scrypt, SSH or plugin stanzas (or recipients): Garrison opens X25519 only."""
 
     code = "age_unsupported_recipient"
@@ -560,7 +560,7 @@ class _ArmorReader:
                 if self._final_line_seen:
                     raise AgeArmorError("armor data continues after its short final line")
                 out.append(self._data_line(line))
-            elif line.strip(b" \t"):
+            elif line.strip(_WHITESPACE):  # spaces, tabs and stray CRs may follow the block, as age allows
                 raise AgeArmorError("data after the armor's END line")
         return b"".join(out)
 
@@ -850,7 +850,12 @@ def _payload(source: _Source, aead: ChaCha20Poly1305) -> Iterator[bytes]:
         except InvalidTag:
             plain = None
         if plain is None:
-            _diagnose(aead, counter, current, last)
+            # The chunk may still be authentic with the other final flag (a missing final chunk, or
+            # data after the final one): its plaintext is released, as age does, then the error.
+            authentic, error = _diagnose(aead, counter, current, last)
+            if authentic:
+                yield authentic
+            raise error
         if last:
             if not plain and counter:
                 raise AgePayloadError("the payload ends with an empty final chunk, which the format forbids")
@@ -862,19 +867,24 @@ def _payload(source: _Source, aead: ChaCha20Poly1305) -> Iterator[bytes]:
         current = following
 
 
-def _diagnose(aead: ChaCha20Poly1305, counter: int, chunk: bytes, last: bool) -> NoReturn:
-    """Name a failed chunk precisely where the format allows: always raises."""
+def _diagnose(aead: ChaCha20Poly1305, counter: int, chunk: bytes, last: bool) -> tuple[bytes, AgeError]:
+    """Name a failed chunk precisely where the format allows: (its plaintext if it authenticates with
+    the other final flag, else b""; the error to raise after it)."""
     try:
-        aead.decrypt(_stream_nonce(counter, not last), chunk, None)
+        plain = aead.decrypt(_stream_nonce(counter, not last), chunk, None)
     except InvalidTag:
         if last:
-            raise AgePayloadError(
+            return b"", AgePayloadError(
                 f"the payload's final chunk ({counter}) fails authentication: the file was damaged "
-                "(or cut inside that chunk, which the format cannot tell apart)") from None
-        raise AgePayloadError(f"payload chunk {counter} fails authentication: the file was damaged") from None
+                "(or cut inside that chunk, which the format cannot tell apart)")
+        return b"", AgePayloadError(f"payload chunk {counter} fails authentication: the file was damaged")
     if last:
-        raise AgeTruncatedError(f"the payload ends after chunk {counter}, which is not its final chunk (truncated)")
-    raise AgeTrailingDataError(f"data follows the payload's final chunk ({counter})")
+        # Only a full chunk can be a non-final one: a short one that authenticates as non-final is not
+        # payload (age releases nothing of it either).
+        released = plain if len(chunk) == ENC_CHUNK_SIZE else b""
+        return released, AgeTruncatedError(f"the payload ends after chunk {counter}, which is not its final chunk "
+                                           "(truncated)")
+    return plain, AgeTrailingDataError(f"data follows the payload's final chunk ({counter})")
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -923,8 +933,10 @@ def decrypt_stream(src: _Readable, identities: Sequence[IdentityLike]) -> Iterat
 
     The header is read and checked now, so a wrong key or a damaged header raises here, before any
     output exists. The returned iterator raises `AgeError` before yielding a chunk that fails
-    authentication, and checks the final-chunk rules (and that nothing follows) before yielding the
-    last one: a consumer that stops at the first exception never holds unauthenticated plaintext.
+    authentication: a consumer that stops at the first exception never holds unauthenticated
+    plaintext. A chunk that authenticates but breaks the final-chunk rules (the file ends without a
+    final chunk, or data follows it) is yielded before the error, as age's own reader and the C2SP
+    test kit do: callers that need the whole file treat any exception as "nothing" (ingestion does).
     """
     keys = [_as_identity(i) for i in identities]
     if not keys:
