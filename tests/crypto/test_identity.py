@@ -19,9 +19,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 
+from garrison.commands.identity import identity_command, seal_command
 from garrison.config import load_config
 from garrison.crypto import age
-from garrison.commands.identity import identity_command, seal_command
 from garrison.crypto.identity import (
     MAGIC,
     IdentityCache,
