@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ LIMITED = {
     "tokens": {"tokens_per_minute": 40},
     "stream_tokens": {"tokens_per_minute": 40},
     "concurrency": {"concurrent_requests": 1},
+    "reload": {"requests_per_minute": 4},
     "usage": {},
 }
 
@@ -35,6 +37,7 @@ class Served:
     daemon: Daemon
     keys: dict[str, str]  # name -> secret
     ids: dict[str, str]  # name -> key id
+    policy: Path
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def served(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     # Every other infer key (the admin and read keys the tests use are not limited).
     policy.write_text("[rate_limits.roles.infer]\nrequests_per_minute = 1000\n" + "\n".join(lines) + "\n")
     daemon = Daemon(state, free_port(), env, root / "daemon.log").start()
-    yield Served(daemon, keys, ids)
+    yield Served(daemon, keys, ids, policy)
     daemon.stop()
 
 
@@ -153,6 +156,33 @@ def test_concurrent_requests_limit(served: Served) -> None:
     asyncio.run(scenario())
     assert metric(metrics_text(served.daemon), "garrison_rate_limited_total", key=served.ids["concurrency"],
                   limit="concurrency") == 1
+
+
+def test_a_reload_applies_new_limits_to_the_running_buckets(served: Served) -> None:
+    c = client(served, "reload")
+    for _ in range(4):
+        c.models.list()
+    with pytest.raises(openai.RateLimitError):
+        c.models.list()
+    key_id = served.ids["reload"]
+    text = served.policy.read_text()
+    served.policy.write_text(text.replace(f"[rate_limits.keys.{key_id}]\nrequests_per_minute = 4",
+                                          f"[rate_limits.keys.{key_id}]\nrequests_per_minute = 6"))
+    assert served.daemon.proc is not None
+    served.daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:  # refusals cost nothing, so polling does not spend the bucket
+        with pytest.raises(openai.RateLimitError) as limited:
+            c.models.list()
+        headers = limited.value.response.headers
+        if headers["x-ratelimit-limit-requests"] == "6" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert headers["x-ratelimit-limit-requests"] == "6"
+    # The spent bucket carried over: a fresh one would hold 6 requests.
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(headers["retry-after"]) <= 10  # refilling at the new rate: one request every 10 s
+    served.policy.write_text(text)
 
 
 def test_usage_is_recorded_per_key_and_shown_by_api_and_cli(served: Served) -> None:
