@@ -265,21 +265,6 @@ class RateLimiter:
         state = self._keys.get(key_id)
         return state.in_flight if state else 0
 
-    def prune(self) -> int:
-        """Forget keys with nothing in flight whose buckets are full (as a new key's would be)."""
-        now = self.clock()
-        idle = [k for k, s in self._keys.items()
-                if s.in_flight == 0 and all(b is None or _full(b, now) for b in (s.requests, s.tokens))]
-        for key_id in idle:
-            del self._keys[key_id]
-        return len(idle)
-
-
-def _full(bucket: _Bucket, now: float) -> bool:
-    # The capacity is not stored (it comes with each call), so "full" means idle for a minute at
-    # least since the level was last at or above zero: any capacity refills in 60 s from empty.
-    return bucket.level >= 0 and now - bucket.at >= 60.0
-
 
 def refusal_error(key_id: str, refusal: Refusal) -> RateLimited:
     """The 429 a refusal becomes, worded as OpenAI words its rate-limit errors."""

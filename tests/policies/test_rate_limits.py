@@ -170,18 +170,6 @@ def test_new_limits_apply_to_running_buckets(clock: Clock) -> None:
     assert limiter.check(KEY, raised) is None
 
 
-def test_prune_forgets_only_idle_full_keys(clock: Clock) -> None:
-    limiter = RateLimiter(clock)
-    limits = Limits(requests_per_minute=5, concurrent_requests=3)
-    assert limiter.check(KEY, limits) is None  # stays in flight
-    assert limiter.check(OTHER, limits) is None
-    limiter.release(OTHER)
-    assert limiter.prune() == 0  # OTHER's bucket is not full yet
-    clock.now += 60
-    assert limiter.prune() == 1
-    assert limiter.in_flight(KEY) == 1
-
-
 def test_refusals_become_429_with_a_whole_retry_after() -> None:
     limiter = RateLimiter(Clock())
     limits = Limits(requests_per_minute=40)  # one every 1.5 s
