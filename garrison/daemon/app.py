@@ -18,9 +18,10 @@ from garrison.daemon.routes import ROUTES
 from garrison.daemon.state import STATE, DaemonState
 from garrison.daemon.usage import install as install_usage
 from garrison.errors import InvalidRequest
+from garrison.ingest.pipeline import policy_file
 from garrison.jobs.store import JobStore
 from garrison.models.registry import ModelRegistry
-from garrison.operations.policy import AppliancePolicy, load_appliance_policy, policy_path
+from garrison.operations.policy import AppliancePolicy, load_appliance_policy
 from garrison.paths import StateLayout
 from garrison.policies.keys import KeyStore
 from garrison.serving.manager import ManagerSettings, ModelManager, default_budget_bytes
@@ -41,7 +42,7 @@ def load_policy(config: Config) -> AppliancePolicy:
         return load_appliance_policy(config)
     except InvalidRequest as exc:
         where = f" (key {exc.param})" if exc.param and exc.param not in exc.message else ""
-        raise InvalidRequest(f"policy file {policy_path(config)}: {exc.message}{where}", code="invalid_policy",
+        raise InvalidRequest(f"policy file {policy_file(config)}: {exc.message}{where}", code="invalid_policy",
                              param=exc.param) from None
 
 

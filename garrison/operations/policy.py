@@ -20,7 +20,7 @@ from typing import Any
 
 from garrison.config import Config
 from garrison.errors import InvalidRequest
-from garrison.ingest.pipeline import POLICY_FILE, IngestPolicy
+from garrison.ingest.pipeline import IngestPolicy, policy_file
 from garrison.operations.inference_privacy import InferencePrivacyPolicy
 from garrison.policies.rate_limits import RateLimitPolicy
 
@@ -85,14 +85,6 @@ class AppliancePolicy:
         return cls.from_toml(text, source=str(path))
 
 
-def policy_path(config: Config) -> Path | None:
-    """The `policy_file` setting, else `<state_dir>/policy.toml` if present, else None (defaults)."""
-    if config.policy_file:
-        return Path(config.policy_file)
-    default = config.state_path / POLICY_FILE
-    return default if default.exists() else None
-
-
 def load_appliance_policy(config: Config) -> AppliancePolicy:
-    path = policy_path(config)
+    path = policy_file(config)
     return AppliancePolicy.from_file(path) if path is not None else AppliancePolicy()
