@@ -712,6 +712,68 @@ def chat(ctx: click.Context, config_file: str | None, state_dir: str | None, mod
         messages.append({"role": "assistant", "content": answer})
 
 
+def _json_file(path: str | None, what: str) -> Any:
+    if path is None:
+        return None
+    try:
+        return json.loads(sys.stdin.read() if path == "-" else Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"{what}: {exc}") from None
+
+
+@cli.command("render")
+@config_options
+@click.argument("model")
+@click.option("--messages", "messages_file", default=None, metavar="FILE",
+              help="JSON: a list of messages, or a request body with messages, tools, chat_template_kwargs "
+                   "('-' reads stdin).")
+@click.option("--user", "user_text", default=None, help="One user message (instead of --messages).")
+@click.option("--tools", "tools_file", default=None, metavar="FILE", help="JSON list of tools (OpenAI's shape).")
+@click.option("--kwarg", "kwargs", multiple=True, metavar="NAME=JSON",
+              help="A chat_template_kwargs variable, e.g. enable_thinking=false (repeatable).")
+@click.option("--template", "template_file", default=None, metavar="FILE",
+              help="A chat template to use instead of the model's.")
+@click.option("--no-generation-prompt", is_flag=True, help="Leave out the assistant turn's opening.")
+@click.option("--key", default=None, help="API key (env GARRISON_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="The daemon's answer as JSON (prompt and token ids).")
+@click.pass_context
+def render(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str,
+           messages_file: str | None, user_text: str | None, tools_file: str | None, kwargs: tuple[str, ...],
+           template_file: str | None, no_generation_prompt: bool, key: str | None, as_json: bool) -> None:
+    """Show the prompt MODEL would be given for a conversation (its chat template, as transformers renders it)
+    and its token count; nothing is generated."""
+    loaded = _json_file(messages_file, "--messages")
+    body: dict[str, Any] = dict(loaded) if isinstance(loaded, dict) else {"messages": loaded}
+    if user_text is not None:
+        body["messages"] = [*(body.get("messages") or []), {"role": "user", "content": user_text}]
+    if body.get("messages") is None:
+        raise click.UsageError("give --messages FILE or --user TEXT")
+    if tools_file:
+        body["tools"] = _json_file(tools_file, "--tools")
+    extra = dict(body.get("chat_template_kwargs") or {})
+    for pair in kwargs:
+        name, sep, raw = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r}: expected NAME=JSON", param_hint="--kwarg")
+        try:
+            extra[name] = json.loads(raw)
+        except ValueError:
+            extra[name] = raw  # a bare word is a string
+    if extra:
+        body["chat_template_kwargs"] = extra
+    if template_file:
+        body["chat_template"] = Path(template_file).read_text(encoding="utf-8")
+    if no_generation_prompt:
+        body["add_generation_prompt"] = False
+    data = asyncio.run(_client(ctx, config_file, state_dir, key).request(
+        "POST", "/v1/garrison/render", {**body, "model": model}))
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    click.echo(data["prompt"], nl=False)
+    click.echo(f"\n-- {data['tokens']} tokens", err=True)
+
+
 def _size(n: int | None) -> str:
     return "-" if not n else f"{n / (1 << 20):.0f} MiB"
 

@@ -13,12 +13,13 @@ from garrison.daemon.api import (
     jobs,
     keys,
     models,
+    render,
     runners,
     system,
 )
 from garrison.daemon.routing import Route
 
 ROUTES: tuple[Route, ...] = (*system.ROUTES, *jobs.ROUTES, *keys.ROUTES, *audit.ROUTES, *models.ROUTES, *runners.ROUTES,
-                             *inference.ROUTES, *identity.ROUTES,
+                             *inference.ROUTES, *render.ROUTES, *identity.ROUTES,
                              *exports.ROUTES, *datasets.ROUTES, *files.ROUTES,
                              *fine_tuning.ROUTES)

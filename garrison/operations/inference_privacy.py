@@ -181,11 +181,14 @@ class InferencePrivacyPolicy:
         return [_redacted(finder, text, [s for s in spans if rules.action_for(s.type) == "redact"])
                 for text, spans in zip(texts, found, strict=True)]
 
-    async def screen_messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """Chat messages with each content screened (roles untouched)."""
-        contents = await self.screen_prompts([m["content"] for m in messages],
-                                             [f"messages[{i}].content" for i in range(len(messages))])
-        return [{**m, "content": c} for m, c in zip(messages, contents, strict=True)]
+    async def screen_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chat messages with each text content screened (roles untouched; an assistant turn of tool
+        calls alone keeps its null content)."""
+        texts = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]
+        contents = await self.screen_prompts([messages[i]["content"] for i in texts],
+                                             [f"messages[{i}].content" for i in texts])
+        screened = dict(zip(texts, contents, strict=True))
+        return [{**m, "content": screened[i]} if i in screened else m for i, m in enumerate(messages)]
 
     # ------------------------------------------------------------------------------- responses
 

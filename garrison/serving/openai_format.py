@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from garrison.engine.chat_template import check_kwargs, render
 from garrison.engine.types import Finish, SamplingParams, TokenEvent
 from garrison.errors import InvalidRequest
 
@@ -114,11 +115,16 @@ def sampling_params(body: dict[str, Any], *, default_max_tokens: int) -> Samplin
     )
 
 
-def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+# Message fields a chat template may read besides role and content (tool calls, their results,
+# earlier thinking); passed through as the client sent them, as transformers passes them.
+MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list", param="messages")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant",
                                                                           "tool"):
@@ -131,32 +137,39 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
                 raise InvalidRequest(f"messages[{i}].content: only text parts are supported",
                                      param=f"messages[{i}].content")
             content = "".join(t for t in texts if isinstance(t, str))
-        if not isinstance(content, str):
+        calls = message.get("tool_calls")
+        if calls is not None and (message["role"] != "assistant" or not isinstance(calls, list)
+                                  or not all(isinstance(c, dict) for c in calls)):
+            raise InvalidRequest(f"messages[{i}].tool_calls must be a list of objects on an assistant message",
+                                 param=f"messages[{i}].tool_calls")
+        if not isinstance(content, str) and not (content is None and calls):
             raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         role = "system" if message["role"] == "developer" else message["role"]
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content,
+                    **{k: message[k] for k in MESSAGE_FIELDS if message.get(k) is not None}})
     return out
 
 
-def render_chat(template: str | None, messages: list[dict[str, str]], *, bos_token: str, eos_token: str) -> str:
-    """The model's own chat template, in a sandbox: a template is data from a model file, not code we trust."""
-    if not template:
-        raise InvalidRequest("this model has no chat template; use /v1/completions with a plain prompt",
-                             param="model", code="no_chat_template")
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def chat_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InvalidRequest("'tools' must be a list of objects", param="tools")
+    return tools or None
 
-    def raise_exception(message: str) -> None:
-        raise InvalidRequest(f"the model's chat template refused the messages: {message}", param="messages")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                                add_generation_prompt=True)
-    except TemplateError as exc:
-        raise InvalidRequest(f"the model's chat template failed: {exc}", param="model",
-                             code="chat_template_error") from None
+def template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """`chat_template_kwargs` (vLLM's and llama-server's field): extra variables for the template."""
+    return check_kwargs(body.get("chat_template_kwargs"))
+
+
+def render_chat(template: str | None, messages: list[dict[str, Any]], *, bos_token: str | None,
+                eos_token: str | None, tools: list[dict[str, Any]] | None = None,
+                kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> str:
+    """The model's own chat template, rendered as transformers renders it (garrison.engine.chat_template)."""
+    return render(template, messages, special_tokens={"bos_token": bos_token, "eos_token": eos_token},
+                  tools=tools, kwargs=kwargs, add_generation_prompt=add_generation_prompt)
 
 
 def completion_prompt(body: dict[str, Any]) -> str:
@@ -173,6 +186,7 @@ class Collected:
     text: str
     finish: Finish
     logprobs: list[TokenEvent]
+    reasoning: str | None = None
 
 
 def usage(finish: Finish) -> dict[str, Any]:
@@ -203,7 +217,9 @@ def completion_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
 def chat_response(rid: str, model: str, collected: Collected, want_logprobs: bool) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": "garrison",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": collected.text},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": collected.text,
+                                                 **({"reasoning_content": collected.reasoning}
+                                                    if collected.reasoning is not None else {})},
                          "logprobs": chat_logprobs(collected.logprobs) if want_logprobs else None,
                          "finish_reason": collected.finish.finish_reason}],
             "usage": usage(collected.finish)}
@@ -222,12 +238,13 @@ ChunkMaker = Callable[[str, str, str | None, TokenEvent | None], dict[str, Any]]
 
 
 def chat_chunk(rid: str, model: str, created: int, text: str | None, finish_reason: str | None,
-               event: TokenEvent | None = None, *, first: bool = False) -> dict[str, Any]:
+               event: TokenEvent | None = None, *, first: bool = False, reasoning: bool = False) -> dict[str, Any]:
+    """One streamed delta; `reasoning` puts the text in `delta.reasoning_content` instead of `content`."""
     delta: dict[str, Any] = {}
     if first:
         delta["role"] = "assistant"
     if text is not None:
-        delta["content"] = text
+        delta["reasoning_content" if reasoning else "content"] = text
     choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     if event is not None and event.logprob is not None:
         choice["logprobs"] = chat_logprobs([event])
@@ -236,7 +253,8 @@ def chat_chunk(rid: str, model: str, created: int, text: str | None, finish_reas
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str | None, finish_reason: str | None,
-                     event: TokenEvent | None = None, *, first: bool = False) -> dict[str, Any]:
+                     event: TokenEvent | None = None, *, first: bool = False,
+                     reasoning: bool = False) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
     if event is not None and event.logprob is not None:
         choice["logprobs"] = completion_logprobs([event])

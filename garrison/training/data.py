@@ -4,7 +4,8 @@ Everything here stays in memory: records arrive decrypted from the vault and lea
 ids; nothing is written to disk.
 
 Loss mask. A record is rendered with the base model's own chat template
-(`tokenizer.apply_chat_template`), exactly as serving will render it. The characters an
+(garrison.engine.chat_template, which equals `tokenizer.apply_chat_template`), exactly as
+serving will render it. The characters an
 assistant turn contributes are found by rendering the conversation turn by turn: the turn
 starts where ``render(messages[:i], add_generation_prompt=True)`` ends and stops where
 ``render(messages[:i + 1])`` ends (trailing whitespace dropped), so the assistant's content
@@ -43,6 +44,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from garrison.engine.chat_template import chosen_template, render
 from garrison.errors import InvalidRequest
 
 IGNORE_INDEX = -100
@@ -121,9 +123,11 @@ def normalize_record(record: Any) -> list[dict[str, Any]]:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], *, generation_prompt: bool = False) -> str:
+    """Garrison's renderer (not `apply_chat_template`): serving renders with the same code, so the two
+    cannot drift apart (a date from `strftime_now`, `tojson`'s escaping), and it equals transformers'."""
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
-    return str(text)
+    return render(chosen_template(tokenizer.chat_template), plain, special_tokens=tokenizer.special_tokens_map,
+                  add_generation_prompt=generation_prompt)
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:

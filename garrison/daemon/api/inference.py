@@ -13,6 +13,7 @@ import base64
 import contextlib
 import time
 from collections.abc import AsyncGenerator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from garrison.models.names import check_model_id
 from garrison.operations.inference_privacy import ResponseFilter, filtered_events
 from garrison.policies.access import allowed, authorize
 from garrison.serving import openai_format as fmt
+from garrison.serving.reasoning import ReasoningSplitter, ReasoningSyntax, reasoning_syntax, split_text
 
 DEFAULT_MAX_TOKENS = 256
 MAX_EMBED_INPUTS = 2048
@@ -114,13 +116,15 @@ async def _collect(engine: GenerationEngine, req: GenerationRequest, request: we
 
 
 async def _stream(request: web.Request, engine: GenerationEngine, req: GenerationRequest, model: str, kind: str,
-                  include_usage: bool, screen: ResponseFilter | None) -> web.StreamResponse:
+                  include_usage: bool, screen: ResponseFilter | None,
+                  syntax: ReasoningSyntax | None = None) -> web.StreamResponse:
     rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = int(time.time())
     chunk = fmt.chat_chunk if kind == "chat" else fmt.completion_chunk
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     events = _screened(_events(engine, req, request), screen, req)
+    splitter = None if syntax is None else ReasoningSplitter(syntax)
     first_item = await events.__anext__()  # errors before the first token still get a proper status
     await response.prepare(request)
     try:
@@ -129,8 +133,11 @@ async def _stream(request: web.Request, engine: GenerationEngine, req: Generatio
         item: TokenEvent | Finish = first_item
         while True:
             if isinstance(item, Finish):
-                if item.text:
-                    await response.write(fmt.sse(chunk(rid, model, created, item.text, None)))
+                parts = [("content", item.text)] if splitter is None else splitter.feed(item.text) + splitter.finish()
+                for part_kind, part in parts:
+                    if part:
+                        await response.write(fmt.sse(chunk(rid, model, created, part, None,
+                                                           reasoning=part_kind == "reasoning")))
                 final = chunk(rid, model, created, None if kind == "chat" else "", item.finish_reason)
                 await response.write(fmt.sse(final))
                 if include_usage:
@@ -138,8 +145,14 @@ async def _stream(request: web.Request, engine: GenerationEngine, req: Generatio
                                                   "model": model, "choices": [], "usage": fmt.usage(item)}))
                 await response.write(fmt.sse("[DONE]"))
                 break
-            if item.text or item.logprob is not None:
-                await response.write(fmt.sse(chunk(rid, model, created, item.text, None, item)))
+            if splitter is None:
+                if item.text or item.logprob is not None:
+                    await response.write(fmt.sse(chunk(rid, model, created, item.text, None, item)))
+            else:  # thinking apart: a marker's tokens and a held tail send no text (their logprobs still go)
+                parts = splitter.feed(item.text) or [("content", "")] * (item.logprob is not None)
+                for n, (part_kind, part) in enumerate(parts):
+                    await response.write(fmt.sse(chunk(rid, model, created, part, None, None if n else item,
+                                                       reasoning=part_kind == "reasoning")))
             item = await events.__anext__()
     except GarrisonError as exc:
         with contextlib.suppress(ConnectionError):
@@ -170,23 +183,29 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     # Screened before the model is touched: a denied prompt costs no load, and a redacted one is all it sees.
     if kind == "chat":
         messages = await privacy.screen_messages(fmt.chat_messages(body))
+        tools, template_kwargs = fmt.chat_tools(body), fmt.template_kwargs(body)
     else:
         prompt = (await privacy.screen_prompts([fmt.completion_prompt(body)], ["prompt"]))[0]
     async with state.manager.use(model, "generate") as loaded:
         engine = loaded.generator
         if kind == "chat":
-            text = fmt.render_chat(engine.chat_template, messages, bos_token=engine.bos_token,
-                                   eos_token=engine.eos_token)
+            text = await asyncio.to_thread(partial(fmt.render_chat, engine.chat_template, messages,
+                                                   bos_token=engine.bos_token, eos_token=engine.eos_token,
+                                                   tools=tools, kwargs=template_kwargs))
+            syntax = reasoning_syntax(engine.chat_template, text, body)
             tokens = await engine.tokenize(text, add_special=False, parse_special=True)
         else:
             tokens = await engine.tokenize(prompt, add_special=True, parse_special=False)
+            syntax = None
         req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request),
                                 lora_path=loaded.lora_path)
         try:
             if stream:
                 return await _stream(request, engine, req, model, kind, include_usage,
-                                     await privacy.response_filter())
+                                     await privacy.response_filter(), syntax)
             collected = await _collect(engine, req, request, await privacy.response_filter())
+            if syntax is not None:
+                collected.reasoning, collected.text = split_text(syntax, collected.text)
         except ContextLengthExceeded as exc:
             exc.param = "messages" if kind == "chat" else "prompt"  # name the field the client sent
             raise
@@ -259,10 +278,15 @@ ROUTES = (
           responses={"200": "OK", "404": "model not found"}),
     Route("POST", "/v1/chat/completions", chat_completions, "infer",
           "Chat completion with the model's chat template; `stream` for server-sent events; "
-          "`response_format` json_object/json_schema enforced by a grammar.", "inference",
+          "`response_format` json_object/json_schema enforced by a grammar; `chat_template_kwargs` are variables "
+          "for the template (`enable_thinking`); `tools` are shown to the template. A template that marks thinking "
+          "(`<think>`) gives it in `reasoning_content` (streamed: `delta.reasoning_content`) unless "
+          "`reasoning_format` is `none`.", "inference",
           body={**_GEN_BODY, "required": ["model", "messages"],
                 "properties": {**_GEN_BODY["properties"], "messages": {"type": "array"},
-                               "response_format": {"type": "object"}, "stream_options": {"type": "object"}}},
+                               "response_format": {"type": "object"}, "stream_options": {"type": "object"},
+                               "tools": {"type": "array"}, "chat_template_kwargs": {"type": "object"},
+                               "reasoning_format": {"type": "string", "enum": ["auto", "deepseek", "none"]}}},
           responses={"200": "OK", **_ERRORS}, streaming=True),
     Route("POST", "/v1/completions", completions, "infer", "Text completion; `stream` for server-sent events.",
           "inference", body={**_GEN_BODY, "required": ["model", "prompt"],
