@@ -47,8 +47,8 @@ def import_model(app: Appliance, who: Principal, path: str, name: str | None = N
                  progress: Progress | None = None) -> ModelRecord:
     """Host paths are the administrator's: the admin scope, and a grant on the name it takes."""
     authorize(who, "admin")
-    if not isinstance(path, str) or not path:
-        raise InvalidRequest("'path' (a file or folder on this machine) is required", param="path")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InvalidRequest("'path' (a file or folder on this machine, no NUL) is required", param="path")
     if name is not None:
         check_name(name)
         authorize(who, "admin", ("model", name))

@@ -110,3 +110,75 @@ def test_a_huge_schema_is_refused_without_stalling_the_daemon(served: Daemon) ->
     assert isinstance(error, dict)
     assert (status, error["code"], error["param"]) == (400, "schema_too_complex", "response_format")
     assert lags and max(lags) < 1.0, f"/health answered in at most {max(lags):.3f} s during the requests"
+
+
+# -- found by the schemathesis fuzz (tests/daemon/test_fuzz.py): each was a 500 ------------------------------------
+
+MULTIPART_CASES = {
+    "no boundary": ("multipart/form-data", b"anything"),
+    "no opening delimiter": ("multipart/form-data; boundary=xx", b"garbage\r\n"),
+    "an empty boundary": ("multipart/form-data; boundary=", b"garbage\r\n"),
+    "a file part cut short": ("multipart/form-data; boundary=xx",
+                              b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+                              b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+                              b'{"prompt": "a", "completion": "b"}\n'),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTIPART_CASES))
+def test_a_malformed_multipart_upload_is_a_400(served: Daemon, case: str) -> None:
+    content_type, raw = MULTIPART_CASES[case]
+    req = urllib.request.Request(served.url + "/v1/files", data=raw, method="POST",
+                                 headers={"Authorization": f"Bearer {served.key()}", "Content-Type": content_type})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=30)
+    body = json.loads(caught.value.read())
+    assert (caught.value.code, body["error"]["code"]) == (400, "invalid_upload"), body
+    assert served.request("GET", "/v1/files")[1]["data"] == []  # nothing stored
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "tiny", "training_file": "d", "hyperparameters": "x"},
+    {"model": "tiny", "training_file": "d", "method": {"supervised": {"hyperparameters": "x"}}},
+    {"model": "tiny", "training_file": "d", "method": {"supervised": ["x"]}},
+])
+def test_fine_tuning_hyperparameters_that_are_not_an_object_are_a_400(served: Daemon, body: dict[str, object]) -> None:
+    status, answer = served.request("POST", "/v1/fine_tuning/jobs", body)
+    assert status == 400, answer
+    assert answer["error"]["param"] in ("hyperparameters", "method")
+
+
+def test_a_model_path_with_a_nul_is_a_400(served: Daemon) -> None:
+    status, answer = served.request("POST", "/v1/garrison/models", {"path": "/tmp/a\u0000b"})
+    assert (status, answer["error"]["param"]) == (400, "path"), answer
+
+
+# -- streamed uploads stall like JSON bodies: body_timeout_s, 408, nothing stored ------------------------------------
+
+def _stalled_post(daemon: Daemon, path: str, content_type: str, first_bytes: bytes) -> tuple[bytes, float]:
+    """POST a body that declares 1 MB, sends `first_bytes` and then nothing: the status line and how long it took."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {daemon.key()}\r\n"
+                  f"Content-Type: {content_type}\r\nContent-Length: 1000000\r\n\r\n".encode() + first_bytes)
+        started = time.monotonic()
+        answer = s.recv(4096)
+        return answer.split(b"\r\n", 1)[0], time.monotonic() - started
+
+
+def test_a_stalled_upload_is_dropped_after_body_timeout_s(make_daemon: object) -> None:
+    daemon: Daemon = make_daemon(GARRISON_BODY_TIMEOUT_S="1", GARRISON_RUN_JOBS="false").start()  # type: ignore[operator]
+    sealed = _stalled_post(daemon, "/v1/garrison/datasets/slow/versions", "application/octet-stream",
+                           b"age-encryption.org/v1\n-> X25519 ")
+    multipart = _stalled_post(daemon, "/v1/files", "multipart/form-data; boundary=xx",
+                              b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+                              b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+                              b'{"prompt": "a", ')
+    for status_line, took in (sealed, multipart):
+        assert status_line.startswith(b"HTTP/1.1 408"), status_line
+        assert 0.9 < took < 10, took
+    assert daemon.request("GET", "/v1/garrison/datasets/slow")[0] == 404
+    assert daemon.request("GET", "/v1/files")[1]["data"] == []
+    assert "Traceback" not in daemon.log()

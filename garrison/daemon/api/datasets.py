@@ -27,14 +27,13 @@ from aiohttp import web
 from garrison.daemon.http import json_response, principal
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
-from garrison.errors import InvalidRequest
+from garrison.errors import InvalidRequest, RequestTimeout
 from garrison.ingest.datasets import validate_name
 from garrison.ingest.formats import FORMATS, parse_columns
 from garrison.ingest.pipeline import IngestRequest, IngestService
 from garrison.operations import datasets as ops
 from garrison.policies.access import authorize
 
-_STALL_S = 300.0  # a body that sends nothing for this long is abandoned (the thread must not wait forever)
 _SERVICE_ATTR = "_ingest_service"
 
 
@@ -61,11 +60,13 @@ class ThreadReader(io.RawIOBase):
     """A blocking file object over an aiohttp body, for the pipeline's worker thread.
 
     Each read schedules the body's coroutine on the event loop and waits for it; the loop keeps
-    serving other requests meanwhile. Bytes pass through memory only.
+    serving other requests meanwhile. Bytes pass through memory only. A body that sends nothing for
+    `stall_s` is abandoned (408, nothing stored): a slow sender must not hold a worker thread and a
+    connection for ever.
     """
 
     def __init__(self, read: Callable[[int], Coroutine[Any, Any, bytes]], loop: asyncio.AbstractEventLoop,
-                 stall_s: float = _STALL_S) -> None:
+                 stall_s: float) -> None:
         super().__init__()
         self._read = read
         self._loop = loop
@@ -84,7 +85,7 @@ class ThreadReader(io.RawIOBase):
                 self._pending = future.result(timeout=self._stall_s)
             except TimeoutError:
                 future.cancel()
-                raise InvalidRequest(f"the upload sent nothing for {self._stall_s:g}s", code="upload_stalled") from None
+                raise RequestTimeout(f"the upload sent nothing for {self._stall_s:g} s (body_timeout_s)") from None
             except (ConnectionError, asyncio.CancelledError) as exc:
                 raise InvalidRequest(f"the upload was interrupted ({type(exc).__name__})",
                                      code="upload_interrupted") from None
@@ -94,6 +95,11 @@ class ThreadReader(io.RawIOBase):
         view[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
+
+
+def body_reader(request: web.Request, read: Callable[[int], Coroutine[Any, Any, bytes]]) -> ThreadReader:
+    """A streamed upload's reader, with the stall limit of JSON bodies (body_timeout_s, read per request)."""
+    return ThreadReader(read, asyncio.get_running_loop(), request.app[STATE].config.body_timeout_s)
 
 
 def request_format(request: web.Request) -> tuple[str, dict[str, str] | None]:
@@ -123,7 +129,7 @@ async def upload_version(request: web.Request) -> web.StreamResponse:
     fmt, columns = request_format(request)
     filename = request.query.get("filename", "")[:255]
     service = ingest_service(request.app)
-    reader = ThreadReader(request.content.read, asyncio.get_running_loop())
+    reader = body_reader(request, request.content.read)
     ingest_request = IngestRequest(dataset=name, source="upload", source_name=filename, format=fmt, columns=columns,
                                    sealed=True, max_bytes=max_upload_bytes(request.app),
                                    declared_bytes=request.content_length)

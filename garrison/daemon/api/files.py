@@ -19,17 +19,19 @@ File content never leaves the appliance: GET /v1/files/{id}/content is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
 
-from garrison.daemon.api.datasets import ThreadReader, ingest_service, max_upload_bytes
+from garrison.daemon.api.datasets import body_reader, ingest_service, max_upload_bytes
 from garrison.daemon.http import json_response, principal
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
-from garrison.errors import Conflict, InvalidRequest, PermissionDenied
+from garrison.errors import Conflict, InvalidRequest, PermissionDenied, RequestTimeout
 from garrison.ingest.datasets import DatasetStore, VersionRecord, new_file_id, validate_name
 from garrison.ingest.formats import FORMATS
 from garrison.ingest.pipeline import IngestRequest
@@ -63,9 +65,43 @@ def private_transport(request: web.Request) -> bool:
     return address.is_loopback
 
 
-async def _field(part: BodyPartReader) -> str:
+@contextlib.contextmanager
+def _well_formed() -> Iterator[None]:
+    """aiohttp's multipart reader raises ValueError for a body that breaks the format (no boundary, no
+    opening delimiter, a part cut short): the client's fault, a 400 and nothing stored, never a 500."""
+    try:
+        yield
+    except ValueError as exc:
+        raise InvalidRequest(f"malformed multipart body ({str(exc)[:80]})", code="invalid_upload") from None
+
+
+def _stall_s(request: web.Request) -> float:
+    return request.app[STATE].config.body_timeout_s
+
+
+async def _in_time(read: Awaitable[Any], stall_s: float) -> Any:
+    """Every read of the body, fields and part headers too, sends something within body_timeout_s or
+    the upload is dropped (408), as a stalled JSON body is."""
+    with _well_formed():
+        try:
+            async with asyncio.timeout(stall_s):
+                return await read
+        except TimeoutError:
+            raise RequestTimeout(f"the upload sent nothing for {stall_s:g} s (body_timeout_s)") from None
+
+
+async def _next_part(reader: MultipartReader, stall_s: float) -> Any:
+    return await _in_time(reader.next(), stall_s)
+
+
+async def _read_chunk(part: BodyPartReader, size: int, stall_s: float) -> bytes:
+    chunk: bytes = await _in_time(part.read_chunk(size), stall_s)
+    return chunk
+
+
+async def _field(part: BodyPartReader, stall_s: float) -> str:
     data = b""
-    while chunk := await part.read_chunk(_FIELD_LIMIT):
+    while chunk := await _read_chunk(part, _FIELD_LIMIT, stall_s):
         data += chunk
         if len(data) > _FIELD_LIMIT:
             raise InvalidRequest(f"form field {part.name!r} is longer than {_FIELD_LIMIT} bytes", param=part.name)
@@ -75,11 +111,11 @@ async def _field(part: BodyPartReader) -> str:
         raise InvalidRequest(f"form field {part.name!r} is not UTF-8", param=part.name) from None
 
 
-async def _refuse_fields_after_the_file(reader: MultipartReader) -> None:
+async def _refuse_fields_after_the_file(reader: MultipartReader, stall_s: float) -> None:
     """Read what follows the file part before the upload is stored. The file is streamed into the
     pipeline as it arrives (never buffered), so a field after it comes too late to apply: it refuses
     the upload instead of being ignored. OpenAI's own client sends its fields first."""
-    async for part in reader:
+    while (part := await _next_part(reader, stall_s)) is not None:
         if not isinstance(part, BodyPartReader):
             raise InvalidRequest("nested multipart bodies are not accepted", code="invalid_upload")
         if part.name == "file":
@@ -88,7 +124,7 @@ async def _refuse_fields_after_the_file(reader: MultipartReader) -> None:
             raise InvalidRequest(f"the {part.name!r} field came after the 'file' part: send the form fields before "
                                  "the file, which is streamed into the vault as it arrives; nothing was stored",
                                  code="invalid_upload", param=part.name)
-        await part.release()
+        await _in_time(part.release(), stall_s)
 
 
 async def create_file(request: web.Request) -> web.StreamResponse:
@@ -99,17 +135,19 @@ async def create_file(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     if not request.content_type.startswith("multipart/"):
         raise InvalidRequest("expected a multipart/form-data body with 'purpose' and 'file'", code="invalid_upload")
-    reader = await request.multipart()
+    with _well_formed():
+        reader = await request.multipart()
+    stall_s = _stall_s(request)
     fields: dict[str, str] = {}
     created: dict[str, Any] = {}
-    async for part in reader:
+    while (part := await _next_part(reader, stall_s)) is not None:
         if not isinstance(part, BodyPartReader):
             raise InvalidRequest("nested multipart bodies are not accepted", code="invalid_upload")
         if part.name != "file":
             if part.name in FIELDS:
-                fields[part.name] = await _field(part)
+                fields[part.name] = await _field(part, stall_s)
             else:
-                await part.release()
+                await _in_time(part.release(), stall_s)
             continue
         if created:
             raise InvalidRequest("one file per upload", code="invalid_upload", param="file")
@@ -136,9 +174,9 @@ async def create_file(request: web.Request) -> web.StreamResponse:
                                      created_by=who.actor)
 
         async def read_file(size: int, part: BodyPartReader = part) -> bytes:
-            chunk = await part.read_chunk(size)
+            chunk = await _read_chunk(part, size, stall_s)
             if not chunk:  # the file's end: what follows must be no field, before anything is stored
-                await _refuse_fields_after_the_file(reader)
+                await _refuse_fields_after_the_file(reader, stall_s)
             return chunk
 
         service = ingest_service(request.app)
@@ -146,7 +184,7 @@ async def create_file(request: web.Request) -> web.StreamResponse:
                                        sealed=False, max_bytes=max_upload_bytes(request.app),
                                        on_publish=on_publish,
                                        declared_bytes=request.content_length)  # the part and a few headers
-        result = await asyncio.to_thread(ops.ingest, service, who, ThreadReader(read_file, asyncio.get_running_loop()),
+        result = await asyncio.to_thread(ops.ingest, service, who, body_reader(request, read_file),
                                          ingest_request)
         created["file_id"] = file_id
         created["result"] = result

@@ -69,10 +69,14 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
     method = body.get("method") or {}
     if isinstance(method, dict) and method.get("type") not in (None, "supervised"):
         raise InvalidRequest("only supervised fine-tuning is supported", param="method")
-    if isinstance(method, dict):
-        hyper = {**hyper, **(method.get("supervised", {}) or {}).get("hyperparameters", {})}
     if not isinstance(hyper, dict):
         raise InvalidRequest("'hyperparameters' must be an object", param="hyperparameters")
+    if isinstance(method, dict):
+        supervised = method.get("supervised") or {}
+        nested = supervised.get("hyperparameters") or {} if isinstance(supervised, dict) else None
+        if not isinstance(nested, dict):
+            raise InvalidRequest("'method.supervised.hyperparameters' must be an object", param="method")
+        hyper = {**hyper, **nested}
     unknown = set(hyper) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
     if unknown:
         raise InvalidRequest(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}", param="hyperparameters")
