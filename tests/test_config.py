@@ -38,7 +38,7 @@ def test_every_setting_has_an_environment_override(tmp_path: Path) -> None:
                "policy_file": "/p.toml", "max_upload_mb": "10", "cpu_repack": "off", "runner_max_crashes": "5",
                "master_key_keep_previous_days": "7", "tls_cert_file": "/c.pem", "tls_key_file": "/k.pem",
                "allow_plaintext_lan": "true", "max_connections": "100", "header_timeout_s": "5",
-               "body_timeout_s": "30"}
+               "body_timeout_s": "30", "audit_anchor_every": "25"}
     assert set(samples) == {s.key for s in SETTINGS}, "add a sample for the new setting"
     env = {f"GARRISON_{k.upper()}": v for k, v in samples.items()}
     config = load_config("/dev/null", env=env)

@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
+from garrison.config import load_config
 from garrison.errors import IntegrityError, NotFound
 from garrison.ingest.datasets import DatasetStore, VersionRecord
 from garrison.ingest.vault import DATA_FILE, MAGIC, STAGING_PREFIX, Vault, VaultWriter
 from garrison.paths import StateLayout
 from garrison.store.catalog import Catalog
+from garrison.store.master_key import master_key_path, write_key_file
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(32, 64))
@@ -36,6 +38,9 @@ def layout(tmp_path: Path) -> StateLayout:
 
 @pytest.fixture
 def vault(layout: StateLayout) -> Vault:
+    # KEY_A is this install's master key, so the audit entries (MACed under a key derived from the
+    # master key the catalog records) are signed with it too.
+    write_key_file(master_key_path(load_config()), KEY_A, replace=False)
     return Vault(layout, Catalog(layout.catalog), lambda: KEY_A, chunk_size=256)
 
 
