@@ -48,6 +48,14 @@ Design, in the order a request meets it:
   slot's cached prefix is only reused by a request with the same adapter, since the
   cache holds activations computed with that adapter. An adapter loads on first use, in
   the loop thread (other streams pause for that load), and stays loaded until close().
+* Several choices of one prompt (OpenAI's `n`): a group of n requests admitted together into n
+  slots. The first evaluates the prompt; the others wait with an empty cache. On the step that
+  evaluates the last prompt token, llama_memory_seq_cp copies the first sequence's KV cells to
+  the others (across KV streams llama.cpp copies the stream's buffer at the start of the next
+  decode, before that decode writes anything), and each samples its first token from the same
+  logits row with its own sampler chain (seed + i when the request gives a seed). So the prompt
+  is evaluated once, whatever n; each slot then remembers the whole prompt for prefix reuse. If
+  the evaluating request leaves before its prompt is done, the next member takes over.
 * Cancellation: a stream whose consumer stops (break, aclose, task cancelled, garbage
   collected) sets a flag; the loop frees the slot before its next decode. A deadline
   (time.monotonic) is checked at the same point, queued or running.
@@ -63,7 +71,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 from pathlib import Path
 from types import TracebackType
@@ -87,6 +95,7 @@ from garrison.engine.types import (
     EngineStats,
     Finish,
     GenerationRequest,
+    SamplingParams,
     TokenEvent,
 )
 from garrison.errors import ConfigError, InvalidRequest, NotFound, RateLimited, Unavailable
@@ -182,6 +191,16 @@ class _Request:
     cached: int = 0
     tag: int = 0  # the caller's id for this request (the runner's wire id)
     queue: asyncio.Queue[_Item] | None = None  # in-process streams only
+    max_tokens: int = 0  # the effective limit (the request's, or what is left of the context)
+    #: Members of this request's group still waiting for its prompt evaluation (n > 1 only).
+    waiters: list[_Request] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Group:
+    """Requests admitted together: one choice, or the n choices of one prompt evaluation."""
+
+    members: list[_Request]
 
 
 class StepSink(Protocol):
@@ -306,7 +325,7 @@ class LlamaEngine:
         self._compute = _compute_thread()
         self._cond = self._compute.cond
         self._stopped = threading.Event()
-        self._pending: collections.deque[_Request] = collections.deque()
+        self._pending: collections.deque[_Group] = collections.deque()
         self._active: list[_Request] = []
         self._n_busy = 0  # slots taken, counted under _cond from the moment of admission
         self._closed = False
@@ -330,6 +349,10 @@ class LlamaEngine:
 
     @property
     def bos_token(self) -> str:
+        """"" when the GGUF declares no BOS (Qwen): llama.cpp then falls back to a default id whose text is
+        no BOS at all, and a chat template must see `bos_token` undefined, as transformers shows it."""
+        if self._meta("tokenizer.ggml.bos_token_id") is None:
+            return ""
         return self._token_text(self._bos_id)
 
     @property
@@ -380,21 +403,39 @@ class LlamaEngine:
         tokens, sampling values or grammar), NotFound (LoRA file), RateLimited (queue full),
         EngineClosed.
         """
+        if req.n != 1:
+            raise InvalidRequest("generate() makes one choice; use generate_choices() for n > 1", param="n")
+        return self.generate_choices(req)[0]
+
+    def generate_choices(self, req: GenerationRequest) -> list[GenerationStream]:
+        """req.n streams, one per choice, from one evaluation of the prompt; raises like generate()."""
         loop = asyncio.get_running_loop()
         sink = self._loop_sinks.get(loop)
         if sink is None:
             sink = self._loop_sinks[loop] = _LoopSink(loop)
-        state = self.submit(req, sink, queue=asyncio.Queue())
-        return GenerationStream(self, state)
+        states = self.submit_choices(req, sink, tags=list(range(req.n)),
+                                     queues=[asyncio.Queue() for _ in range(req.n)])
+        return [GenerationStream(self, state) for state in states]
 
     def submit(self, req: GenerationRequest, sink: StepSink, *, tag: int = 0,
                queue: asyncio.Queue[_Item] | None = None) -> _Request:
-        """Queue one request whose items go to `sink`; the runner's entry point (no event loop needed).
+        """Queue one request whose items go to `sink` (no event loop needed); `cancel(state)` drops it."""
+        return self.submit_choices(req, sink, tags=[tag], queues=[queue])[0]
 
-        Raises at once, like generate(). `cancel(state)` drops it.
+    def submit_choices(self, req: GenerationRequest, sink: StepSink, *, tags: Sequence[int],
+                       queues: Sequence[asyncio.Queue[_Item] | None] | None = None) -> list[_Request]:
+        """Queue req.n choices (tags: the caller's id of each); the runner's entry point.
+
+        Raises at once, like generate(). All n choices are admitted together, so n may not
+        exceed the engine's parallel slots.
         """
         params = req.params
         prompt = req.checked_prompt(self.n_vocab, self._n_ctx_slot)
+        if len(tags) != req.n:
+            raise ValueError("one tag per choice is needed")
+        if req.n > self.n_parallel:
+            raise InvalidRequest(f"n is {req.n}, but this model serves at most {self.n_parallel} sequences at "
+                                 f"once (its parallel slots); ask for fewer choices", param="n")
         adapter_key: tuple[str, float] | None = None
         if req.lora_path is not None and req.lora_scale != 0:
             lora = Path(req.lora_path)
@@ -404,25 +445,37 @@ class LlamaEngine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            # Admit when a slot is free or the queue has room; max_queue=0 means "never wait".
-            if self._n_busy + len(self._pending) >= self.n_parallel and self._waiting_locked() >= self.max_queue:
+            # Admit when the slots are free or the queue has room; max_queue=0 means "never wait".
+            if (self._n_busy + self._pending_width_locked() + req.n > self.n_parallel
+                    and self._waiting_locked() >= self.max_queue):
                 raise RateLimited(f"the generation queue is full ({self.max_queue} waiting); retry shortly",
                                   retry_after_s=self._retry_after_locked())
-        chain = SamplerChain(self._vocab, self.n_vocab, params, prompt, self._eog_ids)
-        state = _Request(rid=next(self._ids), req=req, chain=chain, sink=sink, adapter_key=adapter_key,
-                         assembler=TextAssembler(params.stop), to_eval=prompt, tag=tag, queue=queue)
+        limit = req.max_new_tokens(self._n_ctx_slot)
+        states: list[_Request] = []
+        try:
+            for i, tag in enumerate(tags):
+                chain = SamplerChain(self._vocab, self.n_vocab, _choice_params(params, i), prompt, self._eog_ids)
+                states.append(_Request(rid=next(self._ids), req=req, chain=chain, sink=sink,
+                                       adapter_key=adapter_key, assembler=TextAssembler(params.stop),
+                                       to_eval=list(prompt), tag=tag,
+                                       queue=queues[i] if queues else None, max_tokens=limit))
+        except BaseException:
+            for state in states:
+                state.chain.free()
+            raise
         with self._cond:
             if self._closed:
-                chain.free()
+                for state in states:
+                    state.chain.free()
                 raise EngineClosed("the engine is closed")
-            self._pending.append(state)
+            self._pending.append(_Group(states))
             self._cond.notify()
-        return state
+        return states
 
     def stats(self) -> EngineStats:
         """A consistent-enough snapshot for metrics (counters are written by the loop thread only)."""
         with self._cond:
-            queued = len(self._pending)
+            queued = self._pending_width_locked()
             busy = self._n_busy
         return EngineStats(
             n_parallel=self.n_parallel,
@@ -464,13 +517,17 @@ class LlamaEngine:
         with self._cond:
             self._cond.notify()
 
+    def _pending_width_locked(self) -> int:
+        """Slots the queued requests will take (a request for n choices takes n)."""
+        return sum(len(group.members) for group in self._pending)
+
     def _waiting_locked(self) -> int:
         """Requests that will not find a free slot at the next admission: the real queue."""
-        return max(0, self._n_busy + len(self._pending) - self.n_parallel)
+        return max(0, self._n_busy + self._pending_width_locked() - self.n_parallel)
 
     def _retry_after_locked(self) -> float:
         # A rough hint: the queue drains about n_parallel requests per request duration.
-        return float(max(1, round(len(self._pending) / self.n_parallel)))
+        return float(max(1, round(self._pending_width_locked() / self.n_parallel)))
 
     def _check_open(self) -> None:
         # The vocabulary lives in the model: after close() a native call would crash.
@@ -506,14 +563,14 @@ class LlamaEngine:
             self._shutdown()
             return
         try:
-            for state in admitted:
-                self._admit(state)
+            for group in admitted:
+                self._admit(group)
             self._reap_active()
             if self._active:
                 self._step()
         except Exception as err:  # a bug or a native failure: fail what is running, keep serving
             log.exception("llama engine step failed")
-            for state in [*admitted, *self._active]:
+            for state in [*(m for group in admitted for m in group.members), *self._active]:
                 self._fail(state, Unavailable(f"generation failed: {err}"), reset_slot=True)
 
     def _shutdown(self) -> None:
@@ -522,7 +579,7 @@ class LlamaEngine:
             return
         with self._cond:
             self._closed = True
-            leftovers = list(self._pending) + list(self._active)
+            leftovers = [m for group in self._pending for m in group.members] + list(self._active)
             self._pending.clear()
         for state in leftovers:
             self._fail(state, EngineClosed("the engine was closed"), reset_slot=False)
@@ -530,26 +587,61 @@ class LlamaEngine:
         self._compute.remove(self)
         self._stopped.set()
 
-    def _take_pending_locked(self) -> list[_Request]:
-        """Drop cancelled / expired queued requests; pop as many as there are free slots."""
+    def _take_pending_locked(self) -> list[_Group]:
+        """Drop cancelled / expired queued requests; pop groups, in order, while their slots are free."""
         now = time.monotonic()
-        keep: collections.deque[_Request] = collections.deque()
-        for state in self._pending:
-            if state.cancelled:
-                self._release(state)
-            elif state.req.deadline is not None and now >= state.req.deadline:
-                self._fail(state, DeadlineExceeded("the request's deadline passed while it was queued"),
-                           reset_slot=False)
-            else:
-                keep.append(state)
+        keep: collections.deque[_Group] = collections.deque()
+        for group in self._pending:
+            live = []
+            for state in group.members:
+                if state.cancelled:
+                    self._release(state)
+                elif state.req.deadline is not None and now >= state.req.deadline:
+                    self._fail(state, DeadlineExceeded("the request's deadline passed while it was queued"),
+                               reset_slot=False)
+                else:
+                    live.append(state)
+            if live:
+                group.members = live
+                keep.append(group)
         self._pending = keep
-        taken = [self._pending.popleft() for _ in range(min(self.n_parallel - self._n_busy, len(self._pending)))]
-        for state in taken:
-            state.holds_slot = True
-        self._n_busy += len(taken)
+        taken: list[_Group] = []
+        # In order: a group of n waits for n free slots, and what queued after it waits behind it.
+        while self._pending and len(self._pending[0].members) <= self.n_parallel - self._n_busy:
+            group = self._pending.popleft()
+            for state in group.members:
+                state.holds_slot = True
+            self._n_busy += len(group.members)
+            taken.append(group)
         return taken
 
-    def _admit(self, state: _Request) -> None:
+    def _admit(self, group: _Group) -> None:
+        """The group's first request to the best slot for its prompt; the others to free slots, to wait
+        for that prompt's evaluation (see "Several choices" in the module docstring)."""
+        first, *others = group.members
+        if first.adapter_key is not None:
+            try:
+                self._load_adapter(first.adapter_key[0])
+            except InvalidRequest as err:
+                for state in group.members:
+                    self._fail(state, err, reset_slot=False)
+                return
+        self._admit_first(first)
+        for state in others:
+            busy = {slot.seq_id for slot in self._slots if slot.request is not None}
+            # Their caches are dropped, so the least valuable ones: keep busy ids in few runs, then LRU.
+            slot = max((s for s in self._slots if s.request is None),
+                       key=lambda s: (-_runs(busy | {s.seq_id}), -s.last_used))
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            slot.tokens.clear()
+            slot.adapter_key = state.adapter_key
+            slot.request = state
+            state.slot = slot
+            state.to_eval = []
+            first.waiters.append(state)
+            self._active.append(state)
+
+    def _admit_first(self, state: _Request) -> None:
         """Bind a request to the free slot sharing the longest prefix; trim that slot's cache."""
         prompt = state.to_eval
         busy = {slot.seq_id for slot in self._slots if slot.request is not None}
@@ -570,12 +662,6 @@ class LlamaEngine:
                 best, best_rank, best_common = slot, rank, common
         assert best is not None, "admitted without a free slot"
         slot = best
-        try:
-            if state.adapter_key is not None:
-                self._load_adapter(state.adapter_key[0])
-        except InvalidRequest as err:
-            self._fail(state, err, reset_slot=False)
-            return
         # The last prompt token is always evaluated again: its logits feed the first sample.
         common = min(best_common, len(prompt) - 1)
         if slot.adapter_key != state.adapter_key:
@@ -665,7 +751,27 @@ class LlamaEngine:
             self._prompt_evaluated += take
         for state in group:
             if state.out_idx >= 0 and not state.done:
+                if state.waiters and not state.to_eval:
+                    self._share_prompt(state)
                 self._sample(state, state.out_idx)
+
+    def _share_prompt(self, first: _Request) -> None:
+        """first's prompt is evaluated: copy its cache to the members waiting for it, who sample their
+        first token from the same logits row (see "Several choices" in the module docstring)."""
+        src = first.slot
+        assert src is not None
+        waiting = [state for state in first.waiters if not state.done]
+        first.waiters = []
+        for state in waiting:
+            dst = state.slot
+            assert dst is not None
+            llama_cpp.llama_memory_seq_rm(self._mem, dst.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self._mem, src.seq_id, dst.seq_id, -1, -1)
+            dst.tokens = list(src.tokens)
+            state.cached = len(dst.tokens)
+            self._prompt_reused += len(dst.tokens)
+        for state in waiting:
+            self._sample(state, first.out_idx)
 
     def _batch_put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self._batch
@@ -702,7 +808,7 @@ class LlamaEngine:
             self._emit(state, TokenEvent(text, token, logprob, top))
             self._finish(state, "stop", flush=False)
             return
-        if state.n_generated >= params.max_tokens:
+        if state.n_generated >= state.max_tokens:
             text += state.assembler.flush()
             self._emit(state, TokenEvent(text, token, logprob, top))
             self._finish(state, "length")
@@ -738,6 +844,8 @@ class LlamaEngine:
             return
         state.done = True
         state.chain.free()
+        if state.waiters:
+            self._hand_over_prompt(state)
         if state.holds_slot:
             state.holds_slot = False
             with self._cond:
@@ -747,6 +855,16 @@ class LlamaEngine:
             state.slot = None
         if state in self._active:
             self._active.remove(state)
+
+    def _hand_over_prompt(self, state: _Request) -> None:
+        """state leaves before its prompt is evaluated: the next waiting member evaluates it instead
+        (its slot is empty), and the others wait for that one."""
+        waiting = [m for m in state.waiters if not m.done]
+        state.waiters = []
+        if waiting:
+            heir, *rest = waiting
+            heir.to_eval = list(heir.req.prompt_tokens)
+            heir.waiters = rest
 
     def _load_adapter(self, path: str) -> Any:
         adapter = self._adapters.get(path)
@@ -870,6 +988,13 @@ def _compute_thread() -> _ComputeThread:
         if _compute is None:
             _compute = _ComputeThread()
         return _compute
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice i of a seeded request samples with seed + i: reproducible, yet not n copies of one choice."""
+    if index == 0 or params.seed is None:
+        return params
+    return replace(params, seed=(params.seed + index) % 0xFFFFFFFF)
 
 
 def _seq_id(state: _Request) -> int:

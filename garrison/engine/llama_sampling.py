@@ -38,6 +38,25 @@ def end_of_generation_ids(vocab: Any, n_vocab: int) -> list[int]:
     return [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
 
 
+#: OpenAI documents a bias of -100 as a ban; added to a logit it may not be one, so it becomes -inf.
+BAN_BIAS = -100.0
+
+
+def logit_biases(params: SamplingParams, vocab: Any, n_vocab: int,
+                 eog_ids: Sequence[int] | None) -> list[tuple[int, float]]:
+    """(token, bias) pairs for llama.cpp's logit-bias sampler: the request's, then ignore_eos' bans.
+
+    ignore_eos gives end-of-generation tokens -inf, so generation runs to max_tokens (benchmarks,
+    load tests). The engine passes the ids it found once at load: scanning 32k tokens here costs
+    ~10 ms a request.
+    """
+    out = [(token, -math.inf if bias <= BAN_BIAS else float(bias)) for token, bias in params.logit_bias]
+    if params.ignore_eos:
+        eog = list(eog_ids) if eog_ids is not None else end_of_generation_ids(vocab, n_vocab)
+        out.extend((t, -math.inf) for t in eog)
+    return out
+
+
 class SamplerChain:
     """Owns one llama_sampler chain; built per request, freed when the request ends.
 
@@ -54,7 +73,15 @@ class SamplerChain:
         if not chain:
             raise MemoryError("llama_sampler_chain_init failed")
         self._ptr = chain
-        # Grammar first: every later sampler then works on allowed tokens only, so top_k /
+        # Biases first (the client's logit_bias and ignore_eos' bans, in one llama.cpp logit-bias
+        # sampler), as llama.cpp's common sampler orders them: every later sampler sees biased logits.
+        biases = logit_biases(params, vocab, n_vocab, eog_ids)
+        if biases:
+            array = (llama_cpp.llama_logit_bias * len(biases))(*[llama_cpp.llama_logit_bias(t, b)
+                                                                 for t, b in biases])
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases),
+                                                                                             array))
+        # Grammar next: every later sampler then works on allowed tokens only, so top_k /
         # top_p cannot leave the grammar with nothing to pick.
         if params.grammar is not None:
             grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
@@ -62,14 +89,6 @@ class SamplerChain:
                 self.free()
                 raise InvalidGrammar("llama.cpp could not parse the grammar", param="grammar")
             llama_cpp.llama_sampler_chain_add(chain, grammar)
-        if params.ignore_eos:
-            # End-of-generation tokens get -inf: generation runs to max_tokens (benchmarks, load tests).
-            # The engine passes the ids it found once at load: scanning 32k tokens here costs ~10 ms a request.
-            eog = list(eog_ids) if eog_ids is not None else end_of_generation_ids(vocab, n_vocab)
-            biases = (llama_cpp.llama_logit_bias * len(eog))(*[llama_cpp.llama_logit_bias(t, -math.inf)
-                                                                 for t in eog])
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog),
-                                                                                             biases))
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             penalties = llama_cpp.llama_sampler_init_penalties(
                 n_vocab, params.penalty_last_n, params.repeat_penalty, params.frequency_penalty,

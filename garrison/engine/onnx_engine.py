@@ -435,6 +435,10 @@ class OnnxDecoderEngine:
             raise InvalidRequest("LoRA adapters are not supported by the ONNX engine; merge the adapter before "
                                  "exporting", code="unsupported_parameter", param="model")
         prompt = req.checked_prompt(self.n_vocab, self.n_ctx)
+        if req.n != 1:
+            # Several choices would cost n evaluations of the prompt here (no shared cache): refused, not hidden.
+            raise InvalidRequest("n > 1 is not supported by the ONNX engine; serve a GGUF model for several "
+                                 "choices of one prompt", code="unsupported_parameter", param="n")
         if self._waiting >= self.max_queue:
             raise RateLimited(f"the generation queue is full ({self.max_queue} waiting); retry shortly")
         return self._stream(req, prompt)
@@ -453,14 +457,16 @@ class OnnxDecoderEngine:
             detok = _IncrementalDetokenizer(self.tokenizer, prompt[-_DETOK_CONTEXT:])
             stops = _StopFilter(params.stop)
             history = list(prompt)
+            limit = req.max_new_tokens(self.n_ctx)
+            bias = self._bias(params)
             logits = await self._call(self._prefill, seq, prompt)
             n_generated = 0
             while True:
                 self._check_deadline(req.deadline)
                 lp = _log_softmax(logits) if params.logprobs or params.top_logprobs else None
                 candidates = logits.copy()
-                if params.ignore_eos:
-                    candidates[list(self.eos_token_ids)] = -np.inf
+                if bias is not None:
+                    candidates[bias[0]] += bias[1]
                 token = sample_token(candidates, params, rng, history)
                 if token in self.eos_token_ids:
                     tail, _ = self._drain(detok, stops)
@@ -475,7 +481,7 @@ class OnnxDecoderEngine:
                     yield TokenEvent(text, token, logprob, top)
                     yield self._finish("stop", prompt, n_generated, "")
                     return
-                if n_generated >= params.max_tokens:
+                if n_generated >= limit:
                     tail, stopped = self._drain(detok, stops)
                     yield TokenEvent(text + tail, token, logprob, top)
                     yield self._finish("stop" if stopped else "length", prompt, n_generated, "")
@@ -484,6 +490,20 @@ class OnnxDecoderEngine:
                 logits = await self._call(self._forward, seq, [token])
         finally:
             slots.release()
+
+    def _bias(self, params: SamplingParams) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
+        """(token ids, biases) added to every step's logits: logit_bias as the llama engine applies it
+        (-100 bans), and ignore_eos' bans."""
+        pairs = [(t, -np.inf if b <= -100 else float(b)) for t, b in params.logit_bias]
+        if params.ignore_eos:
+            pairs.extend((t, -np.inf) for t in self.eos_token_ids)
+        if not pairs:
+            return None
+        merged: dict[int, float] = {}
+        for token, value in pairs:  # fancy-index += would apply a repeated id once
+            merged[token] = merged.get(token, 0.0) + value
+        return (np.fromiter(merged, dtype=np.int64, count=len(merged)),
+                np.fromiter(merged.values(), dtype=np.float64, count=len(merged)))
 
     @staticmethod
     def _drain(detok: _IncrementalDetokenizer, stops: _StopFilter) -> tuple[str, bool]:
@@ -658,6 +678,7 @@ class OnnxEmbeddingEngine:
         pad_id = self._tokenizer.token_to_id(pad_token) if pad_token else None
         if pad_id is None:
             pad_id, pad_token = 0, self._tokenizer.id_to_token(0) or "[PAD]"
+        self._pad_id = int(pad_id)
         self._tokenizer.enable_padding(direction="right", pad_id=int(pad_id), pad_token=str(pad_token))
         self._tokenizer.enable_truncation(max_length=self.max_length)
         # Sizing the untruncated length needs a second tokenizer without truncation: the
@@ -729,15 +750,57 @@ class OnnxEmbeddingEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, partial(self.embed_sync, list(texts), truncate=truncate))
 
+    def embed_tokens_sync(self, token_lists: Sequence[Sequence[int]], *, truncate: bool = True) -> EmbeddingResult:
+        """Token ids as given (OpenAI's token-array input): no special tokens are added, so a client that
+        wants [CLS] ... [SEP] sends them; over-long lists are cut at the model's limit or refused."""
+        lists = [list(t) for t in token_lists]
+        vocab = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        if not lists or not all(lists) or any(not 0 <= t < vocab for ids in lists for t in ids):
+            raise InvalidRequest(f"token inputs must be non-empty lists of ids in [0, {vocab})", param="input")
+        longest = max(map(len, lists))
+        if longest > self.max_length and not truncate:
+            raise ContextLengthExceeded(
+                f"an input has {longest} tokens; this model embeds at most {self.max_length}",
+                param="input", details={"max_length": self.max_length, "tokens": longest})
+        lists = [ids[:self.max_length] for ids in lists]
+        vectors: list[npt.NDArray[np.float32]] = []
+        token_counts: list[int] = []
+        for start in range(0, len(lists), self.max_batch):
+            batch = lists[start:start + self.max_batch]
+            width = max(map(len, batch))
+            ids = [row + [self._pad_id] * (width - len(row)) for row in batch]
+            mask = [[1] * len(row) + [0] * (width - len(row)) for row in batch]
+            batch_vectors, batch_counts = self._embed_ids(ids, mask, [[0] * width for _ in batch])
+            vectors.append(batch_vectors)
+            token_counts.extend(batch_counts)
+        return EmbeddingResult(vectors=np.concatenate(vectors, axis=0), token_counts=token_counts)
+
+    async def embed_tokens(self, token_lists: Sequence[Sequence[int]], *, truncate: bool = True) -> EmbeddingResult:
+        """embed_tokens_sync on the engine's worker thread."""
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, partial(self.embed_tokens_sync, [list(t) for t in token_lists],
+                                                              truncate=truncate))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids back to text (the privacy screen reads token inputs as text)."""
+        return str(self._counter.decode(list(tokens), skip_special_tokens=True))
+
     def _embed_batch(self, texts: list[str]) -> tuple[npt.NDArray[np.float32], list[int]]:
-        m = self._model
         encodings = self._tokenizer.encode_batch(texts)
-        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+        return self._embed_ids([e.ids for e in encodings], [e.attention_mask for e in encodings],
+                               [e.type_ids for e in encodings])
+
+    def _embed_ids(self, ids: list[list[int]], attention: list[list[int]],
+                   type_ids: list[list[int]]) -> tuple[npt.NDArray[np.float32], list[int]]:
+        m = self._model
+        mask = np.asarray(attention, dtype=np.int64)
         columns = {
-            "input_ids": [e.ids for e in encodings],
+            "input_ids": ids,
             "attention_mask": mask,
-            "token_type_ids": [e.type_ids for e in encodings],
-            "position_ids": [list(range(len(e.ids))) for e in encodings],
+            "token_type_ids": type_ids,
+            "position_ids": [list(range(len(row))) for row in ids],
         }
         feeds = {name: np.asarray(columns[name], dtype=m.input_dtype(name)) for name in m.inputs if name in columns}
         missing = set(m.inputs) - set(feeds)

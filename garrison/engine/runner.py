@@ -101,12 +101,15 @@ class _LlamaHost:
                           eos_token_id=e.eos_token_id, load_seconds=round(self.load_seconds, 3))
 
     def generate(self, msg: wire.Generate) -> None:
+        rids = wire.request_rids(msg)
         try:
-            state = self.engine.submit(wire.request_from_wire(msg), self.sink, tag=msg.rid)
+            states = self.engine.submit_choices(wire.request_from_wire(msg), self.sink, tags=rids)
         except GarrisonError as exc:
-            self.writer.send(wire.Step([wire.Fail(msg.rid, wire.error_to_wire(exc))]))
+            error = wire.error_to_wire(exc)
+            self.writer.send(wire.Step([wire.Fail(rid, error) for rid in rids]))
             return
-        self.live[msg.rid] = state
+        for rid, state in zip(rids, states, strict=True):
+            self.live[rid] = state
 
     def cancel(self, rid: int) -> None:
         state = self.live.pop(rid, None)
@@ -161,7 +164,9 @@ class _OnnxDecoderHost:
         try:
             stream = self.engine.generate(wire.request_from_wire(msg))
         except GarrisonError as exc:
-            self._put(wire.Fail(msg.rid, wire.error_to_wire(exc)))
+            error = wire.error_to_wire(exc)
+            for rid in wire.request_rids(msg):
+                self._put(wire.Fail(rid, error))
             return
 
         async def forward() -> None:
@@ -224,18 +229,25 @@ class _OnnxEmbeddingHost:
     def calls(self) -> dict[str, Callable[..., Any]]:
         e = self.engine
 
-        async def embed(texts: list[str], truncate: bool = True) -> list[Any]:
-            self.requests += 1
-            result = await e.embed(texts, truncate=truncate)
+        def reply(result: Any) -> list[Any]:
             vectors = result.vectors
             return [vectors.astype("<f4").tobytes(), list(vectors.shape), result.token_counts]
+
+        async def embed(texts: list[str], truncate: bool = True) -> list[Any]:
+            self.requests += 1
+            return reply(await e.embed(texts, truncate=truncate))
+
+        async def embed_tokens(token_lists: list[list[int]], truncate: bool = True) -> list[Any]:
+            self.requests += 1
+            return reply(await e.embed_tokens(token_lists, truncate=truncate))
 
         def stats() -> dict[str, Any]:
             return EngineStats(n_parallel=1, active_slots=0, queued_requests=0, tokens_generated=0,
                                prompt_tokens_evaluated=0, prompt_tokens_reused=0, requests_finished=self.requests,
                                decode_steps=0).as_dict()
 
-        return {"embed": embed, "count_tokens": e.count_tokens, "stats": stats}
+        return {"embed": embed, "embed_tokens": embed_tokens, "detokenize": e.detokenize,
+                "count_tokens": e.count_tokens, "stats": stats}
 
     def close(self) -> None:
         self.engine.close()

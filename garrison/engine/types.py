@@ -52,7 +52,10 @@ class SamplingParams:
     """How one request chooses its tokens; every field maps to a llama.cpp sampler.
 
     temperature 0 means greedy (argmax), which is what makes outputs reproducible across
-    batch compositions. seed None draws a random seed per request.
+    batch compositions. seed None draws a random seed per request. max_tokens None means
+    "to the end of the context" (what OpenAI and llama-server do when a client omits it).
+    logit_bias pairs (token id, bias) are added to the logits; a bias of -100 bans the
+    token outright (OpenAI documents -100 as a ban, and an added -100 does not always ban).
     """
 
     temperature: float = 1.0
@@ -64,12 +67,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     penalty_last_n: int = 64
     seed: int | None = None
-    max_tokens: int = 256
+    max_tokens: int | None = 256
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: str | None = None
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validate(self) -> None:
         """Reject values llama.cpp would accept but misbehave on, with the offending field named."""
@@ -82,10 +86,12 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (self.penalty_last_n >= 0, "penalty_last_n", "must be >= 0"),
-            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (0 <= self.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (len(self.stop) <= 4, "stop", "at most 4 stop strings"),
+            (all(-100 <= bias <= 100 for _, bias in self.logit_bias), "logit_bias",
+             "values must be in [-100, 100]"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -105,23 +111,36 @@ class GenerationRequest:
     lora_path: Path | None = None
     lora_scale: float = 1.0
     deadline: float | None = None
+    #: Choices sampled from one evaluation of the prompt (OpenAI's `n`): one stream per choice.
+    n: int = 1
 
     def checked_prompt(self, n_vocab: int, n_ctx: int) -> list[int]:
         """Every engine's admission check: valid sampling, token ids in range, prompt + max_tokens in context."""
         self.params.validate()
+        if self.n < 1:
+            raise InvalidSamplingParams(f"n must be >= 1 (got {self.n})", param="n")
         prompt = list(self.prompt_tokens)
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if min(prompt) < 0 or max(prompt) >= n_vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {n_vocab})", param="prompt")
-        needed = len(prompt) + self.params.max_tokens
+        if any(not 0 <= token < n_vocab for token, _ in self.params.logit_bias):
+            raise InvalidSamplingParams(f"logit_bias token ids must be in [0, {n_vocab})", param="logit_bias")
+        wanted = self.params.max_tokens
+        needed = len(prompt) + (wanted or 1)
         if needed > n_ctx:
+            asked = f"max_tokens is {wanted} ({needed} in all)" if wanted else "no room is left to generate"
             raise ContextLengthExceeded(
                 f"this model's context per request is {n_ctx} tokens; the prompt has {len(prompt)} tokens and "
-                f"max_tokens is {self.params.max_tokens} ({needed} in all). Shorten the prompt or lower max_tokens.",
+                f"{asked}. Shorten the prompt or lower max_tokens.",
                 param="messages", details={"context_per_request": n_ctx, "prompt_tokens": len(prompt),
-                                           "max_tokens": self.params.max_tokens})
+                                           "max_tokens": wanted})
         return prompt
+
+    def max_new_tokens(self, n_ctx: int) -> int:
+        """The generation limit: max_tokens, or what is left of the context when the request gave none."""
+        wanted = self.params.max_tokens
+        return wanted if wanted is not None else n_ctx - len(self.prompt_tokens)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ class Generate(msgspec.Struct, array_like=True, tag="gen"):
     lora_path: str | None
     lora_scale: float
     deadline: float | None  # time.monotonic(): CLOCK_MONOTONIC is one clock for every process
+    #: The ids of choices 1..n-1 when the request asks for n choices of one prompt evaluation.
+    more_rids: list[int] = []
 
 
 class Cancel(msgspec.Struct, array_like=True, tag="cancel"):
@@ -237,9 +239,10 @@ def item_from_wire(item: Tok | Fin | Fail) -> TokenEvent | Finish | GarrisonErro
     return error_from_wire(item.error)
 
 
-def request_to_wire(rid: int, req: GenerationRequest) -> Generate:
-    return Generate(rid, list(req.prompt_tokens), req.params, str(req.lora_path) if req.lora_path else None,
-                    req.lora_scale, req.deadline)
+def request_to_wire(rids: list[int], req: GenerationRequest) -> Generate:
+    """rids: one id per choice (req.n of them); the first names the request."""
+    return Generate(rids[0], list(req.prompt_tokens), req.params, str(req.lora_path) if req.lora_path else None,
+                    req.lora_scale, req.deadline, list(rids[1:]))
 
 
 def request_from_wire(msg: Generate) -> GenerationRequest:
@@ -247,7 +250,12 @@ def request_from_wire(msg: Generate) -> GenerationRequest:
 
     return GenerationRequest(prompt_tokens=msg.prompt, params=msg.params,
                              lora_path=Path(msg.lora_path) if msg.lora_path else None,
-                             lora_scale=msg.lora_scale, deadline=msg.deadline)
+                             lora_scale=msg.lora_scale, deadline=msg.deadline, n=1 + len(msg.more_rids))
+
+
+def request_rids(msg: Generate) -> list[int]:
+    """Every choice's id, in choice order."""
+    return [msg.rid, *msg.more_rids]
 
 
 # -- framing ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from garrison.engine import wire
 from garrison.engine.protocols import EmbeddingResult
 from garrison.engine.streams import QueuedStream
 from garrison.engine.types import EngineStats, Finish, GenerationRequest, TokenEvent
-from garrison.errors import GarrisonError
+from garrison.errors import GarrisonError, InvalidRequest
 
 log = logging.getLogger("garrison.runners")
 
@@ -268,14 +268,16 @@ class RunnerProcess:
 
     # -- what engines use ------------------------------------------------------------------
 
-    def open_stream(self, req: GenerationRequest) -> RunnerStream:
+    def open_streams(self, req: GenerationRequest) -> list[RunnerStream]:
+        """One stream per choice (req.n), sent as one Generate: the runner evaluates the prompt once."""
         if not self.alive:
             raise wire.EngineCrashed(f"the runner for {self.name!r} is not running")
-        rid = next(self._ids)
-        stream = RunnerStream(self, rid)
-        self._streams[rid] = stream
-        self._send(wire.request_to_wire(rid, req))
-        return stream
+        rids = [next(self._ids) for _ in range(req.n)]
+        streams = [RunnerStream(self, rid) for rid in rids]
+        for rid, stream in zip(rids, streams, strict=True):
+            self._streams[rid] = stream
+        self._send(wire.request_to_wire(rids, req))
+        return streams
 
     def _cancel(self, rid: int) -> None:
         if self._streams.pop(rid, None) is not None and self.alive:
@@ -373,7 +375,12 @@ class RunnerGenerationEngine:
         return str(await self.runner.call("detokenize", tokens, special))
 
     def generate(self, req: GenerationRequest) -> RunnerStream:
-        return self.runner.open_stream(req)
+        if req.n != 1:
+            raise InvalidRequest("generate() makes one choice; use generate_choices() for n > 1", param="n")
+        return self.runner.open_streams(req)[0]
+
+    def generate_choices(self, req: GenerationRequest) -> list[RunnerStream]:
+        return self.runner.open_streams(req)
 
     def stats(self) -> EngineStats | None:
         """Slots and queue from the daemon's own count of open streams (exact, now); the cumulative
@@ -390,6 +397,12 @@ class RunnerGenerationEngine:
             decode_steps=last.decode_steps if last else 0)
 
 
+def _embedding(reply: Any) -> EmbeddingResult:
+    raw, shape, counts = reply
+    vectors = np.frombuffer(raw, dtype="<f4").reshape(shape)
+    return EmbeddingResult(vectors=vectors, token_counts=[int(c) for c in counts])
+
+
 class RunnerEmbeddingEngine:
     """An embedding engine served by a runner process (EmbeddingEngine protocol)."""
 
@@ -403,9 +416,13 @@ class RunnerEmbeddingEngine:
         return self.facts.dimensions
 
     async def embed(self, texts: list[str], *, truncate: bool = True) -> EmbeddingResult:
-        raw, shape, counts = await self.runner.call("embed", list(texts), truncate)
-        vectors = np.frombuffer(raw, dtype="<f4").reshape(shape)
-        return EmbeddingResult(vectors=vectors, token_counts=[int(c) for c in counts])
+        return _embedding(await self.runner.call("embed", list(texts), truncate))
+
+    async def embed_tokens(self, token_lists: list[list[int]], *, truncate: bool = True) -> EmbeddingResult:
+        return _embedding(await self.runner.call("embed_tokens", [list(t) for t in token_lists], truncate))
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return str(await self.runner.call("detokenize", list(tokens)))
 
     def stats(self) -> EngineStats | None:
         return self.runner.last_stats

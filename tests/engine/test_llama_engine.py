@@ -507,3 +507,109 @@ async def test_ignore_eos_generates_max_tokens(engine: LlamaEngine) -> None:
     forced = await run(engine, greedy(engine, chat, max_tokens=64, ignore_eos=True))
     assert forced.finish is not None and forced.finish.finish_reason == "length"
     assert forced.finish.completion_tokens == 64
+
+
+# -- several choices of one prompt (n), logit_bias, max_tokens to the end of the context ------
+
+
+async def run_choices(engine: LlamaEngine, req: GenerationRequest, timeout: float = 60) -> list[Result]:
+    async def consume(stream: Any) -> Result:
+        out = Result()
+        async for item in stream:
+            if isinstance(item, Finish):
+                out.finish = item
+                out.text += item.text
+            else:
+                out.tokens.append(item.token_id)
+                out.text += item.text
+        return out
+
+    streams = engine.generate_choices(req)
+    return list(await asyncio.wait_for(asyncio.gather(*(consume(s) for s in streams)), timeout))
+
+
+async def test_n_choices_evaluate_the_prompt_once(tiny_llama_gguf: Path) -> None:
+    """Three greedy choices: one evaluation of the prompt (the counters say so), the KV cells copied to
+    the other two sequences, and every choice equal to the request run alone."""
+    text = "The catalog keeps every job and every model, and the daemon answers requests. " * 3
+    with LlamaEngine(tiny_llama_gguf, n_ctx_per_slot=256, n_parallel=4, n_batch=64, n_threads=2) as eng:
+        req = GenerationRequest(eng.tokenize(text), SamplingParams(temperature=0, max_tokens=24), n=3)
+        choices = await run_choices(eng, req)
+        stats = eng.stats()
+        await wait_idle(eng)
+        alone = await run(eng, greedy(eng, text, max_tokens=24))
+    prompt = len(req.prompt_tokens)
+    assert prompt > 64, "longer than one step's budget: the prompt is evaluated in chunks"
+    assert stats.prompt_tokens_evaluated == prompt, stats
+    assert stats.prompt_tokens_reused == 2 * prompt, stats
+    assert stats.requests_finished == 3
+    assert [c.finish.cached_tokens for c in choices if c.finish] == [0, prompt, prompt]
+    assert all(c.finish and c.finish.prompt_tokens == prompt for c in choices)
+    assert [c.tokens for c in choices] == [alone.tokens] * 3
+    assert stats.tokens_generated == 3 * len(alone.tokens)
+
+
+async def test_n_seeded_choices_differ_and_each_matches_its_seed(tiny_llama_gguf: Path) -> None:
+    text = "Once upon a time"
+    with LlamaEngine(tiny_llama_gguf, n_ctx_per_slot=256, n_parallel=4, n_batch=64, n_threads=2) as eng:
+        params = SamplingParams(temperature=1.0, max_tokens=16, seed=1234, ignore_eos=True)
+        choices = await run_choices(eng, GenerationRequest(eng.tokenize(text), params, n=3))
+        alone = [await run(eng, GenerationRequest(eng.tokenize(text), SamplingParams(
+            temperature=1.0, max_tokens=16, seed=1234 + i, ignore_eos=True))) for i in range(3)]
+    assert len({tuple(c.tokens) for c in choices}) == 3, "each choice samples with its own seed"
+    assert [c.tokens for c in choices] == [a.tokens for a in alone]
+
+
+async def test_n_choices_survive_the_first_leaving_early(tiny_llama_gguf: Path) -> None:
+    """Choice 0 evaluates the prompt; cancelled at once, another choice takes the evaluation over."""
+    text = "Export the model to GGUF, then quantize it, then serve it to every client that asks. " * 2
+    with LlamaEngine(tiny_llama_gguf, n_ctx_per_slot=256, n_parallel=4, n_batch=16, n_threads=2) as eng:
+        req = GenerationRequest(eng.tokenize(text), SamplingParams(temperature=0, max_tokens=12), n=3)
+        streams = eng.generate_choices(req)
+        streams[0].cancel()
+        rest = []
+        for stream in streams[1:]:
+            out = Result()
+            async for item in stream:
+                if not isinstance(item, Finish):
+                    out.tokens.append(item.token_id)
+            rest.append(out)
+        await wait_idle(eng)
+        alone = await run(eng, greedy(eng, text, max_tokens=12))
+    assert [r.tokens for r in rest] == [alone.tokens] * 2
+
+
+async def test_n_beyond_the_slots_is_refused(engine: LlamaEngine) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        engine.generate_choices(GenerationRequest(engine.tokenize("Hello"), SamplingParams(max_tokens=4), n=5))
+    assert err.value.param == "n"
+    with pytest.raises(InvalidRequest):
+        engine.generate(GenerationRequest(engine.tokenize("Hello"), SamplingParams(max_tokens=4), n=2))
+
+
+async def test_logit_bias_bans_and_forces_tokens(engine: LlamaEngine) -> None:
+    base = await run(engine, greedy(engine, "The catalog keeps", max_tokens=8))
+    banned = tuple((t, -100.0) for t in set(base.tokens))
+    other = await run(engine, greedy(engine, "The catalog keeps", max_tokens=8, logit_bias=banned))
+    assert not set(other.tokens) & set(base.tokens)
+    forced_id = engine.tokenize("zebra", add_special=False)[0]
+    forced = await run(engine, greedy(engine, "The catalog keeps", max_tokens=3,
+                                      logit_bias=((forced_id, 100.0),)))
+    assert forced.tokens == [forced_id] * 3
+    with pytest.raises(InvalidRequest) as err:
+        engine.generate(greedy(engine, "Hi", logit_bias=((1, 101.0),)))
+    assert err.value.param == "logit_bias"
+    with pytest.raises(InvalidRequest) as err:
+        engine.generate(greedy(engine, "Hi", logit_bias=((engine.n_vocab, 1.0),)))
+    assert err.value.param == "logit_bias"
+
+
+async def test_max_tokens_none_runs_to_the_end_of_the_context(engine: LlamaEngine) -> None:
+    req = GenerationRequest(engine.tokenize("Hello"), SamplingParams(temperature=0, max_tokens=None,
+                                                                     ignore_eos=True))
+    out = await run(engine, req)
+    assert out.finish is not None and out.finish.finish_reason == "length"
+    assert len(req.prompt_tokens) + out.finish.completion_tokens == engine.n_ctx_per_slot
+    full = GenerationRequest(list(range(1, engine.n_ctx_per_slot + 1)), SamplingParams(max_tokens=None))
+    with pytest.raises(ContextLengthExceeded):
+        engine.generate(full)
