@@ -37,7 +37,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ctx.check()
     ctx.progress(1, 2, "registering it", force=True)
     if not registry.exists(name):
-        registry.import_path(folder, name, lineage={"builder": builder, "builder_version": BUILDER_VERSION})
+        registry.import_path(folder, name, lineage={"builder": builder, "builder_version": BUILDER_VERSION},
+                             actor=ctx.principal.actor)
     ctx.progress(2, 2, "done", force=True)
     return {"model": name, "hf_folder": str(folder), "builder_version": BUILDER_VERSION,
             "seconds": round(time.monotonic() - started, 2)}

@@ -103,14 +103,14 @@ def run_model_export(ctx: JobContext, registry: Any, source: Any, targets: list[
             parity = check_parity(source.folder, artifact, target.kind)
             published = f"{name.replace(':', '-')}:{target.suffix}"
             if registry.exists(published):
-                registry.remove(published)
+                registry.remove(published, actor=ctx.principal.actor)
             lineage = {"source": name, "source_manifest_signature": source.manifest.get("signature"),
                        "target": target.kind, "job": ctx.job.id, "versions": tool_versions(),
                        "quantization": {"type": target.variant,
                                         "imatrix": ctx.params.get("imatrix") or None if imatrix else None}}
             settings = {k: source.settings.get(k) for k in ("n_parallel", "n_ctx_per_slot", "n_gpu_layers")}
             record = registry.import_path(artifact, published, lineage=lineage, parity=parity.to_json(),
-                                          settings=settings)
+                                          settings=settings, actor=ctx.principal.actor)
             ctx.event("artifact", f"{published}: parity {'passed' if parity.passed else 'FAILED'}",
                       model=published, parity=parity.to_json())
             results.append({"model": record.name, "format": record.format, "size_bytes": record.size_bytes,
@@ -189,9 +189,9 @@ def run_adapter_export(ctx: JobContext, registry: Any, source: Any, targets: lis
             lineage = {"source": source.name, "base": hf_base.name, "target": target.kind, "job": ctx.job.id,
                        "versions": tool_versions()}
             if registry.exists(published):
-                registry.remove(published)
+                registry.remove(published, actor=ctx.principal.actor)
             if target.format == "hf":
-                record = registry.import_path(merged, published, lineage=lineage)
+                record = registry.import_path(merged, published, lineage=lineage, actor=ctx.principal.actor)
                 results.append({"model": record.name, "format": record.format, "parity": None})
                 continue
             ctx.progress(1, 3, "converting the adapter with llama.cpp's convert_lora_to_gguf.py", force=True)
@@ -208,7 +208,7 @@ def run_adapter_export(ctx: JobContext, registry: Any, source: Any, targets: lis
             parity = check_parity(merged, base.entry_path, "gguf:lora", lora=lora,
                                   threshold_kind=f"gguf:{variant}")
             record = registry.import_path(lora, published, base=base.name, lineage=lineage,
-                                          parity=parity.to_json())
+                                          parity=parity.to_json(), actor=ctx.principal.actor)
             results.append({"model": record.name, "format": record.format, "base": base.name,
                             "servable": record.servable, "parity": parity.to_json()})
     finally:

@@ -172,10 +172,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
                "trained_tokens": result.train_tokens, "steps": result.step}
     for existing in (name, f"{name}:lora", f"{name}:merged"):
         if registry.exists(existing):
-            registry.remove(existing)
+            registry.remove(existing, actor=ctx.principal.actor)
     out = Path(result.output_dir)
     if config.method == "lora":
-        record = registry.import_path(out, name, base=base.name, lineage=lineage)
+        record = registry.import_path(out, name, base=base.name, lineage=lineage, actor=ctx.principal.actor)
         if not any(r.format == "gguf" and r.manifest.get("lineage", {}).get("source") == base.name
                    for r in registry.list()):
             ctx.event("export", f"exporting {base.name} to GGUF F16 to serve the adapter on")
@@ -185,7 +185,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         fine_tuned = f"{name}:lora"
         merged_name = f"{name}:merged"
     else:
-        record = registry.import_path(out, name, lineage=lineage)
+        record = registry.import_path(out, name, lineage=lineage, actor=ctx.principal.actor)
         run_model_export(ctx, registry, record, [Target("gguf", "f16")])
         fine_tuned = f"{name}:f16"
         merged_name = name

@@ -150,6 +150,7 @@ _BODIES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("POST", "/v1/chat/completions"): [{"model": "secretmodel", "messages": [{"role": "user", "content": "x"}]}],
     ("POST", "/v1/completions"): [{"model": "secretmodel", "prompt": "x"}],
     ("POST", "/v1/embeddings"): [{"model": "secretmodel", "input": "x"}],
+    ("POST", "/v1/garrison/render"): [{"model": "secretmodel", "messages": [{"role": "user", "content": "x"}]}],
     ("POST", "/v1/garrison/models"): [{"path": "/nonexistent", "name": "secretmodel"}],
 }
 # Routes whose body may name a resource in a field called one of these.
@@ -158,6 +159,7 @@ _RESOURCE_FIELDS = {"model", "training_file", "validation_file", "imatrix", "bas
 _UNSCOPED = {
     ("POST", "/v1/garrison/jobs"): "covered by the job-kind test below, parameter by parameter",
     ("POST", "/v1/garrison/keys"): "admin only; 'name' is the key's label",
+    ("POST", "/v1/files"): "a multipart form: test_an_upload_into_a_dataset_outside_the_grant_is_refused",
 }
 
 
