@@ -45,6 +45,16 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+class _NotClientErrors(logging.Filter):
+    """aiohttp logs every malformed request head (a NUL in a header, a broken request line) with a
+    traceback, after answering it 400: any client could write the log at will. Those records are the
+    client's fault and are dropped; aiohttp's other errors still reach the log, as one line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or type(exc).__module__ != "aiohttp.http_exceptions"
+
+
 def setup_logging(level: str = "info") -> None:
     root = logging.getLogger("garrison")
     root.setLevel(level.upper())
@@ -54,6 +64,10 @@ def setup_logging(level: str = "info") -> None:
         handler._garrison = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
+        server = logging.getLogger("aiohttp.server")
+        server.addFilter(_NotClientErrors())
+        server.addHandler(handler)
+        server.propagate = False
     # aiohttp's access log duplicates our request line; keep only its errors.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

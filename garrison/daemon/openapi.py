@@ -11,6 +11,19 @@ from garrison.policies.scopes import SCOPES
 
 _PARAM = re.compile(r"{(\w+)}")
 
+_NAME = "^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# Path parameters by name, as the handlers check them: anything else is a 400 (or a 404 for an id that
+# no record can have). The fuzz (tests/daemon/test_fuzz.py) generates values from these.
+PATH_PARAMS: dict[str, dict[str, Any]] = {
+    "name": {"type": "string", "pattern": _NAME, "maxLength": 128},
+    "model": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*(:[a-z0-9][a-z0-9._-]*)?$",
+              "maxLength": 129},
+    "version": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    "job_id": {"type": "string", "pattern": "^job_[0-9a-f]{20}$"},
+    "file_id": {"type": "string", "pattern": "^file-[0-9a-f]{24}$"},
+    "key_id": {"type": "string", "pattern": "^key_[0-9a-f]{16}$"},
+}
+
 _ERROR = {
     "type": "object",
     "properties": {"error": {"type": "object", "properties": {
@@ -28,14 +41,14 @@ def build_openapi() -> dict[str, Any]:
             "tags": [route.tag],
             "responses": {code: {"description": text} for code, text in route.responses.items()},
         }
-        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+        params = [{"name": n, "in": "path", "required": True, "schema": PATH_PARAMS[n]}
                   for n in _PARAM.findall(route.path)]
         params += [{"name": n, "in": "query", "required": False, "schema": {"type": t}, "description": d}
                    for n, t, d in route.query]
         if params:
             op["parameters"] = params
         if route.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
+            op["requestBody"] = {"required": True, "content": {route.body_type: {"schema": route.body}}}
         if route.scope is None:
             op["security"] = []
         else:
@@ -55,7 +68,9 @@ def build_openapi() -> dict[str, Any]:
                                 "('Authorization: Bearer grs_...') with the scope shown as "
                                 f"x-garrison-scope (scopes: {', '.join(SCOPES)})."},
         "paths": paths,
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "components": {"securitySchemes": {"bearer": {
+                           "type": "http", "scheme": "bearer", "bearerFormat": "grs_<43 characters>",
+                           "description": "An API key (`garrison keys create`); X-Api-Key: works too."}},
                        "schemas": {"Error": _ERROR}},
         "security": [{"bearer": []}],
     }
@@ -84,9 +99,10 @@ def render_markdown(spec: dict[str, Any]) -> str:
                           for p in params]
             body = op.get("requestBody")
             if body:
-                schema = body["content"]["application/json"]["schema"]
+                media, content = next(iter(body["content"].items()))
+                schema = content["schema"]
                 required = set(schema.get("required", []))
-                lines += ["", "Body (JSON):", "", "| field | type | required |", "|---|---|---|"]
+                lines += ["", f"Body ({media}):", "", "| field | type | required |", "|---|---|---|"]
                 lines += [f"| `{name}` | {prop.get('type', 'any')} | {'yes' if name in required else 'no'} |"
                           for name, prop in schema.get("properties", {}).items()]
             lines += ["", "Responses: " + ", ".join(f"{code} {r['description']}"

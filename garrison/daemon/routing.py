@@ -23,7 +23,8 @@ class Route:
     scope: str | None  # None only for /health
     summary: str
     tag: str
-    body: dict[str, Any] | None = None
+    body: dict[str, Any] | None = None  # the request body's schema (JSON Schema), in the media type below
+    body_type: str = "application/json"
     query: tuple[tuple[str, str, str], ...] = ()  # (name, json type, description)
     responses: dict[str, str] = field(default_factory=lambda: {"200": "OK"})
     streaming: bool = False

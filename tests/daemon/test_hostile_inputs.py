@@ -182,3 +182,35 @@ def test_a_stalled_upload_is_dropped_after_body_timeout_s(make_daemon: object) -
     assert daemon.request("GET", "/v1/garrison/datasets/slow")[0] == 404
     assert daemon.request("GET", "/v1/files")[1]["data"] == []
     assert "Traceback" not in daemon.log()
+
+
+def test_a_multipart_part_header_with_control_characters_is_a_400(served: Daemon) -> None:
+    raw = (b'--xx\r\nContent-Disposition: form-data; name="Z\x08\xc2\xbd"\r\n\r\nnull\r\n'
+           b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--xx--\r\n')
+    req = urllib.request.Request(served.url + "/v1/files", data=raw, method="POST",
+                                 headers={"Authorization": f"Bearer {served.key()}",
+                                          "Content-Type": "multipart/form-data; boundary=xx"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=30)
+    assert (caught.value.code, json.loads(caught.value.read())["error"]["code"]) == (400, "invalid_upload")
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_dataset_version_past_sqlites_integers_is_a_400(served: Daemon, method: str) -> None:
+    status, answer = served.request(method, "/v1/garrison/datasets/d/versions/9223372036854775808")
+    assert (status, answer["error"]["param"]) == (400, "version"), answer
+
+
+def test_malformed_request_heads_are_answered_400_without_writing_the_log(served: Daemon) -> None:
+    """aiohttp answers these itself, and used to log a traceback for each: a client could fill the log."""
+    import socket
+
+    before = served.log()
+    for head in (b"GET /health HTTP/1.1\r\nX-Probe: \x00\r\n\r\n", b"GET /health HTTP/1.1\r\nBad Header: x\r\n\r\n"):
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", served.port), timeout=10) as s:
+                s.sendall(head)
+                assert s.recv(4096).split(b" ", 2)[1] == b"400"
+    added = served.log()[len(before):]
+    assert "Traceback" not in added and added.count("\n") <= 2, added
+    assert served.request("GET", "/health", role=None)[0] == 200

@@ -35,6 +35,7 @@ from garrison.operations import datasets as ops
 from garrison.policies.access import authorize
 
 _SERVICE_ATTR = "_ingest_service"
+_MAX_VERSION = 2**63 - 1  # SQLite's largest integer: a larger one cannot even be looked up
 
 
 def ingest_service(app: web.Application) -> IngestService:
@@ -112,8 +113,8 @@ def request_format(request: web.Request) -> tuple[str, dict[str, str] | None]:
 
 def _version_number(request: web.Request) -> int:
     raw = request.match_info["version"]
-    if not raw.isdigit() or int(raw) < 1:
-        raise InvalidRequest("version must be a whole number >= 1", param="version")
+    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_VERSION:
+        raise InvalidRequest(f"version must be a whole number from 1 to {_MAX_VERSION}", param="version")
     return int(raw)
 
 
@@ -178,6 +179,8 @@ ROUTES = (
           query=(("format", "string", "record format (default auto)"),
                  ("columns", "string", "CSV column mapping, e.g. prompt=question,completion=answer"),
                  ("filename", "string", "the file's name, for the report and format detection")),
+          body={"type": "string", "format": "binary", "description": "an age file (binary or armored)"},
+          body_type="application/octet-stream",
           responses={"201": "version created, with its report", "200": "the same bytes were already ingested",
                      "400": "refused (age_* codes, bad_lines, no_records, invalid_format); nothing stored",
                      "403": "no ingest scope or dataset grant", "413": "larger than max_upload_mb"}),

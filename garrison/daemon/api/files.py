@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from garrison.daemon.api.datasets import body_reader, ingest_service, max_upload_bytes
 from garrison.daemon.http import json_response, principal
@@ -68,10 +69,11 @@ def private_transport(request: web.Request) -> bool:
 @contextlib.contextmanager
 def _well_formed() -> Iterator[None]:
     """aiohttp's multipart reader raises ValueError for a body that breaks the format (no boundary, no
-    opening delimiter, a part cut short): the client's fault, a 400 and nothing stored, never a 500."""
+    opening delimiter, a part cut short) and BadHttpMessage for a part header it cannot parse (control
+    characters in a name): the client's fault, a 400 and nothing stored, never a 500."""
     try:
         yield
-    except ValueError as exc:
+    except (ValueError, BadHttpMessage) as exc:
         raise InvalidRequest(f"malformed multipart body ({str(exc)[:80]})", code="invalid_upload") from None
 
 
@@ -228,6 +230,12 @@ ROUTES = (
           "Upload a plaintext JSONL file (multipart: the fields purpose=fine-tune and optional dataset, format, "
           "then the file part, as OpenAI's client sends them; a field after the file is refused); only over TLS "
           "or loopback. It becomes a dataset version (redacted, encrypted).", "files",
+          body={"type": "object", "required": ["purpose", "file"], "properties": {
+              "purpose": {"type": "string", "enum": list(PURPOSES)},
+              "dataset": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$", "maxLength": 128},
+              "format": {"type": "string", "enum": list(FORMATS)},
+              "file": {"type": "string", "format": "binary"}}},
+          body_type="multipart/form-data",
           responses={"200": "the OpenAI file object, with dataset, version and report",
                      "400": "refused (bad_lines, no_records, unsupported_purpose, invalid_upload); nothing stored",
                      "403": "not over TLS or loopback, or no ingest scope", "413": "larger than max_upload_mb"}),

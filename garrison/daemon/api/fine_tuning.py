@@ -150,14 +150,28 @@ async def checkpoints(request: web.Request) -> web.StreamResponse:
 
 
 _JOB = {"200": "OK", "404": "no such fine-tuning job"}
+_AUTO_OR = {"type": "string", "enum": ["auto"]}
+_HYPER = {"type": "object", "additionalProperties": False, "properties": {
+    "n_epochs": {"oneOf": [{"type": "integer", "minimum": 1}, _AUTO_OR]},
+    "batch_size": {"oneOf": [{"type": "integer", "minimum": 1}, _AUTO_OR]},
+    "learning_rate_multiplier": {"oneOf": [{"type": "number", "exclusiveMinimum": 0}, _AUTO_OR]}}}
+
+_AUTO_OR = {"type": "string", "enum": ["auto"]}
+_HYPER = {"type": "object", "additionalProperties": False, "properties": {
+    "n_epochs": {"oneOf": [{"type": "integer", "minimum": 1}, _AUTO_OR]},
+    "batch_size": {"oneOf": [{"type": "integer", "minimum": 1}, _AUTO_OR]},
+    "learning_rate_multiplier": {"oneOf": [{"type": "number", "exclusiveMinimum": 0}, _AUTO_OR]}}}
+
 ROUTES = (
     Route("POST", "/v1/fine_tuning/jobs", create, "train",
           "Create a fine-tuning job (OpenAI); training_file is a dataset NAME[:N] or a file id.", "fine-tuning",
           body={"type": "object", "required": ["model", "training_file"],
                 "properties": {"model": {"type": "string"}, "training_file": {"type": "string"},
                                "validation_file": {"type": "string"}, "suffix": {"type": "string"},
-                               "seed": {"type": "integer"}, "hyperparameters": {"type": "object"},
-                               "method": {"type": "object"},
+                               "seed": {"type": "integer"}, "hyperparameters": _HYPER,
+                               "method": {"type": "object", "properties": {
+                                   "type": {"type": "string", "enum": ["supervised"]},
+                                   "supervised": {"type": "object", "properties": {"hyperparameters": _HYPER}}}},
                                "extra": {"type": "object", "description": "Garrison settings: method, lora_r, "
                                          "max_steps, max_seq_len, checkpoint_every, export"}}},
           responses={"200": "created", "400": "invalid hyperparameters", "403": "no train scope or grant"}),

@@ -254,17 +254,38 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
                           "usage": {"prompt_tokens": int(tokens), "total_tokens": int(tokens)}})
 
 
+def _between(kind: str, low: float, high: float) -> dict[str, Any]:
+    return {"type": kind, "minimum": low, "maximum": high}
+
+
+# The bounds openai_format.sampling_params enforces; anything outside them is a 400.
+_MODEL = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*(:[a-z0-9][a-z0-9._-]*)?$", "maxLength": 129}
+_TEXT = {"type": "string", "minLength": 1}
 _GEN_BODY: dict[str, Any] = {
     "type": "object", "required": ["model"],
-    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"},
-                   "max_tokens": {"type": "integer"}, "temperature": {"type": "number"},
-                   "top_p": {"type": "number"}, "top_k": {"type": "integer"}, "min_p": {"type": "number"},
-                   "frequency_penalty": {"type": "number"}, "presence_penalty": {"type": "number"},
-                   "repeat_penalty": {"type": "number"}, "seed": {"type": "integer"},
-                   "stop": {"type": ["string", "array"]}, "logprobs": {"type": ["boolean", "integer"]},
-                   "top_logprobs": {"type": "integer"},
+    "properties": {"model": _MODEL, "stream": {"type": "boolean"},
+                   "max_tokens": _between("integer", 1, 1 << 20),
+                   "max_completion_tokens": _between("integer", 1, 1 << 20),
+                   "n": {"type": "integer", "enum": [1]}, "temperature": _between("number", 0, 2),
+                   "top_p": _between("number", 0, 1), "top_k": _between("integer", 0, 1 << 20),
+                   "min_p": _between("number", 0, 1), "frequency_penalty": _between("number", -2, 2),
+                   "presence_penalty": _between("number", -2, 2), "repeat_penalty": _between("number", 0.01, 10),
+                   "seed": _between("integer", -(1 << 63), (1 << 64) - 1),
+                   "stop": {"oneOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": fmt.MAX_STOP}]},
+                   "logprobs": {"oneOf": [{"type": "boolean"}, _between("integer", 0, 5)]},
+                   "top_logprobs": _between("integer", 0, 20),
                    "ignore_eos": {"type": "boolean", "description": "generate max_tokens tokens (llama.cpp's "
                                                                    "server extension; load tests)"}}}
+_MESSAGE = {"type": "object", "required": ["role"], "properties": {
+    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+    "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}}]},
+    "tool_calls": {"type": "array", "items": {"type": "object"}, "description": "assistant messages only"}}}
+_RESPONSE_FORMAT = {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+    "json_schema": {"type": "object", "required": ["schema"],
+                    "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}}}}
 
 _ERRORS = {"400": "invalid request (OpenAI error shape)", "401": "missing or unknown key",
            "403": "scope or model grant missing", "404": "model not found",
@@ -283,19 +304,22 @@ ROUTES = (
           "(`<think>`) gives it in `reasoning_content` (streamed: `delta.reasoning_content`) unless "
           "`reasoning_format` is `none`.", "inference",
           body={**_GEN_BODY, "required": ["model", "messages"],
-                "properties": {**_GEN_BODY["properties"], "messages": {"type": "array"},
-                               "response_format": {"type": "object"}, "stream_options": {"type": "object"},
+                "properties": {**_GEN_BODY["properties"], "messages": {"type": "array", "minItems": 1,
+                                                                          "items": _MESSAGE},
+                               "response_format": _RESPONSE_FORMAT, "stream_options": {"type": "object"},
                                "tools": {"type": "array"}, "chat_template_kwargs": {"type": "object"},
                                "reasoning_format": {"type": "string", "enum": ["auto", "deepseek", "none"]}}},
           responses={"200": "OK", **_ERRORS}, streaming=True),
     Route("POST", "/v1/completions", completions, "infer", "Text completion; `stream` for server-sent events.",
           "inference", body={**_GEN_BODY, "required": ["model", "prompt"],
-                             "properties": {**_GEN_BODY["properties"], "prompt": {"type": "string"}}},
+                             "properties": {**_GEN_BODY["properties"], "prompt": {"oneOf": [
+                                 _TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1}]}}},
           responses={"200": "OK", **_ERRORS}, streaming=True),
     Route("POST", "/v1/embeddings", embeddings, "infer", "Embeddings from an encoder model (pooling and "
           "normalization from the model's configuration).", "inference",
           body={"type": "object", "required": ["model", "input"],
-                "properties": {"model": {"type": "string"}, "input": {"type": ["string", "array"]},
+                "properties": {"model": _MODEL, "input": {"oneOf": [_TEXT, {
+                                   "type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_EMBED_INPUTS}]},
                                "encoding_format": {"type": "string", "enum": ["float", "base64"]}}},
           responses={"200": "OK", **_ERRORS}),
 )

@@ -12,6 +12,7 @@ from garrison.daemon.state import STATE
 from garrison.daemon.usage import RECORDER
 from garrison.errors import InvalidRequest
 from garrison.operations.usage import GROUPINGS, usage_report
+from garrison.policies.scopes import ROLES
 
 
 def _str_list(body: dict[str, object], name: str) -> list[str] | None:
@@ -62,7 +63,7 @@ ROUTES = (
     Route("POST", "/v1/garrison/keys", create_key, "admin",
           "Create a key; the response holds the secret, shown this once.", "keys",
           body={"type": "object", "required": ["role"],
-                "properties": {"role": {"type": "string"}, "name": {"type": "string"},
+                "properties": {"role": {"type": "string", "enum": list(ROLES)}, "name": {"type": "string"},
                                "models": {"type": "array", "items": {"type": "string"}},
                                "datasets": {"type": "array", "items": {"type": "string"}},
                                "expires": {"type": "string", "description": "30d, 12h or ISO-8601"}}},
