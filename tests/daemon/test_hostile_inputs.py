@@ -214,3 +214,38 @@ def test_malformed_request_heads_are_answered_400_without_writing_the_log(served
     added = served.log()[len(before):]
     assert "Traceback" not in added and added.count("\n") <= 2, added
     assert served.request("GET", "/health", role=None)[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_1_mb_prompt_does_not_block_the_event_loop(served: Daemon, path: str) -> None:
+    """Reading, rendering (the chat template) and tokenizing a 1 MB prompt happen off the loop (a thread,
+    the runner): /health, polled every few milliseconds meanwhile, answers within 100 ms throughout."""
+    import threading
+    import time
+
+    text = "lorem ipsum dolor sit amet " * 40_000  # about 1 MB, some 200,000 tokens
+    body = {"model": "tiny", "max_tokens": 1}
+    body.update({"messages": [{"role": "user", "content": text}]} if path == "/v1/chat/completions"
+                else {"prompt": text})
+    lags: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            urllib.request.urlopen(served.url + "/health", timeout=10).read()
+            lags.append(time.monotonic() - started)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        status, answer = post_raw(served, path, json.dumps(body).encode(), role="infer")
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join()
+    print(f"\n{path}: {len(lags)} probes, /health max {max(lags) * 1000:.1f} ms")
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer  # type: ignore[index]
+    assert len(lags) > 10 and max(lags) < 0.1, f"/health took up to {max(lags) * 1000:.0f} ms"
