@@ -161,7 +161,8 @@ SETTINGS: tuple[Setting, ...] = (
             "response (slow senders and idle keep-alive connections are dropped).",
             Reload.LIVE, "each deadline armed afterwards"),
     Setting("body_timeout_s", _bounded(float, 1, 86400), lambda _env: 60.0,
-            "Seconds a JSON request body may take to arrive.",
+            "Seconds a JSON request body may take to arrive, and an upload's body (sealed dataset, "
+            "/v1/files) may send nothing before it is dropped (408).",
             Reload.LIVE, "from the next request"),
     Setting("tls_cert_file", _optional_path, lambda _env: "",
             "PEM certificate (chain) the daemon serves HTTPS with; reloaded on SIGHUP "
