@@ -89,6 +89,22 @@ def _optional_path(value: Any) -> str:
     return str(Path(text).expanduser()) if text else ""
 
 
+def _origins(value: Any) -> tuple[str, ...]:
+    """Browser origins (scheme://host[:port]) allowed by CORS: a TOML list, or a comma-separated string."""
+    items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+    out: list[str] = []
+    for item in items:
+        origin = str(item).strip().rstrip("/").lower()
+        if origin == "*":
+            out.append(origin)
+            continue
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or any(c in rest for c in "/?#@ "):
+            raise ValueError(f"{item!r} is not an origin such as https://app.example.com or http://localhost:3000")
+        out.append(origin)
+    return tuple(dict.fromkeys(out))
+
+
 class Reload(StrEnum):
     """What SIGHUP does with a changed setting (garrison.daemon.lifecycle applies each one)."""
 
@@ -221,6 +237,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("runner_max_crashes", _bounded(int, 1, 1000), lambda _env: 3,
             "Crashes in a row after which a model's runner is no longer restarted and the model is failed.",
             Reload.LIVE),
+    Setting("cors_origins", _origins, lambda _env: (),
+            "Browser origins (https://host[:port]) whose pages may call the API (CORS); none by default. "
+            "`*` allows any origin (keys still required; never with credentials).",
+            Reload.LIVE, "from the next request"),
+    Setting("allow_unknown_fields", _parse_bool, lambda _env: False,
+            "Accept request fields the OpenAI routes do not know (default: 400 unknown_parameter naming "
+            "them, as OpenAI answers).",
+            Reload.LIVE, "from the next request"),
     Setting("audit_anchor_every", _bounded(int, 1, 1_000_000), lambda _env: 100,
             "The audit trail's head (sequence number and MAC) is written to the anchor file outside the "
             "catalog (and the systemd journal) at least every this many entries, and at daemon shutdown.",
@@ -263,6 +287,8 @@ class Config:
     master_key_keep_previous_days: float
     runner_max_crashes: int
     audit_anchor_every: int
+    cors_origins: tuple[str, ...]
+    allow_unknown_fields: bool
     source: str = field(default="defaults", compare=False)
 
     @property

@@ -38,14 +38,16 @@ def test_every_setting_has_an_environment_override(tmp_path: Path) -> None:
                "policy_file": "/p.toml", "max_upload_mb": "10", "cpu_repack": "off", "runner_max_crashes": "5",
                "master_key_keep_previous_days": "7", "tls_cert_file": "/c.pem", "tls_key_file": "/k.pem",
                "allow_plaintext_lan": "true", "max_connections": "100", "header_timeout_s": "5",
-               "body_timeout_s": "30", "audit_anchor_every": "25"}
+               "body_timeout_s": "30", "audit_anchor_every": "25", "allow_unknown_fields": "true",
+               "cors_origins": "http://a.test"}
     assert set(samples) == {s.key for s in SETTINGS}, "add a sample for the new setting"
     env = {f"GARRISON_{k.upper()}": v for k, v in samples.items()}
     config = load_config("/dev/null", env=env)
     for key, raw in samples.items():
         assert str(getattr(config, key)).lower().rstrip(".0") == raw.rstrip(".0") or key in {
             "shutdown_grace_s", "max_request_mb", "job_poll_s", "job_timeout_s", "job_heartbeat_s",
-            "job_stale_after_s"}, key
+            "job_stale_after_s", "cors_origins"}, key
+    assert config.cors_origins == ("http://a.test",)
     assert config.run_jobs is False and config.allow_remote is True and config.job_max_attempts == 4
 
 

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from garrison.config import Config
 from garrison.crypto.identity import IdentityCache
+from garrison.daemon import cors
 from garrison.daemon.metrics import METRICS, make_metrics
 from garrison.daemon.middleware import (
     ROUTE_TABLE,
@@ -53,7 +54,8 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
         layout.ensure()
         catalog = Catalog(layout.catalog)
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware, rate_limit_middleware],
+        middlewares=[metrics_middleware, error_middleware, cors.cors_middleware, auth_middleware,
+                     rate_limit_middleware],
         client_max_size=int(config.max_request_mb * 1024 * 1024),
     )
     jobs = JobStore(catalog)
@@ -66,6 +68,7 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
                         manager=manager, policy=policy, identity_cache=identities)
     app[STATE] = state
     install_usage(app, catalog)
+    cors.install(app)
     app[METRICS] = make_metrics(jobs, lambda: len(state.runner.active) if state.runner else 0, manager)
     table = {}
     for route in ROUTES:

@@ -391,7 +391,10 @@ class LlamaEngine:
         return bytes(buf.raw[:n])
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
-        """Token ids to text; control tokens are left out unless special."""
+        """Token ids to text; control tokens are left out unless special. Ids come from clients (token
+        prompts): one outside the vocabulary would read past llama.cpp's tables, so it is refused."""
+        if any(not 0 <= t < self.n_vocab for t in tokens):
+            raise InvalidRequest(f"token ids must be in [0, {self.n_vocab})", param="prompt")
         return b"".join(self.token_piece(t, special) for t in tokens).decode("utf-8", errors="replace")
 
     # -- requests ----------------------------------------------------------------------

@@ -412,6 +412,8 @@ class OnnxDecoderEngine:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special).ids)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        if any(not 0 <= t < self.n_vocab for t in tokens):
+            raise InvalidRequest(f"token ids must be in [0, {self.n_vocab})", param="prompt")
         return str(self.tokenizer.decode(list(tokens), skip_special_tokens=not special))
 
     # -- generation ------------------------------------------------------------------------
@@ -785,6 +787,9 @@ class OnnxEmbeddingEngine:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Token ids back to text (the privacy screen reads token inputs as text)."""
+        vocab = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        if any(not 0 <= t < vocab for t in tokens):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="input")
         return str(self._counter.decode(list(tokens), skip_special_tokens=True))
 
     def _embed_batch(self, texts: list[str]) -> tuple[npt.NDArray[np.float32], list[int]]:

@@ -82,7 +82,59 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def sampling_params(body: dict[str, Any], *, default_max_tokens: int) -> SamplingParams:
+#: OpenAI's bounds: at most 128 choices, biases in [-100, 100]; entries capped so a body cannot make
+#: the sampler chain huge.
+MAX_CHOICES = 128
+MAX_LOGIT_BIAS = 1024
+MAX_GRAMMAR_BYTES = 64 * 1024
+
+
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} object (llama-server's [[id, bias], ...] pairs too); ids are checked
+    against the model's vocabulary by the engine."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return ()
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    if not isinstance(pairs, list) or len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"'logit_bias' must map at most {MAX_LOGIT_BIAS} token ids to biases",
+                             param="logit_bias")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise InvalidRequest("'logit_bias' must map token ids to biases", param="logit_bias")
+        token, bias = pair
+        if isinstance(token, str) and token.strip().isdigit():
+            token = int(token)
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise InvalidRequest(f"'logit_bias' keys must be token ids (got {str(token)[:40]!r})", param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise InvalidRequest(f"'logit_bias' values must be numbers from -100 to 100 (token {token})",
+                                 param="logit_bias")
+        out[token] = float(bias)
+    return tuple(out.items())
+
+
+def _body_grammar(body: dict[str, Any]) -> str | None:
+    """llama-server's `grammar` extension: a GBNF grammar, parsed by llama.cpp in the model's runner."""
+    grammar = body.get("grammar")
+    if grammar is None:
+        return None
+    if not isinstance(grammar, str) or not grammar.strip() or len(grammar.encode()) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequest(f"'grammar' must be a GBNF grammar of at most {MAX_GRAMMAR_BYTES} bytes",
+                             param="grammar")
+    if body.get("response_format") is not None:
+        raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
+    return grammar
+
+
+def choice_count(body: dict[str, Any]) -> int:
+    """OpenAI's `n` (and best_of, which Garrison takes only as a no-op, see openai_fields)."""
+    return _integer(body, "n", 1, 1, MAX_CHOICES) or 1
+
+
+def sampling_params(body: dict[str, Any], *, default_max_tokens: int | None) -> SamplingParams:
+    """default_max_tokens None: a request without max_tokens generates to the end of the context."""
     logprobs = body.get("logprobs")
     top_logprobs = _integer(body, "top_logprobs", 0, 0, 20) or 0
     if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # /v1/completions: an integer
@@ -91,8 +143,6 @@ def sampling_params(body: dict[str, Any], *, default_max_tokens: int) -> Samplin
         top_logprobs, logprobs = logprobs, True
     elif logprobs is not None and not isinstance(logprobs, bool):
         raise InvalidRequest("'logprobs' must be true or false", param="logprobs")
-    n = _integer(body, "n", 1, 1, 1)
-    del n  # only n=1: several choices would multiply the cost of one request silently
     max_tokens = _integer(body, "max_completion_tokens", None, 1, 1 << 20)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", default_max_tokens, 1, 1 << 20)
@@ -106,12 +156,14 @@ def sampling_params(body: dict[str, Any], *, default_max_tokens: int) -> Samplin
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         seed=None if seed is None else seed & 0xFFFFFFFF,
-        max_tokens=int(max_tokens or default_max_tokens),
+        max_tokens=max_tokens,
         stop=_stop(body),
         logprobs=bool(logprobs),
         top_logprobs=top_logprobs,
-        grammar=_grammar(body),
+        grammar=_body_grammar(body) or _grammar(body),
         ignore_eos=_flag(body, "ignore_eos"),
+        logit_bias=_logit_bias(body),
+        penalty_last_n=_integer(body, "repeat_last_n", 64, 0, 1 << 20) or 0,
     )
 
 
@@ -172,13 +224,46 @@ def render_chat(template: str | None, messages: list[dict[str, Any]], *, bos_tok
                   tools=tools, kwargs=kwargs, add_generation_prompt=add_generation_prompt)
 
 
-def completion_prompt(body: dict[str, Any]) -> str:
+#: Prompts in one /v1/completions request (each a string or a list of token ids).
+MAX_PROMPTS = 128
+
+
+def completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    """OpenAI's four prompt shapes: a string, a list of strings, a list of token ids, a list of such lists."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise InvalidRequest("'prompt' must be a non-empty string", param="prompt")
-    return prompt
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(is_token(t) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list):
+        prompts = prompt
+    else:
+        prompts = []
+    if not prompts or len(prompts) > MAX_PROMPTS or not all(
+            (isinstance(p, str) and p) or (isinstance(p, list) and p and all(is_token(t) for t in p))
+            for p in prompts):
+        raise InvalidRequest(f"'prompt' must be a non-empty string, a list of token ids, or a list of at most "
+                             f"{MAX_PROMPTS} of either", param="prompt")
+    return prompts
+
+
+def is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def choices_usage(prompt_finishes: list[Finish], finishes: list[Finish]) -> dict[str, Any]:
+    """Usage of several choices: each prompt counted once (its first choice's), completions summed."""
+    prompt = sum(f.prompt_tokens for f in prompt_finishes)
+    completion = sum(f.completion_tokens for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in prompt_finishes)}}
+
+
+def with_index(obj: dict[str, Any], index: int) -> dict[str, Any]:
+    """A one-choice response or chunk, its choice renumbered (choice i of n, or prompt p's choice j)."""
+    for choice in obj["choices"]:
+        choice["index"] = index
+    return obj
 
 
 @dataclass

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -23,16 +24,16 @@ from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.daemon.usage import usage_of
-from garrison.engine.protocols import GenerationEngine
+from garrison.engine.protocols import EmbeddingEngine, EmbeddingResult, GenerationEngine, TokenStream
 from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest, SamplingParams, TokenEvent
 from garrison.errors import GarrisonError, InvalidRequest
 from garrison.models.names import check_model_id
-from garrison.operations.inference_privacy import ResponseFilter, filtered_events
+from garrison.operations.inference_privacy import InferencePrivacyPolicy, ResponseFilter, filtered_events
 from garrison.policies.access import allowed, authorize
 from garrison.serving import openai_format as fmt
+from garrison.serving.openai_fields import CHAT_FIELDS, check_fields
 from garrison.serving.reasoning import ReasoningSplitter, ReasoningSyntax, reasoning_syntax, split_text
 
-DEFAULT_MAX_TOKENS = 256
 MAX_EMBED_INPUTS = 2048
 
 
@@ -72,14 +73,15 @@ async def get_model(request: web.Request) -> web.StreamResponse:
                           "owned_by": "garrison"})
 
 
-async def _events(engine: GenerationEngine, req: GenerationRequest,
-                  request: web.Request) -> AsyncGenerator[TokenEvent | Finish, None]:
-    stream = engine.generate(req)
+async def _events(stream: TokenStream, req: GenerationRequest, request: web.Request, *,
+                  counts_prompt: bool = True) -> AsyncGenerator[TokenEvent | Finish, None]:
+    """One choice's items; its usage is noted as it ends (a request's prompt once, by its first choice)."""
+    prompt = len(req.prompt_tokens) if counts_prompt else 0
     generated = 0  # the tokens of a generation cut short, which never reaches its Finish
     try:
         async for item in stream:
             if isinstance(item, Finish):
-                usage_of(request).add(item.prompt_tokens, item.completion_tokens)
+                usage_of(request).add(item.prompt_tokens if counts_prompt else 0, item.completion_tokens)
                 generated = -1
             elif generated >= 0:
                 generated += 1
@@ -89,7 +91,7 @@ async def _events(engine: GenerationEngine, req: GenerationRequest,
                 return
     finally:
         if generated > 0:
-            usage_of(request).add(len(req.prompt_tokens), generated)
+            usage_of(request).add(prompt, generated)
         await stream.aclose()
 
 
@@ -98,12 +100,52 @@ def _screened(events: AsyncGenerator[TokenEvent | Finish, None], screen: Respons
     return events if screen is None else filtered_events(events, screen, len(req.prompt_tokens))
 
 
-async def _collect(engine: GenerationEngine, req: GenerationRequest, request: web.Request,
-                   screen: ResponseFilter | None) -> fmt.Collected:
+@dataclass
+class _Choice:
+    """One choice of a response: prompt p's choice j is index p * n + j, as OpenAI numbers them."""
+
+    index: int
+    prompt: int  # which prompt (of a /v1/completions list) it answers
+    stream: TokenStream
+    events: AsyncGenerator[TokenEvent | Finish, None]
+    echo: str = ""  # the prompt's text, when the request asks for echo
+
+
+async def _open_choices(engine: GenerationEngine, reqs: list[GenerationRequest], echoes: list[str],
+                        request: web.Request, privacy: InferencePrivacyPolicy) -> list[_Choice]:
+    """Every prompt's n choices, each from one evaluation of its prompt (the engine's generate_choices)."""
+    choices: list[_Choice] = []
+    try:
+        for p, req in enumerate(reqs):
+            for j, stream in enumerate(engine.generate_choices(req)):
+                events = _screened(_events(stream, req, request, counts_prompt=j == 0),
+                                   await privacy.response_filter(), req)
+                choices.append(_Choice(p * req.n + j, p, stream, events, echoes[p]))
+    except BaseException:
+        await _close_choices(choices)
+        raise
+    return choices
+
+
+async def _close_choices(choices: list[_Choice]) -> None:
+    for choice in choices:
+        choice.stream.cancel()
+        await choice.events.aclose()
+
+
+def _usage(choices: list[_Choice], finishes: dict[int, Finish]) -> dict[str, Any]:
+    firsts: dict[int, Finish] = {}
+    for choice in choices:
+        if choice.index in finishes:
+            firsts.setdefault(choice.prompt, finishes[choice.index])
+    return fmt.choices_usage(list(firsts.values()), list(finishes.values()))
+
+
+async def _collect(choice: _Choice) -> fmt.Collected:
     parts: list[str] = []
     events: list[TokenEvent] = []
     finish: Finish | None = None
-    async for item in _screened(_events(engine, req, request), screen, req):
+    async for item in choice.events:
         if isinstance(item, Finish):
             finish = item
             parts.append(item.text)
@@ -115,67 +157,136 @@ async def _collect(engine: GenerationEngine, req: GenerationRequest, request: we
     return fmt.Collected(text="".join(parts), finish=finish, logprobs=events)
 
 
-async def _stream(request: web.Request, engine: GenerationEngine, req: GenerationRequest, model: str, kind: str,
-                  include_usage: bool, screen: ResponseFilter | None,
+async def _collect_all(choices: list[_Choice]) -> list[fmt.Collected]:
+    """Every choice to its end, concurrently; one failing ends the others (their slots freed)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_collect(choice)) for choice in choices]
+    except BaseExceptionGroup as errors:
+        raise errors.exceptions[0] from None
+    finally:
+        await _close_choices(choices)
+    return [task.result() for task in tasks]
+
+
+async def _merged(choices: list[_Choice], firsts: list[TokenEvent | Finish]
+                  ) -> AsyncGenerator[tuple[_Choice, TokenEvent | Finish], None]:
+    """The choices' items as they come (OpenAI interleaves choices in one stream), each choice's first
+    item (already read) first."""
+    live: dict[asyncio.Future[TokenEvent | Finish], _Choice] = {}
+    try:
+        for choice, item in zip(choices, firsts, strict=True):
+            yield choice, item
+            if not isinstance(item, Finish):
+                live[asyncio.ensure_future(anext(choice.events))] = choice
+        while live:
+            done, _ = await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: live[f].index):
+                choice = live.pop(future)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                yield choice, item
+                if not isinstance(item, Finish):
+                    live[asyncio.ensure_future(anext(choice.events))] = choice
+    finally:
+        for future in live:
+            future.cancel()
+        await asyncio.gather(*live, return_exceptions=True)
+
+
+async def _stream(request: web.Request, choices: list[_Choice], model: str, kind: str, include_usage: bool,
                   syntax: ReasoningSyntax | None = None) -> web.StreamResponse:
     rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = int(time.time())
     chunk = fmt.chat_chunk if kind == "chat" else fmt.completion_chunk
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-    events = _screened(_events(engine, req, request), screen, req)
-    splitter = None if syntax is None else ReasoningSplitter(syntax)
-    first_item = await events.__anext__()  # errors before the first token still get a proper status
-    await response.prepare(request)
+    splitters = {c.index: None if syntax is None else ReasoningSplitter(syntax) for c in choices}
+    finishes: dict[int, Finish] = {}
     try:
-        if kind == "chat":
-            await response.write(fmt.sse(chunk(rid, model, created, "", None, first=True)))
-        item: TokenEvent | Finish = first_item
-        while True:
+        # Errors before the first token still get a proper status: every choice's first item before the head.
+        firsts = [await anext(choice.events) for choice in choices]
+        await response.prepare(request)
+        for choice in choices:
+            if kind == "chat":
+                await response.write(fmt.sse(fmt.with_index(chunk(rid, model, created, "", None, first=True),
+                                                            choice.index)))
+            elif choice.echo:
+                await response.write(fmt.sse(fmt.with_index(chunk(rid, model, created, choice.echo, None),
+                                                            choice.index)))
+        async for choice, item in _merged(choices, firsts):
+            splitter = splitters[choice.index]
+            out: list[dict[str, Any]] = []
             if isinstance(item, Finish):
+                finishes[choice.index] = item
                 parts = [("content", item.text)] if splitter is None else splitter.feed(item.text) + splitter.finish()
-                for part_kind, part in parts:
-                    if part:
-                        await response.write(fmt.sse(chunk(rid, model, created, part, None,
-                                                           reasoning=part_kind == "reasoning")))
-                final = chunk(rid, model, created, None if kind == "chat" else "", item.finish_reason)
-                await response.write(fmt.sse(final))
-                if include_usage:
-                    await response.write(fmt.sse({"id": rid, "object": final["object"], "created": created,
-                                                  "model": model, "choices": [], "usage": fmt.usage(item)}))
-                await response.write(fmt.sse("[DONE]"))
-                break
-            if splitter is None:
+                out += [chunk(rid, model, created, part, None, reasoning=part_kind == "reasoning")
+                        for part_kind, part in parts if part]
+                out.append(chunk(rid, model, created, None if kind == "chat" else "", item.finish_reason))
+            elif splitter is None:
                 if item.text or item.logprob is not None:
-                    await response.write(fmt.sse(chunk(rid, model, created, item.text, None, item)))
+                    out.append(chunk(rid, model, created, item.text, None, item))
             else:  # thinking apart: a marker's tokens and a held tail send no text (their logprobs still go)
                 parts = splitter.feed(item.text) or [("content", "")] * (item.logprob is not None)
-                for n, (part_kind, part) in enumerate(parts):
-                    await response.write(fmt.sse(chunk(rid, model, created, part, None, None if n else item,
-                                                       reasoning=part_kind == "reasoning")))
-            item = await events.__anext__()
+                out += [chunk(rid, model, created, part, None, None if n else item, reasoning=part_kind == "reasoning")
+                        for n, (part_kind, part) in enumerate(parts)]
+            for data in out:
+                await response.write(fmt.sse(fmt.with_index(data, choice.index)))
+        if include_usage:
+            await response.write(fmt.sse({"id": rid, "object": chunk(rid, model, created, "", None)["object"],
+                                          "created": created, "model": model, "choices": [],
+                                          "usage": _usage(choices, finishes)}))
+        await response.write(fmt.sse("[DONE]"))
     except GarrisonError as exc:
+        if not response.prepared:
+            raise
         with contextlib.suppress(ConnectionError):
             await response.write(fmt.sse(exc.to_openai()))
     except (ConnectionError, StopAsyncIteration):
         pass  # the client left; _events already cancelled the generation
     finally:
-        await events.aclose()
+        await _close_choices(choices)
     return response
+
+
+async def _prompt_tokens(engine: GenerationEngine, prompt: str | list[int], field: str, echo: bool,
+                         privacy: InferencePrivacyPolicy) -> tuple[list[int], str]:
+    """A /v1/completions prompt as token ids, and its text for echo. Token ids are screened too: as
+    text, and a redacted prompt is tokenized again from the redacted text."""
+    if isinstance(prompt, str):
+        return await engine.tokenize(prompt, add_special=True, parse_special=False), prompt
+    tokens = list(prompt)
+    if not (echo or privacy.prompts.active):
+        return tokens, ""
+    text = await engine.detokenize(tokens)
+    screened = (await privacy.screen_prompts([text], [field]))[0]
+    if screened != text:
+        return await engine.tokenize(screened, add_special=True, parse_special=False), screened
+    return tokens, text
 
 
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     body = await read_json(request)
+    state = request.app[STATE]
+    check_fields(body, kind, allow_unknown=state.config.allow_unknown_fields)
     model = _model_id(body, request)
     # Off the event loop: a response_format schema becomes a grammar here (CPU-bound, up to MAX_SCHEMA_BYTES).
-    params: SamplingParams = await asyncio.to_thread(fmt.sampling_params, body,
-                                                     default_max_tokens=DEFAULT_MAX_TOKENS)
+    # No max_tokens: to the end of the context, as OpenAI and llama-server do.
+    params: SamplingParams = await asyncio.to_thread(fmt.sampling_params, body, default_max_tokens=None)
+    n = fmt.choice_count(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false", param="stream")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise InvalidRequest("'echo' must be true or false", param="echo")
+    if echo and params.logprobs:
+        raise InvalidRequest("echo with logprobs (the prompt's own logprobs) is not supported",
+                             code="unsupported_parameter", param="echo")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    state = request.app[STATE]
     privacy = state.policy.inference_privacy
     if params.logprobs and privacy.responses.active:
         raise InvalidRequest("logprobs would show the response's tokens before the privacy policy screens them "
@@ -185,7 +296,12 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         messages = await privacy.screen_messages(fmt.chat_messages(body))
         tools, template_kwargs = fmt.chat_tools(body), fmt.template_kwargs(body)
     else:
-        prompt = (await privacy.screen_prompts([fmt.completion_prompt(body)], ["prompt"]))[0]
+        prompts = fmt.completion_prompts(body)
+        fields = ["prompt"] if len(prompts) == 1 else [f"prompt[{i}]" for i in range(len(prompts))]
+        texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        screened = await privacy.screen_prompts([str(prompts[i]) for i in texts], [fields[i] for i in texts])
+        for i, text in zip(texts, screened, strict=True):
+            prompts[i] = text
     async with state.manager.use(model, "generate") as loaded:
         engine = loaded.generator
         if kind == "chat":
@@ -193,25 +309,35 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
                                                    bos_token=engine.bos_token, eos_token=engine.eos_token,
                                                    tools=tools, kwargs=template_kwargs))
             syntax = reasoning_syntax(engine.chat_template, text, body)
-            tokens = await engine.tokenize(text, add_special=False, parse_special=True)
+            token_lists = [await engine.tokenize(text, add_special=False, parse_special=True)]
+            echoes = [""]
         else:
-            tokens = await engine.tokenize(prompt, add_special=True, parse_special=False)
+            pairs = [await _prompt_tokens(engine, p, f, echo, privacy) for p, f in zip(prompts, fields, strict=True)]
+            token_lists = [tokens for tokens, _ in pairs]
+            echoes = [text if echo else "" for _, text in pairs]
             syntax = None
-        req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request),
-                                lora_path=loaded.lora_path)
+        reqs = [GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request),
+                                  lora_path=loaded.lora_path, n=n) for tokens in token_lists]
         try:
+            choices = await _open_choices(engine, reqs, echoes, request, privacy)
             if stream:
-                return await _stream(request, engine, req, model, kind, include_usage,
-                                     await privacy.response_filter(), syntax)
-            collected = await _collect(engine, req, request, await privacy.response_filter())
-            if syntax is not None:
-                collected.reasoning, collected.text = split_text(syntax, collected.text)
+                return await _stream(request, choices, model, kind, include_usage, syntax)
+            collected = await _collect_all(choices)
         except ContextLengthExceeded as exc:
             exc.param = "messages" if kind == "chat" else "prompt"  # name the field the client sent
             raise
     rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
     make = fmt.chat_response if kind == "chat" else fmt.completion_response
-    return json_response(make(rid, model, collected, params.logprobs))
+    answers = []
+    for choice, one in zip(choices, collected, strict=True):
+        if syntax is not None:
+            one.reasoning, one.text = split_text(syntax, one.text)
+        one.text = choice.echo + one.text
+        answers.append(fmt.with_index(make(rid, model, one, params.logprobs), choice.index))
+    response = answers[0]
+    response["choices"] = [answer["choices"][0] for answer in answers]
+    response["usage"] = _usage(choices, {c.index: one.finish for c, one in zip(choices, collected, strict=True)})
+    return json_response(response)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -222,27 +348,62 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "completion")
 
 
-def _embedding_inputs(body: dict[str, Any]) -> list[str]:
+def _embedding_inputs(body: dict[str, Any]) -> list[str] | list[list[int]]:
+    """OpenAI's four input shapes: a string, a list of strings, a list of token ids, a list of such lists."""
     raw = body.get("input")
-    inputs = [raw] if isinstance(raw, str) else raw
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) and t for t in inputs):
-        raise InvalidRequest("'input' must be a non-empty string or list of non-empty strings", param="input")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(fmt.is_token(t) for t in raw)):
+        inputs: list[Any] = [raw]
+    else:
+        inputs = raw if isinstance(raw, list) else []
+    texts = all(isinstance(t, str) and t for t in inputs)
+    tokens = all(isinstance(t, list) and t and all(fmt.is_token(i) for i in t) for t in inputs)
+    if not inputs or not (texts or tokens):
+        raise InvalidRequest("'input' must be a non-empty string, a list of token ids, or a list of either",
+                             param="input")
     if len(inputs) > MAX_EMBED_INPUTS:
         raise InvalidRequest(f"at most {MAX_EMBED_INPUTS} inputs per request", param="input")
     return inputs
 
 
+async def _embed(embedder: EmbeddingEngine, inputs: list[str] | list[list[int]], fields: list[str],
+                 truncate: bool, privacy: InferencePrivacyPolicy) -> EmbeddingResult:
+    """Token-id inputs are screened as text; if the policy redacts any, the redacted texts are embedded."""
+    if all(isinstance(i, str) for i in inputs):
+        return await embedder.embed([str(i) for i in inputs], truncate=truncate)
+    token_lists = [list(i) for i in inputs if isinstance(i, list)]
+    if privacy.prompts.active:
+        texts = [await embedder.detokenize(t) for t in token_lists]
+        screened = await privacy.screen_prompts(texts, fields)
+        if screened != texts:
+            return await embedder.embed(screened, truncate=truncate)
+    return await embedder.embed_tokens(token_lists, truncate=truncate)
+
+
 async def embeddings(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
+    state = request.app[STATE]
+    check_fields(body, "embedding", allow_unknown=state.config.allow_unknown_fields)
     model = _model_id(body, request)
     inputs = _embedding_inputs(body)
     fields = [f"input[{i}]" for i in range(len(inputs))] if isinstance(body["input"], list) else ["input"]
-    inputs = await request.app[STATE].policy.inference_privacy.screen_prompts(inputs, fields)
+    privacy = state.policy.inference_privacy
+    if all(isinstance(i, str) for i in inputs):
+        inputs = await privacy.screen_prompts([str(i) for i in inputs], fields)
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64", param="encoding_format")
-    async with request.app[STATE].manager.use(model, "embed") as loaded:
-        result = await loaded.embedder.embed(inputs)
+    # An over-long input is refused (400 context_length_exceeded), as OpenAI does, unless the request asks
+    # for it to be cut at the model's limit (Garrison's `truncate`).
+    truncate = body.get("truncate", False)
+    if not isinstance(truncate, bool):
+        raise InvalidRequest("'truncate' must be true or false", param="truncate")
+    dimensions = body.get("dimensions")
+    async with state.manager.use(model, "embed") as loaded:
+        embedder = loaded.embedder
+        if dimensions is not None and dimensions != embedder.dimensions:
+            raise InvalidRequest(f"this model's embeddings have {embedder.dimensions} dimensions; it cannot "
+                                 "shorten them", code="unsupported_parameter", param="dimensions")
+        result = await _embed(embedder, inputs, fields, truncate, privacy)
     vectors, tokens = result.vectors, result.total_tokens
     usage_of(request).add(int(tokens), 0)
     data = []
@@ -266,7 +427,7 @@ _GEN_BODY: dict[str, Any] = {
     "properties": {"model": _MODEL, "stream": {"type": "boolean"},
                    "max_tokens": _between("integer", 1, 1 << 20),
                    "max_completion_tokens": _between("integer", 1, 1 << 20),
-                   "n": {"type": "integer", "enum": [1]}, "temperature": _between("number", 0, 2),
+                   "n": _between("integer", 1, fmt.MAX_CHOICES), "temperature": _between("number", 0, 2),
                    "top_p": _between("number", 0, 1), "top_k": _between("integer", 0, 1 << 20),
                    "min_p": _between("number", 0, 1), "frequency_penalty": _between("number", -2, 2),
                    "presence_penalty": _between("number", -2, 2), "repeat_penalty": _between("number", 0.01, 10),
@@ -274,8 +435,20 @@ _GEN_BODY: dict[str, Any] = {
                    "stop": {"oneOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": fmt.MAX_STOP}]},
                    "logprobs": {"oneOf": [{"type": "boolean"}, _between("integer", 0, 5)]},
                    "top_logprobs": _between("integer", 0, 20),
+                   "logit_bias": {"type": "object", "maxProperties": fmt.MAX_LOGIT_BIAS,
+                                  "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                                  "additionalProperties": _between("number", -100, 100),
+                                  "description": "token id -> bias added to its logit; -100 bans the token"},
+                   "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+                   "user": {"type": "string", "description": "accepted and ignored"},
+                   "repeat_last_n": _between("integer", 0, 1 << 20),
+                   "grammar": {"type": "string", "minLength": 1, "maxLength": fmt.MAX_GRAMMAR_BYTES,
+                               "description": "a GBNF grammar (llama-server's extension)"},
+                   "cache_prompt": {"type": "boolean", "description": "accepted and ignored (always cached)"},
                    "ignore_eos": {"type": "boolean", "description": "generate max_tokens tokens (llama.cpp's "
-                                                                   "server extension; load tests)"}}}
+                                                                   "server extension; load tests)"}},
+    "additionalProperties": False}
+_TOKENS = {"type": "array", "items": _between("integer", 0, (1 << 31) - 1), "minItems": 1}
 _MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
     "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
@@ -306,20 +479,37 @@ ROUTES = (
           body={**_GEN_BODY, "required": ["model", "messages"],
                 "properties": {**_GEN_BODY["properties"], "messages": {"type": "array", "minItems": 1,
                                                                           "items": _MESSAGE},
-                               "response_format": _RESPONSE_FORMAT, "stream_options": {"type": "object"},
-                               "tools": {"type": "array"}, "chat_template_kwargs": {"type": "object"},
+                               "response_format": _RESPONSE_FORMAT, "tools": {"type": "array"},
+                               **{f.name: {"description": f"accepted; {f.handling}: {f.why}"}
+                                  for f in CHAT_FIELDS.values() if f.handling != "used"},
+                               "chat_template_kwargs": {"type": "object"},
                                "reasoning_format": {"type": "string", "enum": ["auto", "deepseek", "none"]}}},
           responses={"200": "OK", **_ERRORS}, streaming=True),
-    Route("POST", "/v1/completions", completions, "infer", "Text completion; `stream` for server-sent events.",
+    Route("POST", "/v1/completions", completions, "infer", "Text completion; `stream` for server-sent events; "
+          "`prompt` a string, token ids, or a list of either (choice index = prompt * n + choice); `echo` puts "
+          "the prompt before each choice's text.",
           "inference", body={**_GEN_BODY, "required": ["model", "prompt"],
                              "properties": {**_GEN_BODY["properties"], "prompt": {"oneOf": [
-                                 _TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1}]}}},
+                                 _TEXT, _TOKENS,
+                                 {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": fmt.MAX_PROMPTS},
+                                 {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": fmt.MAX_PROMPTS}]},
+                                            "echo": {"type": "boolean"}, "response_format": _RESPONSE_FORMAT,
+                                            "best_of": {"type": "integer", "enum": [1]},
+                                            "suffix": {"type": "string", "enum": [""]}}},
           responses={"200": "OK", **_ERRORS}, streaming=True),
     Route("POST", "/v1/embeddings", embeddings, "infer", "Embeddings from an encoder model (pooling and "
-          "normalization from the model's configuration).", "inference",
-          body={"type": "object", "required": ["model", "input"],
-                "properties": {"model": _MODEL, "input": {"oneOf": [_TEXT, {
-                                   "type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_EMBED_INPUTS}]},
-                               "encoding_format": {"type": "string", "enum": ["float", "base64"]}}},
+          "normalization from the model's configuration). `input`: a string, token ids (used as given, no "
+          "special tokens added), or a list of either; an input longer than the model's limit is a 400 "
+          "`context_length_exceeded` unless `truncate` is true.", "inference",
+          body={"type": "object", "required": ["model", "input"], "additionalProperties": False,
+                "properties": {"model": _MODEL, "input": {"oneOf": [
+                                   _TEXT, _TOKENS,
+                                   {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_EMBED_INPUTS},
+                                   {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": MAX_EMBED_INPUTS}]},
+                               "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                               "dimensions": {"type": "integer", "description": "only the model's own"},
+                               "user": {"type": "string", "description": "accepted and ignored"},
+                               "truncate": {"type": "boolean", "description": "cut an over-long input at the "
+                                                                              "model's limit (Garrison's)"}}},
           responses={"200": "OK", **_ERRORS}),
 )

@@ -1,0 +1,120 @@
+"""Which request fields each OpenAI route takes: one table, read by the handlers and the docs' test.
+
+OpenAI answers an unknown field with 400 naming it; a silently dropped field hides a typo
+(`max_token`) or a feature the client believes it got. So every field OpenAI defines for a route
+is accepted (real clients send `user`, `store`, `metadata`, ... as a matter of course), those
+Garrison cannot honour by doing nothing are refused unless they ask for nothing, and every other
+field is refused unless the operator sets `allow_unknown_fields`. Garrison's own extensions
+(llama-server's names) are accepted beside OpenAI's.
+
+A new field is one row. `docs/operator-guide.md` lists the ignored ones (tests/serving keeps it so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from garrison.errors import InvalidRequest
+
+Handling = Literal["used", "ignored", "no-op only"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """How a route treats one request field.
+
+    "ignored": accepted and without effect, harmlessly (metadata, a cache hint, a billing tag).
+    "no-op only": accepted while it asks for nothing Garrison lacks (`accepts` says which values).
+    """
+
+    name: str
+    handling: Handling = "used"
+    why: str = ""
+    accepts: Callable[[Any], bool] | None = None
+
+
+def _null_or(*values: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or value in values
+
+
+def _fields(*rows: Field | str) -> dict[str, Field]:
+    out = {}
+    for row in rows:
+        field = Field(row) if isinstance(row, str) else row
+        out[field.name] = field
+    return out
+
+
+# Sampling extensions llama-server accepts under these names; Garrison implements each.
+_SAMPLING_EXTENSIONS = ("top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "grammar")
+_CACHE_PROMPT = Field("cache_prompt", "ignored", "llama-server's switch; Garrison always reuses the KV cache")
+_USER = Field("user", "ignored", "an end-user tag for OpenAI's abuse monitoring; keys identify callers here")
+
+CHAT_FIELDS: dict[str, Field] = _fields(
+    "model", "messages", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "max_tokens", "max_completion_tokens", "n", "response_format", "seed", "stop", "stream", "stream_options",
+    "temperature", "top_p", "tools",
+    _USER,
+    Field("metadata", "ignored", "tags for OpenAI's stored completions; nothing is stored"),
+    Field("store", "ignored", "OpenAI's stored completions; Garrison stores no completion"),
+    Field("service_tier", "ignored", "OpenAI's processing tiers; one tier here"),
+    Field("prediction", "ignored", "predicted output is a latency hint; the answer is the same without it"),
+    Field("reasoning_effort", "ignored", "OpenAI's reasoning models; a chat template's own switch goes in "
+                                         "chat_template_kwargs"),
+    Field("verbosity", "ignored", "OpenAI's reasoning models"),
+    Field("prompt_cache_key", "ignored", "a routing hint for OpenAI's cache; the KV cache is reused by prefix"),
+    Field("prompt_cache_retention", "ignored", "OpenAI's cache retention; the KV cache is kept per slot"),
+    Field("safety_identifier", "ignored", "an end-user tag for OpenAI's abuse monitoring"),
+    Field("tool_choice", "ignored", "tools are rendered into the prompt by the chat template; calls are not "
+                                    "parsed yet"),
+    Field("parallel_tool_calls", "ignored", "as tool_choice"),
+    Field("functions", "ignored", "the deprecated form of tools"),
+    Field("function_call", "ignored", "the deprecated form of tool_choice"),
+    Field("modalities", "no-op only", "text only", lambda v: v is None or v == ["text"]),
+    Field("audio", "no-op only", "no audio output", _null_or()),
+    Field("web_search_options", "no-op only", "the appliance never goes online", _null_or()),
+    *_SAMPLING_EXTENSIONS, _CACHE_PROMPT, "chat_template_kwargs", "reasoning_format",
+)
+
+COMPLETION_FIELDS: dict[str, Field] = _fields(
+    "model", "prompt", "echo", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "max_tokens",
+    "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p",
+    _USER,
+    Field("best_of", "no-op only", "server-side best-of is not implemented: ask for n choices and pick",
+          lambda v: v is None or v == 1),
+    Field("suffix", "no-op only", "insertion (fill in the middle) is not implemented", _null_or("")),
+    *_SAMPLING_EXTENSIONS, _CACHE_PROMPT, "response_format",
+    "max_completion_tokens", "top_logprobs",  # the chat route's names, taken here too (as llama-server does)
+)
+
+EMBEDDING_FIELDS: dict[str, Field] = _fields(
+    "model", "input", "encoding_format", "dimensions", _USER,
+    "truncate",  # Garrison's: cut an over-long input at the model's limit instead of refusing it
+)
+
+ROUTE_FIELDS: Mapping[str, dict[str, Field]] = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS,
+                                                "embedding": EMBEDDING_FIELDS}
+
+
+def check_fields(body: Mapping[str, Any], route: str, *, allow_unknown: bool) -> None:
+    """400 naming the first field the route does not take (unknown_parameter) or cannot honour
+    (unsupported_parameter); `allow_unknown` (the allow_unknown_fields setting) lets unknown ones pass."""
+    table = ROUTE_FIELDS[route]
+    unknown = sorted(name for name in body if name not in table)
+    if unknown and not allow_unknown:
+        names = ", ".join(repr(n) for n in unknown)
+        raise InvalidRequest(f"Unrecognized request argument{'s' if len(unknown) > 1 else ''} supplied: {names} "
+                             "(the operator's allow_unknown_fields setting lets unknown fields pass)",
+                             code="unknown_parameter", param=unknown[0])
+    for name, value in body.items():
+        field = table.get(name)
+        if field is not None and field.accepts is not None and not field.accepts(value):
+            raise InvalidRequest(f"'{name}' is not supported with this value: {field.why}",
+                                 code="unsupported_parameter", param=name)
+
+
+def ignored_fields() -> dict[str, list[Field]]:
+    """Per route, the fields accepted without effect (the operator guide lists them)."""
+    return {route: [f for f in table.values() if f.handling != "used"] for route, table in ROUTE_FIELDS.items()}
