@@ -323,3 +323,37 @@ def test_engine_module_never_imports_torch_or_transformers(llama_onnx: Path, ber
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+async def test_logit_bias_and_n_as_the_llama_engine_takes_them(engine: OnnxDecoderEngine) -> None:
+    """The same parameters mean the same here: -100 bans, ids are range-checked, max_tokens None runs to the
+    end of the context; several choices are refused rather than paid for with n prompt evaluations."""
+    base, _, _ = await run(engine, greedy(engine, "The quick brown", max_tokens=6))
+    banned, _, _ = await run(engine, greedy(engine, "The quick brown", max_tokens=6,
+                                            logit_bias=tuple((t, -100.0) for t in set(base))))
+    assert not set(banned) & set(base)
+    with pytest.raises(InvalidRequest) as many:
+        engine.generate(GenerationRequest(engine.tokenize("Hi"), SamplingParams(max_tokens=2), n=2))
+    assert many.value.param == "n" and many.value.code == "unsupported_parameter"
+    with pytest.raises(InvalidRequest) as bad:
+        engine.generate(greedy(engine, "Hi", max_tokens=2, logit_bias=((engine.n_vocab, 1.0),)))
+    assert bad.value.param == "logit_bias"
+    prompt = engine.tokenize("Hello", add_special=False)
+    _, _, finish = await run(engine, GenerationRequest(prompt, SamplingParams(temperature=0, max_tokens=None,
+                                                                                ignore_eos=True)))
+    assert finish.finish_reason == "length" and len(prompt) + finish.completion_tokens == engine.n_ctx
+
+
+async def test_embeddings_from_token_ids(embedder: OnnxEmbeddingEngine, tiny_bert_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tiny_bert_dir / "tokenizer.json")).encode("the quick brown fox").ids
+    by_text = (await embedder.embed(["the quick brown fox"])).vectors
+    by_ids = await embedder.embed_tokens([ids, ids[:3]])
+    assert np.allclose(by_ids.vectors[0], by_text[0], atol=1e-5) and by_ids.token_counts == [len(ids), 3]
+    with pytest.raises(ContextLengthExceeded):
+        await embedder.embed_tokens([[5] * (embedder.max_length + 1)], truncate=False)
+    cut = await embedder.embed_tokens([[5] * (embedder.max_length + 1)], truncate=True)
+    assert cut.token_counts == [embedder.max_length]
+    with pytest.raises(InvalidRequest):
+        await embedder.embed_tokens([[10**9]])

@@ -481,7 +481,8 @@ ROUTES = (
                                                                           "items": _MESSAGE},
                                "response_format": _RESPONSE_FORMAT, "tools": {"type": "array"},
                                **{f.name: {"description": f"accepted; {f.handling}: {f.why}"}
-                                  for f in CHAT_FIELDS.values() if f.handling != "used"},
+                                  for f in CHAT_FIELDS.values()
+                                  if f.handling != "used" and f.name not in _GEN_BODY["properties"]},
                                "chat_template_kwargs": {"type": "object"},
                                "reasoning_format": {"type": "string", "enum": ["auto", "deepseek", "none"]}}},
           responses={"200": "OK", **_ERRORS}, streaming=True),
