@@ -199,6 +199,10 @@ def test_embedding_token_inputs_and_over_long_inputs(served: Daemon, tiny_bert_d
     ids = [tokenizer.encode(t).ids for t in texts]
     by_ids = np.array([d.embedding for d in c.embeddings.create(model="embed", input=ids).data])
     assert np.allclose(by_text, by_ids, atol=1e-5)
+    status, mixed = served.request("POST", "/v1/embeddings", {"model": "embed", "input": [ids[0], texts[1]]},
+                                   role="infer")  # llama-server takes a mix of texts and token lists
+    assert status == 200, mixed
+    assert np.allclose(np.array([d["embedding"] for d in mixed["data"]]), by_text, atol=1e-5)
     one = c.embeddings.create(model="embed", input=ids[0])
     assert np.allclose(one.data[0].embedding, by_text[0], atol=1e-5) and one.usage.prompt_tokens == len(ids[0])
     long_text = "word " * 2000

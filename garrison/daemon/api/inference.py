@@ -297,6 +297,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         tools, template_kwargs = fmt.chat_tools(body), fmt.template_kwargs(body)
     else:
         prompts = fmt.completion_prompts(body)
+        if len(prompts) * n > fmt.MAX_CHOICES:
+            raise InvalidRequest(f"{len(prompts)} prompts of {n} choices each: at most {fmt.MAX_CHOICES} choices "
+                                 "per request", param="n")
         fields = ["prompt"] if len(prompts) == 1 else [f"prompt[{i}]" for i in range(len(prompts))]
         texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         screened = await privacy.screen_prompts([str(prompts[i]) for i in texts], [fields[i] for i in texts])
@@ -348,16 +351,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "completion")
 
 
-def _embedding_inputs(body: dict[str, Any]) -> list[str] | list[list[int]]:
-    """OpenAI's four input shapes: a string, a list of strings, a list of token ids, a list of such lists."""
+def _embedding_inputs(body: dict[str, Any]) -> list[str | list[int]]:
+    """OpenAI's four input shapes: a string, a list of strings, a list of token ids, a list of such lists
+    (and, as llama-server takes them, a list mixing strings and token lists)."""
     raw = body.get("input")
     if isinstance(raw, str) or (isinstance(raw, list) and raw and all(fmt.is_token(t) for t in raw)):
         inputs: list[Any] = [raw]
     else:
         inputs = raw if isinstance(raw, list) else []
-    texts = all(isinstance(t, str) and t for t in inputs)
-    tokens = all(isinstance(t, list) and t and all(fmt.is_token(i) for i in t) for t in inputs)
-    if not inputs or not (texts or tokens):
+    if not inputs or not all((isinstance(t, str) and t) or (isinstance(t, list) and t and all(
+            fmt.is_token(i) for i in t)) for t in inputs):
         raise InvalidRequest("'input' must be a non-empty string, a list of token ids, or a list of either",
                              param="input")
     if len(inputs) > MAX_EMBED_INPUTS:
@@ -365,18 +368,30 @@ def _embedding_inputs(body: dict[str, Any]) -> list[str] | list[list[int]]:
     return inputs
 
 
-async def _embed(embedder: EmbeddingEngine, inputs: list[str] | list[list[int]], fields: list[str],
+async def _embed(embedder: EmbeddingEngine, inputs: list[str | list[int]], fields: list[str],
                  truncate: bool, privacy: InferencePrivacyPolicy) -> EmbeddingResult:
-    """Token-id inputs are screened as text; if the policy redacts any, the redacted texts are embedded."""
-    if all(isinstance(i, str) for i in inputs):
-        return await embedder.embed([str(i) for i in inputs], truncate=truncate)
-    token_lists = [list(i) for i in inputs if isinstance(i, list)]
-    if privacy.prompts.active:
-        texts = [await embedder.detokenize(t) for t in token_lists]
-        screened = await privacy.screen_prompts(texts, fields)
-        if screened != texts:
-            return await embedder.embed(screened, truncate=truncate)
-    return await embedder.embed_tokens(token_lists, truncate=truncate)
+    """Texts (already screened) and token-id inputs, each kind in one call, rows back in input order.
+    Token ids are screened as text; if the policy redacts one, its redacted text is embedded instead."""
+    texts = {i: x for i, x in enumerate(inputs) if isinstance(x, str)}
+    tokens = {i: x for i, x in enumerate(inputs) if isinstance(x, list)}
+    if tokens and privacy.prompts.active:
+        decoded = [await embedder.detokenize(t) for t in tokens.values()]
+        screened = await privacy.screen_prompts(decoded, [fields[i] for i in tokens])
+        for i, before, after in zip(list(tokens), decoded, screened, strict=True):
+            if after != before:
+                del tokens[i]
+                texts[i] = after
+    parts = []
+    if texts:
+        parts.append((list(texts), await embedder.embed(list(texts.values()), truncate=truncate)))
+    if tokens:
+        parts.append((list(tokens), await embedder.embed_tokens(list(tokens.values()), truncate=truncate)))
+    if len(parts) == 1:
+        return parts[0][1]
+    order = np.argsort(np.asarray(parts[0][0] + parts[1][0]))
+    vectors = np.concatenate([parts[0][1].vectors, parts[1][1].vectors])[order]
+    counts = [(parts[0][1].token_counts + parts[1][1].token_counts)[i] for i in order]
+    return EmbeddingResult(vectors=vectors, token_counts=counts)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
@@ -387,8 +402,10 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     inputs = _embedding_inputs(body)
     fields = [f"input[{i}]" for i in range(len(inputs))] if isinstance(body["input"], list) else ["input"]
     privacy = state.policy.inference_privacy
-    if all(isinstance(i, str) for i in inputs):
-        inputs = await privacy.screen_prompts([str(i) for i in inputs], fields)
+    text_at = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+    screened = await privacy.screen_prompts([str(inputs[i]) for i in text_at], [fields[i] for i in text_at])
+    for i, text in zip(text_at, screened, strict=True):
+        inputs[i] = text
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be float or base64", param="encoding_format")
