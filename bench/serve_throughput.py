@@ -462,8 +462,8 @@ class Prompts:
     def __init__(self, model: Path) -> None:
         import llama_cpp
 
-        from garrison.engine.cpu_kernels import load_backends
         from garrison.corpus import corpus_lines
+        from garrison.engine.cpu_kernels import load_backends
 
         load_backends()
         self._llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
