@@ -13,47 +13,28 @@ import base64
 import contextlib
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
+from garrison.daemon.api.generation import Choice, close_choices, collect_all, deadline, embed, model_id, open_choices
 from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.daemon.usage import usage_of
-from garrison.engine.protocols import EmbeddingEngine, EmbeddingResult, GenerationEngine, TokenStream
+from garrison.engine.protocols import GenerationEngine
 from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest, SamplingParams, TokenEvent
 from garrison.errors import GarrisonError, InvalidRequest
 from garrison.models.names import check_model_id
-from garrison.operations.inference_privacy import InferencePrivacyPolicy, ResponseFilter, filtered_events
+from garrison.operations.inference_privacy import InferencePrivacyPolicy
 from garrison.policies.access import allowed, authorize
 from garrison.serving import openai_format as fmt
 from garrison.serving.openai_fields import CHAT_FIELDS, check_fields
 from garrison.serving.reasoning import ReasoningSplitter, ReasoningSyntax, reasoning_syntax, split_text
 
 MAX_EMBED_INPUTS = 2048
-
-
-def _model_id(body: dict[str, Any], request: web.Request) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required", param="model")
-    check_model_id(model)
-    authorize(principal(request), "infer", ("model", model))
-    usage_of(request).model = model
-    return model
-
-
-def _deadline(request: web.Request) -> float:
-    return time.monotonic() + request.app[STATE].config.request_timeout_s
-
-
-def _disconnected(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
@@ -73,67 +54,7 @@ async def get_model(request: web.Request) -> web.StreamResponse:
                           "owned_by": "garrison"})
 
 
-async def _events(stream: TokenStream, req: GenerationRequest, request: web.Request, *,
-                  counts_prompt: bool = True) -> AsyncGenerator[TokenEvent | Finish, None]:
-    """One choice's items; its usage is noted as it ends (a request's prompt once, by its first choice)."""
-    prompt = len(req.prompt_tokens) if counts_prompt else 0
-    generated = 0  # the tokens of a generation cut short, which never reaches its Finish
-    try:
-        async for item in stream:
-            if isinstance(item, Finish):
-                usage_of(request).add(item.prompt_tokens if counts_prompt else 0, item.completion_tokens)
-                generated = -1
-            elif generated >= 0:
-                generated += 1
-            yield item
-            if _disconnected(request):
-                stream.cancel()
-                return
-    finally:
-        if generated > 0:
-            usage_of(request).add(prompt, generated)
-        await stream.aclose()
-
-
-def _screened(events: AsyncGenerator[TokenEvent | Finish, None], screen: ResponseFilter | None,
-              req: GenerationRequest) -> AsyncGenerator[TokenEvent | Finish, None]:
-    return events if screen is None else filtered_events(events, screen, len(req.prompt_tokens))
-
-
-@dataclass
-class _Choice:
-    """One choice of a response: prompt p's choice j is index p * n + j, as OpenAI numbers them."""
-
-    index: int
-    prompt: int  # which prompt (of a /v1/completions list) it answers
-    stream: TokenStream
-    events: AsyncGenerator[TokenEvent | Finish, None]
-    echo: str = ""  # the prompt's text, when the request asks for echo
-
-
-async def _open_choices(engine: GenerationEngine, reqs: list[GenerationRequest], echoes: list[str],
-                        request: web.Request, privacy: InferencePrivacyPolicy) -> list[_Choice]:
-    """Every prompt's n choices, each from one evaluation of its prompt (the engine's generate_choices)."""
-    choices: list[_Choice] = []
-    try:
-        for p, req in enumerate(reqs):
-            for j, stream in enumerate(engine.generate_choices(req)):
-                events = _screened(_events(stream, req, request, counts_prompt=j == 0),
-                                   await privacy.response_filter(), req)
-                choices.append(_Choice(p * req.n + j, p, stream, events, echoes[p]))
-    except BaseException:
-        await _close_choices(choices)
-        raise
-    return choices
-
-
-async def _close_choices(choices: list[_Choice]) -> None:
-    for choice in choices:
-        choice.stream.cancel()
-        await choice.events.aclose()
-
-
-def _usage(choices: list[_Choice], finishes: dict[int, Finish]) -> dict[str, Any]:
+def _usage(choices: list[Choice], finishes: dict[int, Finish]) -> dict[str, Any]:
     firsts: dict[int, Finish] = {}
     for choice in choices:
         if choice.index in finishes:
@@ -141,39 +62,11 @@ def _usage(choices: list[_Choice], finishes: dict[int, Finish]) -> dict[str, Any
     return fmt.choices_usage(list(firsts.values()), list(finishes.values()))
 
 
-async def _collect(choice: _Choice) -> fmt.Collected:
-    parts: list[str] = []
-    events: list[TokenEvent] = []
-    finish: Finish | None = None
-    async for item in choice.events:
-        if isinstance(item, Finish):
-            finish = item
-            parts.append(item.text)
-        else:
-            parts.append(item.text)
-            events.append(item)
-    if finish is None:
-        raise ConnectionResetError("the client disconnected")  # nobody reads this response
-    return fmt.Collected(text="".join(parts), finish=finish, logprobs=events)
-
-
-async def _collect_all(choices: list[_Choice]) -> list[fmt.Collected]:
-    """Every choice to its end, concurrently; one failing ends the others (their slots freed)."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_collect(choice)) for choice in choices]
-    except BaseExceptionGroup as errors:
-        raise errors.exceptions[0] from None
-    finally:
-        await _close_choices(choices)
-    return [task.result() for task in tasks]
-
-
-async def _merged(choices: list[_Choice], firsts: list[TokenEvent | Finish]
-                  ) -> AsyncGenerator[tuple[_Choice, TokenEvent | Finish], None]:
+async def _merged(choices: list[Choice], firsts: list[TokenEvent | Finish]
+                  ) -> AsyncGenerator[tuple[Choice, TokenEvent | Finish], None]:
     """The choices' items as they come (OpenAI interleaves choices in one stream), each choice's first
     item (already read) first."""
-    live: dict[asyncio.Future[TokenEvent | Finish], _Choice] = {}
+    live: dict[asyncio.Future[TokenEvent | Finish], Choice] = {}
     try:
         for choice, item in zip(choices, firsts, strict=True):
             yield choice, item
@@ -196,7 +89,7 @@ async def _merged(choices: list[_Choice], firsts: list[TokenEvent | Finish]
         await asyncio.gather(*live, return_exceptions=True)
 
 
-async def _stream(request: web.Request, choices: list[_Choice], model: str, kind: str, include_usage: bool,
+async def _stream(request: web.Request, choices: list[Choice], model: str, kind: str, include_usage: bool,
                   syntax: ReasoningSyntax | None = None) -> web.StreamResponse:
     rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = int(time.time())
@@ -245,9 +138,9 @@ async def _stream(request: web.Request, choices: list[_Choice], model: str, kind
         with contextlib.suppress(ConnectionError):
             await response.write(fmt.sse(exc.to_openai()))
     except (ConnectionError, StopAsyncIteration):
-        pass  # the client left; _events already cancelled the generation
+        pass  # the client left; choice_events already cancelled the generation
     finally:
-        await _close_choices(choices)
+        await close_choices(choices)
     return response
 
 
@@ -271,7 +164,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     body = await read_json(request)
     state = request.app[STATE]
     check_fields(body, kind, allow_unknown=state.config.allow_unknown_fields)
-    model = _model_id(body, request)
+    model = model_id(body, request)
     # Off the event loop: a response_format schema becomes a grammar here (CPU-bound, up to MAX_SCHEMA_BYTES).
     # No max_tokens: to the end of the context, as OpenAI and llama-server do.
     params: SamplingParams = await asyncio.to_thread(fmt.sampling_params, body, default_max_tokens=None)
@@ -319,13 +212,13 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             token_lists = [tokens for tokens, _ in pairs]
             echoes = [text if echo else "" for _, text in pairs]
             syntax = None
-        reqs = [GenerationRequest(prompt_tokens=tokens, params=params, deadline=_deadline(request),
+        reqs = [GenerationRequest(prompt_tokens=tokens, params=params, deadline=deadline(request),
                                   lora_path=loaded.lora_path, n=n) for tokens in token_lists]
         try:
-            choices = await _open_choices(engine, reqs, echoes, request, privacy)
+            choices = await open_choices(engine, reqs, echoes, request, privacy)
             if stream:
                 return await _stream(request, choices, model, kind, include_usage, syntax)
-            collected = await _collect_all(choices)
+            collected = await collect_all(choices)
         except ContextLengthExceeded as exc:
             exc.param = "messages" if kind == "chat" else "prompt"  # name the field the client sent
             raise
@@ -368,37 +261,11 @@ def _embedding_inputs(body: dict[str, Any]) -> list[str | list[int]]:
     return inputs
 
 
-async def _embed(embedder: EmbeddingEngine, inputs: list[str | list[int]], fields: list[str],
-                 truncate: bool, privacy: InferencePrivacyPolicy) -> EmbeddingResult:
-    """Texts (already screened) and token-id inputs, each kind in one call, rows back in input order.
-    Token ids are screened as text; if the policy redacts one, its redacted text is embedded instead."""
-    texts = {i: x for i, x in enumerate(inputs) if isinstance(x, str)}
-    tokens = {i: x for i, x in enumerate(inputs) if isinstance(x, list)}
-    if tokens and privacy.prompts.active:
-        decoded = [await embedder.detokenize(t) for t in tokens.values()]
-        screened = await privacy.screen_prompts(decoded, [fields[i] for i in tokens])
-        for i, before, after in zip(list(tokens), decoded, screened, strict=True):
-            if after != before:
-                del tokens[i]
-                texts[i] = after
-    parts = []
-    if texts:
-        parts.append((list(texts), await embedder.embed(list(texts.values()), truncate=truncate)))
-    if tokens:
-        parts.append((list(tokens), await embedder.embed_tokens(list(tokens.values()), truncate=truncate)))
-    if len(parts) == 1:
-        return parts[0][1]
-    order = np.argsort(np.asarray(parts[0][0] + parts[1][0]))
-    vectors = np.concatenate([parts[0][1].vectors, parts[1][1].vectors])[order]
-    counts = [(parts[0][1].token_counts + parts[1][1].token_counts)[i] for i in order]
-    return EmbeddingResult(vectors=vectors, token_counts=counts)
-
-
 async def embeddings(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     state = request.app[STATE]
     check_fields(body, "embedding", allow_unknown=state.config.allow_unknown_fields)
-    model = _model_id(body, request)
+    model = model_id(body, request)
     inputs = _embedding_inputs(body)
     fields = [f"input[{i}]" for i in range(len(inputs))] if isinstance(body["input"], list) else ["input"]
     privacy = state.policy.inference_privacy
@@ -420,7 +287,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         if dimensions is not None and dimensions != embedder.dimensions:
             raise InvalidRequest(f"this model's embeddings have {embedder.dimensions} dimensions; it cannot "
                                  "shorten them", code="unsupported_parameter", param="dimensions")
-        result = await _embed(embedder, inputs, fields, truncate, privacy)
+        result = await embed(embedder, inputs, fields, truncate, privacy)
     vectors, tokens = result.vectors, result.total_tokens
     usage_of(request).add(int(tokens), 0)
     data = []
