@@ -106,16 +106,22 @@ class Catalog:
         """A durable transaction; commits on success, rolls back on any exception."""
         with self._lock:
             self.conn.execute("BEGIN IMMEDIATE")
-            outer, self._writing = self._writing, threading.get_ident()
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            else:
-                self.conn.execute("COMMIT")
-            finally:
-                self._writing = outer
+            with self._begun() as conn:
+                yield conn
+
+    @contextlib.contextmanager
+    def _begun(self) -> Iterator[sqlite3.Connection]:
+        """The body of a transaction already begun under the lock: commit, or roll back on any exception."""
+        outer, self._writing = self._writing, threading.get_ident()
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+        finally:
+            self._writing = outer
 
     def try_write(self, change: Callable[[sqlite3.Connection], object]) -> bool:
         """Run `change` in a durable transaction if the catalog is free now; False (nothing done) when another
@@ -133,16 +139,8 @@ class Catalog:
                 return False
             finally:
                 self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            outer, self._writing = self._writing, threading.get_ident()
-            try:
-                change(self.conn)
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            else:
-                self.conn.execute("COMMIT")
-            finally:
-                self._writing = outer
+            with self._begun() as conn:
+                change(conn)
             return True
         finally:
             self._lock.release()
