@@ -28,7 +28,7 @@ from garrison.operations import jobs as jobs_ops
 from garrison.operations import models as models_ops
 from garrison.operations.appliance import open_appliance
 from garrison.paths import StateLayout
-from garrison.policies.keys import LOCAL_ADMIN, KeyStore
+from garrison.policies.keys import KeyStore, local_operator
 from garrison.policies.scopes import ROLE_DESCRIPTIONS, ROLES
 from garrison.store.catalog import Catalog
 
@@ -281,7 +281,8 @@ def submit_job(ctx: click.Context, config_file: str | None, state_dir: str | Non
                max_attempts: int | None = None) -> None:
     """Queue a job and follow it: the shared path of every long-running command."""
     config, catalog = _open(ctx, config_file, state_dir)
-    job = jobs_ops.submit_job(open_appliance(config, catalog), LOCAL_ADMIN, kind, params, max_attempts=max_attempts)
+    job = jobs_ops.submit_job(open_appliance(config, catalog), local_operator(), kind, params,
+                              max_attempts=max_attempts)
     if detach:
         echo_json(job.to_json()) if as_json else click.echo(job.id)
         return
@@ -305,7 +306,7 @@ def jobs_list(ctx: click.Context, config_file: str | None, state_dir: str | None
               kind: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
     config, catalog = _open(ctx, config_file, state_dir)
-    found = jobs_ops.list_jobs(open_appliance(config, catalog), LOCAL_ADMIN, state=state, kind=kind, limit=limit)
+    found = jobs_ops.list_jobs(open_appliance(config, catalog), local_operator(), state=state, kind=kind, limit=limit)
     if as_json:
         echo_json([j.to_json() for j in found])
         return
@@ -325,9 +326,9 @@ def jobs_show(ctx: click.Context, config_file: str | None, state_dir: str | None
     """Show one job as JSON."""
     config, catalog = _open(ctx, config_file, state_dir)
     app = open_appliance(config, catalog)
-    data = jobs_ops.get_job(app, LOCAL_ADMIN, job_id).to_json()
+    data = jobs_ops.get_job(app, local_operator(), job_id).to_json()
     if with_events:
-        data["events"] = [e.to_json() for e in jobs_ops.job_events(app, LOCAL_ADMIN, job_id)]
+        data["events"] = [e.to_json() for e in jobs_ops.job_events(app, local_operator(), job_id)]
     echo_json(data)
 
 
@@ -351,7 +352,7 @@ def jobs_watch(ctx: click.Context, config_file: str | None, state_dir: str | Non
 def jobs_cancel(ctx: click.Context, config_file: str | None, state_dir: str | None, job_id: str) -> None:
     """Cancel a job: at once if queued, at its next check if running (keeping its checkpoint)."""
     config, catalog = _open(ctx, config_file, state_dir)
-    job = jobs_ops.cancel_job(open_appliance(config, catalog), LOCAL_ADMIN, job_id)
+    job = jobs_ops.cancel_job(open_appliance(config, catalog), local_operator(), job_id)
     click.echo(f"{job.id} {'cancelled' if job.state == 'cancelled' else 'cancel requested'}")
 
 
@@ -475,7 +476,7 @@ def quickstart(ctx: click.Context, config_file: str | None, state_dir: str | Non
 
 
 def _run_job(config: Config, catalog: Catalog, kind: str, params: dict[str, Any]) -> Job:
-    job = jobs_ops.submit_job(open_appliance(config, catalog), LOCAL_ADMIN, kind, params)
+    job = jobs_ops.submit_job(open_appliance(config, catalog), local_operator(), kind, params)
     job = _follow(config, catalog, job)
     if job.state != "succeeded":
         _finish(job, as_json=False)
@@ -516,7 +517,7 @@ def models_import(ctx: click.Context, config_file: str | None, state_dir: str | 
         bar.update(done - bar.n)
 
     try:
-        record = models_ops.import_model(open_appliance(config, catalog), LOCAL_ADMIN, path, name,
+        record = models_ops.import_model(open_appliance(config, catalog), local_operator(), path, name,
                                          settings={"n_parallel": n_parallel, "n_ctx_per_slot": n_ctx_per_slot,
                                                    "n_gpu_layers": n_gpu_layers, "max_queue": max_queue, "gpu": gpu},
                                          base=base, progress=progress)
@@ -536,7 +537,7 @@ def models_import(ctx: click.Context, config_file: str | None, state_dir: str | 
 def models_list(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
     """List models."""
     config, catalog = _open(ctx, config_file, state_dir)
-    records = models_ops.list_models(open_appliance(config, catalog), LOCAL_ADMIN)
+    records = models_ops.list_models(open_appliance(config, catalog), local_operator())
     if as_json:
         echo_json([r.to_json() for r in records])
         return
@@ -553,7 +554,7 @@ def models_list(ctx: click.Context, config_file: str | None, state_dir: str | No
 def models_show(ctx: click.Context, config_file: str | None, state_dir: str | None, name: str) -> None:
     """Show one model and its manifest as JSON."""
     config, catalog = _open(ctx, config_file, state_dir)
-    echo_json(models_ops.get_model(open_appliance(config, catalog), LOCAL_ADMIN, name).to_json())
+    echo_json(models_ops.get_model(open_appliance(config, catalog), local_operator(), name).to_json())
 
 
 @models.command("rm")
@@ -563,7 +564,7 @@ def models_show(ctx: click.Context, config_file: str | None, state_dir: str | No
 def models_rm(ctx: click.Context, config_file: str | None, state_dir: str | None, name: str) -> None:
     """Delete a model (a running daemon unloads it at its next use or via the API)."""
     config, catalog = _open(ctx, config_file, state_dir)
-    models_ops.remove_model(open_appliance(config, catalog), LOCAL_ADMIN, name)
+    models_ops.remove_model(open_appliance(config, catalog), local_operator(), name)
     click.echo(f"removed {name}")
 
 

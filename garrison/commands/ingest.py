@@ -11,7 +11,6 @@ by exactly the rules an upload meets.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,8 @@ import click
 
 from garrison.cli_options import config_options, load
 from garrison.ingest.formats import FORMATS, parse_columns
+from garrison.operations import datasets as datasets_ops
+from garrison.policies.keys import local_operator
 
 if TYPE_CHECKING:
     from garrison.config import Config
@@ -92,14 +93,15 @@ def ingest_command(ctx: click.Context, config_file: str | None, state_dir: str |
     policy = _policy(service.config, Path(policy_file)) if policy_file else service.policy()
     name = "" if file == "-" else Path(file).name
     request = IngestRequest(dataset=dataset, source="cli", source_name=name, format=fmt,
-                            columns=parse_columns(columns), sealed=sealed, actor=f"local:{os.getuid()}")
+                            columns=parse_columns(columns), sealed=sealed)
     total = None if file == "-" else Path(file).stat().st_size
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"ingest {dataset}", file=sys.stderr,
                disable=not sys.stderr.isatty(), leave=False)
     try:
         src = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115 (closed below)
         try:
-            result = service.ingest(src, request, policy=policy, progress=bar.update)
+            result = datasets_ops.ingest(service, local_operator(), src, request, policy=policy,
+                                         progress=bar.update)
         finally:
             if src is not sys.stdin.buffer:
                 src.close()
@@ -139,10 +141,8 @@ def datasets_group() -> None:
 @click.pass_context
 def datasets_list(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
     """List datasets with their ready versions."""
-    from garrison.ingest.datasets import DatasetStore
-
     service = _service(ctx, config_file, state_dir)
-    data = DatasetStore(service.catalog).list_datasets()
+    data = datasets_ops.list_datasets(service.catalog, local_operator())
     if as_json:
         _echo_json(data)
         return
@@ -160,12 +160,12 @@ def datasets_list(ctx: click.Context, config_file: str | None, state_dir: str | 
 def datasets_show(ctx: click.Context, config_file: str | None, state_dir: str | None, reference: str,
                   as_json: bool) -> None:
     """Show a dataset and its versions, or one version with its ingestion report."""
-    from garrison.ingest.datasets import DatasetStore, parse_reference
+    from garrison.ingest.datasets import parse_reference
 
     name, number = parse_reference(reference)
-    store = DatasetStore(_service(ctx, config_file, state_dir).catalog)
+    catalog = _service(ctx, config_file, state_dir).catalog
     if number is None:
-        data = store.dataset(name)
+        data = datasets_ops.get_dataset(catalog, local_operator(), name)
         if as_json:
             _echo_json(data)
             return
@@ -174,7 +174,7 @@ def datasets_show(ctx: click.Context, config_file: str | None, state_dir: str | 
             click.echo(f"  v{v['version']:<4} {v['state']:8} {v['format']:10} {v['records']:>8} records  "
                        f"{_human(v['stored_bytes']):>10}  {v['source']}:{v['source_name']}")
         return
-    record = store.version(name, number, ready=False)
+    record = datasets_ops.get_version(catalog, local_operator(), name, number)
     _echo_json(record.to_json())
 
 
@@ -193,10 +193,9 @@ def datasets_rm(ctx: click.Context, config_file: str | None, state_dir: str | No
     what = f"{name}:{number}" if number is not None else f"dataset {name} (every version)"
     if not yes:
         click.confirm(f"Destroy the key of {what}? The data cannot be recovered", abort=True)
-    actor = f"local:{os.getuid()}"
     if number is None:
-        gone = service.vault.delete_dataset(name, actor=actor)
+        gone = datasets_ops.delete_dataset(service.vault, local_operator(), name)
         click.echo(f"deleted {name}: {len(gone)} version(s) shredded")
     else:
-        service.vault.delete_version(name, number, actor=actor)
+        datasets_ops.delete_version(service.vault, local_operator(), name, number)
         click.echo(f"deleted {name}:{number}")

@@ -7,10 +7,11 @@ through an operation: only metadata and ingestion reports do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from garrison.ingest.datasets import DatasetStore, FileRecord, VersionRecord, validate_name
-from garrison.ingest.pipeline import IngestRequest, IngestResult, IngestService
+from garrison.ingest.pipeline import IngestPolicy, IngestRequest, IngestResult, IngestService
 from garrison.ingest.vault import Vault
 from garrison.policies.access import authorize
 from garrison.policies.keys import Principal
@@ -23,11 +24,13 @@ def _dataset(who: Principal, scope: str, name: str) -> str:
     return name
 
 
-def ingest(service: IngestService, who: Principal, src: BinaryIO | Any, request: IngestRequest) -> IngestResult:
-    """A delivery into `request.dataset`, recorded under the principal's name."""
+def ingest(service: IngestService, who: Principal, src: BinaryIO | Any, request: IngestRequest, *,
+           policy: IngestPolicy | None = None, progress: Callable[[int], None] | None = None) -> IngestResult:
+    """A delivery into `request.dataset`, recorded under the principal's name (`policy`: a one-off policy
+    file the operator names on the command line, else the appliance's)."""
     _dataset(who, "ingest", request.dataset)
     request.actor = who.actor
-    return service.ingest(src, request)
+    return service.ingest(src, request, policy=policy, progress=progress)
 
 
 def list_datasets(catalog: Catalog, who: Principal) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import time
@@ -46,11 +47,16 @@ class Principal:
     @property
     def actor(self) -> str:
         """How the audit trail and job rows name it: `key:ID`, or `local` for the machine's operator."""
-        return LOCAL_ACTOR if self.key_id == LOCAL_ACTOR else f"key:{self.key_id}"
+        return self.key_id if self.key_id.partition(":")[0] == LOCAL_ACTOR else f"key:{self.key_id}"
 
 
 # Commands run on the machine by someone who can read the state folder and the master key.
 LOCAL_ADMIN = Principal(LOCAL_ACTOR, "admin", scopes_for("admin"), None, None)
+
+
+def local_operator() -> Principal:
+    """The machine's operator running a command, named in the audit trail by their uid (`local:UID`)."""
+    return Principal(f"{LOCAL_ACTOR}:{os.getuid()}", "admin", scopes_for("admin"), None, None)
 
 
 @dataclass(frozen=True)
