@@ -25,6 +25,7 @@ from garrison.errors import GarrisonError, InvalidRequest, JobFailed, exit_code_
 from garrison.jobs.kinds import JOB_KINDS
 from garrison.jobs.store import Job, JobStore
 from garrison.operations import jobs as jobs_ops
+from garrison.operations import keys as keys_ops
 from garrison.operations import models as models_ops
 from garrison.operations.appliance import open_appliance
 from garrison.paths import StateLayout
@@ -130,8 +131,8 @@ def keys_create(ctx: click.Context, config_file: str | None, state_dir: str | No
                 models: str | None, datasets: str | None, expires: str | None, as_json: bool) -> None:
     """Create a key and print it once; only its hash is stored."""
     _, catalog = _open(ctx, config_file, state_dir)
-    record, secret = KeyStore(catalog).create(role, name=name, models=_names(models),
-                                              datasets=_names(datasets), expires=expires)
+    record, secret = keys_ops.create_key(KeyStore(catalog), local_operator(), role, name=name, models=_names(models),
+                                         datasets=_names(datasets), expires=expires)
     if as_json:
         echo_json({**record.to_json(), "key": secret})
         return
@@ -146,7 +147,7 @@ def keys_create(ctx: click.Context, config_file: str | None, state_dir: str | No
 def keys_list(ctx: click.Context, config_file: str | None, state_dir: str | None, as_json: bool) -> None:
     """List keys (never their secrets)."""
     _, catalog = _open(ctx, config_file, state_dir)
-    records = KeyStore(catalog).list()
+    records = keys_ops.list_keys(KeyStore(catalog), local_operator())
     if as_json:
         echo_json([r.to_json() for r in records])
         return
@@ -163,7 +164,7 @@ def keys_list(ctx: click.Context, config_file: str | None, state_dir: str | None
 def keys_revoke(ctx: click.Context, config_file: str | None, state_dir: str | None, key_id: str) -> None:
     """Revoke a key at once (the daemon checks the catalog on every request)."""
     _, catalog = _open(ctx, config_file, state_dir)
-    record = KeyStore(catalog).revoke(key_id)
+    record = keys_ops.revoke_key(KeyStore(catalog), local_operator(), key_id)
     click.echo(f"{record.id} revoked")
 
 

@@ -341,3 +341,21 @@ def test_bad_parameters_are_refused_at_submission(world: dict[str, Any], kind: s
         assert body["error"]["code"] == code, body
     assert "/etc/passwd" not in json.dumps(body) or code == "imatrix_invalid"
     assert _queued(d) == before
+
+
+def test_a_restricted_admin_cannot_mint_a_wider_key(world: dict[str, Any]) -> None:
+    d = world["daemon"]
+    key = world["keys"]["admin"]  # granted model tl and dataset ds1 only
+    for body in ({"role": "admin"}, {"role": "read", "models": ["tl", "secretmodel"], "datasets": ["ds1"]},
+                 {"role": "read", "models": ["tl"]}):
+        status, answer = d.request("POST", "/v1/garrison/keys", body, key=key)
+        assert status == 403 and answer["error"]["code"] == "resource_not_granted", (body, answer)
+    status, answer = d.request("POST", "/v1/garrison/keys", {"role": "read", "models": ["tl"], "datasets": []},
+                               key=key)
+    assert status == 201, answer
+    status, listed = d.request("GET", "/v1/garrison/keys", key=key)
+    assert status == 200 and all(k["models"] is not None and set(k["models"]) <= {"tl"} for k in listed["data"])
+    everyone = d.request("GET", "/v1/garrison/keys")[1]["data"]
+    unrestricted = next(k for k in everyone if k["models"] is None)
+    status, answer = d.request("DELETE", f"/v1/garrison/keys/{unrestricted['id']}", key=key)
+    assert status == 404, answer

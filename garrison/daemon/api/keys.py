@@ -11,6 +11,7 @@ from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.daemon.usage import RECORDER
 from garrison.errors import InvalidRequest
+from garrison.operations import keys as ops
 from garrison.operations.usage import GROUPINGS, usage_report
 from garrison.policies.scopes import ROLES
 
@@ -25,7 +26,7 @@ def _str_list(body: dict[str, object], name: str) -> list[str] | None:
 
 
 async def list_keys(request: web.Request) -> web.StreamResponse:
-    records = await asyncio.to_thread(request.app[STATE].keys.list)
+    records = await asyncio.to_thread(ops.list_keys, request.app[STATE].keys, principal(request))
     return json_response({"object": "list", "data": [r.to_json() for r in records]})
 
 
@@ -39,14 +40,14 @@ async def create_key(request: web.Request) -> web.StreamResponse:
     if not isinstance(name, str) or (expires is not None and not isinstance(expires, str)):
         raise InvalidRequest("'name' and 'expires' must be strings")
     record, secret = await asyncio.to_thread(
-        request.app[STATE].keys.create, role, name=name, models=_str_list(body, "models"),
-        datasets=_str_list(body, "datasets"), expires=expires, actor=principal(request).actor)
+        ops.create_key, request.app[STATE].keys, principal(request), role, name=name, models=_str_list(body, "models"),
+        datasets=_str_list(body, "datasets"), expires=expires)
     return json_response({**record.to_json(), "key": secret}, status=201)
 
 
 async def revoke_key(request: web.Request) -> web.StreamResponse:
-    record = await asyncio.to_thread(request.app[STATE].keys.revoke, request.match_info["key_id"],
-                                     actor=principal(request).actor)
+    record = await asyncio.to_thread(ops.revoke_key, request.app[STATE].keys, principal(request),
+                                     request.match_info["key_id"])
     return json_response(record.to_json())
 
 
@@ -67,7 +68,8 @@ ROUTES = (
                                "models": {"type": "array", "items": {"type": "string"}},
                                "datasets": {"type": "array", "items": {"type": "string"}},
                                "expires": {"type": "string", "description": "30d, 12h or ISO-8601"}}},
-          responses={"201": "created", "400": "invalid role, grant or expiry"}),
+          responses={"201": "created", "400": "invalid role, grant or expiry",
+                     "403": "a grant wider than the creating key's own"}),
     Route("GET", "/v1/garrison/keys/usage", key_usage, "admin",
           "Requests and tokens (prompt, completion) used by each key, per model (or per key, day or hour).",
           "keys", query=(("key", "string", "only this key id"),
