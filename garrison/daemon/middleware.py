@@ -1,8 +1,9 @@
 """Cross-cutting rules, in order: metrics, error mapping, authentication, rate limits.
 
 `errors` is the single place a `GarrisonError` becomes an HTTP response (OpenAI's error
-shape), `auth` the single place a route's scope is enforced, and `rate_limit` the single
-place a key's limits are applied (garrison.policies.rate_limits) and its usage counted.
+shape; Ollama's under /api/), `auth` the single place a route's scope is enforced, and
+`rate_limit` the single place a key's limits are applied (garrison.policies.rate_limits) and
+its usage counted.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -23,6 +26,7 @@ from garrison.errors import GarrisonError, NotFound, Unavailable
 from garrison.logs import log_event
 from garrison.policies.access import authorize
 from garrison.policies.rate_limits import refusal_error
+from garrison.serving.ollama_format import error_body as ollama_error_body
 
 log = logging.getLogger("garrison.http")
 
@@ -37,11 +41,24 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _error_response(err: GarrisonError) -> web.Response:
+# The error object each API's clients read, by path prefix (first match); OpenAI's everywhere else.
+ERROR_SHAPES: tuple[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]], ...] = (
+    ("/api/", ollama_error_body),  # Ollama's clients raise the string under "error"
+)
+
+
+def _shaped(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    for prefix, shape in ERROR_SHAPES:
+        if request.path.startswith(prefix):
+            return shape(body)
+    return body
+
+
+def _error_response(request: web.Request, err: GarrisonError) -> web.Response:
     headers = {}
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
-    return json_response(err.to_openai(), status=err.http_status, headers=headers)
+    return json_response(_shaped(request, err.to_openai()), status=err.http_status, headers=headers)
 
 
 @web.middleware
@@ -53,8 +70,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         # Arrived on a kept-alive connection after SIGTERM: not in flight, so refuse it.
         metrics.requests.labels(request.method, route, "503").inc()
         err = Unavailable("Garrison is shutting down; retry shortly.", code="shutting_down")
-        response = json_response(err.to_openai(), status=503, headers={"Connection": "close",
-                                                                        "Retry-After": "5"})
+        response = json_response(_shaped(request, err.to_openai()), status=503,
+                                 headers={"Connection": "close", "Retry-After": "5"})
         return response
     started = time.perf_counter()
     status = 500
@@ -84,7 +101,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GarrisonError as err:
-        return _error_response(err)
+        return _error_response(request, err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -95,7 +112,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                    413: "Request body too large."}.get(exc.status, exc.reason)
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                           "code": code}}
-        return json_response(body, status=exc.status)
+        return json_response(_shaped(request, body), status=exc.status)
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -103,7 +120,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                                                 "fields": {"route": _route_label(request)}})
         body = {"error": {"message": "Internal server error; see the daemon's log.",
                           "type": "server_error", "param": None, "code": "internal_error"}}
-        return json_response(body, status=500)
+        return json_response(_shaped(request, body), status=500)
 
 
 def _bearer(request: web.Request) -> str | None:

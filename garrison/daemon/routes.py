@@ -13,6 +13,7 @@ from garrison.daemon.api import (
     jobs,
     keys,
     models,
+    ollama,
     render,
     runners,
     system,
@@ -22,4 +23,4 @@ from garrison.daemon.routing import Route
 ROUTES: tuple[Route, ...] = (*system.ROUTES, *jobs.ROUTES, *keys.ROUTES, *audit.ROUTES, *models.ROUTES, *runners.ROUTES,
                              *inference.ROUTES, *render.ROUTES, *identity.ROUTES,
                              *exports.ROUTES, *datasets.ROUTES, *files.ROUTES,
-                             *fine_tuning.ROUTES)
+                             *fine_tuning.ROUTES, *ollama.ROUTES)

@@ -94,8 +94,53 @@ EMBEDDING_FIELDS: dict[str, Field] = _fields(
     "truncate",  # Garrison's: cut an over-long input at the model's limit instead of refusing it
 )
 
+# Ollama's API (garrison.daemon.api.ollama): its documented fields, by the same rules.
+_KEEP_ALIVE = Field("keep_alive", "ignored", "how long a model stays loaded is the operator's model_keep_alive_s")
+_OLLAMA_GENERATION = (
+    "model", "stream", "format", "options", "think", _KEEP_ALIVE,
+    Field("truncate", "no-op only", "an over-long prompt is refused (context_length_exceeded), never cut",
+          _null_or(False)),
+    Field("shift", "no-op only", "the context is not shifted: generation ends at the context's end", _null_or(False)),
+    Field("logprobs", "no-op only", "Ollama's API gives none; the OpenAI routes do", _null_or(False)),
+    Field("top_logprobs", "no-op only", "as logprobs", _null_or(0)),
+)
+OLLAMA_CHAT_FIELDS: dict[str, Field] = _fields(*_OLLAMA_GENERATION, "messages", "tools")
+OLLAMA_GENERATE_FIELDS: dict[str, Field] = _fields(
+    *_OLLAMA_GENERATION, "prompt", "system", "raw",
+    Field("suffix", "no-op only", "insertion (fill in the middle) is not implemented", _null_or("")),
+    Field("template", "no-op only", "the model's own chat template renders the prompt (Ollama's Go templates "
+                                    "are not read)", _null_or("")),
+    Field("context", "no-op only", "the deprecated conversation memory: send the conversation to /api/chat",
+          lambda v: v is None or v == []),
+    Field("images", "no-op only", "the served models read text only", lambda v: v is None or v == []),
+    *(Field(name, "no-op only", "image generation", _null_or()) for name in ("width", "height", "steps")),
+)
+OLLAMA_EMBED_FIELDS: dict[str, Field] = _fields("model", "input", "truncate", "dimensions", "options", _KEEP_ALIVE)
+OLLAMA_EMBEDDINGS_FIELDS: dict[str, Field] = _fields("model", "prompt", "options", _KEEP_ALIVE)
+_LOAD_TIME = "a load-time setting: the model's import settings and the daemon's configuration decide it"
+OLLAMA_OPTIONS: dict[str, Field] = _fields(
+    "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+    "frequency_penalty", "seed", "stop", "num_predict",
+    Field("num_ctx", "ignored", "the context length is the model's import setting (--ctx)"),
+    *(Field(name, "ignored", _LOAD_TIME) for name in (
+        "num_batch", "num_gpu", "main_gpu", "low_vram", "numa", "use_mmap", "use_mlock", "num_thread",
+        "vocab_only", "embedding_only", "logits_all", "f16_kv")),
+    Field("num_keep", "ignored", "the context is never shifted, so no tokens are kept through a shift"),
+    Field("penalize_newline", "ignored", "Ollama's own runner ignores it too"),
+    Field("mirostat", "no-op only", "Mirostat sampling is not implemented", _null_or(0)),
+    Field("mirostat_tau", "ignored", "used only by Mirostat, which is off"),
+    Field("mirostat_eta", "ignored", "used only by Mirostat, which is off"),
+    Field("tfs_z", "no-op only", "tail-free sampling is not implemented (llama.cpp dropped it)", _null_or(1, 1.0)),
+    Field("typical_p", "no-op only", "locally typical sampling is not implemented", _null_or(1, 1.0)),
+)
+
 ROUTE_FIELDS: Mapping[str, dict[str, Field]] = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS,
-                                                "embedding": EMBEDDING_FIELDS}
+                                                "embedding": EMBEDDING_FIELDS,
+                                                "ollama_chat": OLLAMA_CHAT_FIELDS,
+                                                "ollama_generate": OLLAMA_GENERATE_FIELDS,
+                                                "ollama_embed": OLLAMA_EMBED_FIELDS,
+                                                "ollama_embeddings": OLLAMA_EMBEDDINGS_FIELDS,
+                                                "ollama_options": OLLAMA_OPTIONS}
 
 
 def check_fields(body: Mapping[str, Any], route: str, *, allow_unknown: bool) -> None:
