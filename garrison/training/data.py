@@ -10,15 +10,21 @@ assistant turn contributes are found by rendering the conversation turn by turn:
 starts where ``render(messages[:i], add_generation_prompt=True)`` ends and stops where
 ``render(messages[:i + 1])`` ends (trailing whitespace dropped), so the assistant's content
 and its end-of-turn marker (``</s>``, ``<|im_end|>``, ``<|eot_id|>``...) are learned and
-the role header, the prompt, system text and the template's separators are not. The
-character spans become token labels through the fast tokenizer's offset mapping (a token
-is trained if it overlaps a span). Templates that rewrite earlier turns when more follow
-(the prefix is not a prefix of the full text) fall back to locating each assistant
-content in order, and a turn the template does not reproduce is not trained; tokenizers
-without offsets fall back to token counts of the prefixes.
+the role header, the prompt, system text and the template's separators are not. Templates
+that rewrite earlier turns when more follow (the prefix is not a prefix of the full text)
+fall back to locating each assistant content in order, and a turn the template does not
+reproduce is not trained.
 OpenAI's per-message ``"weight": 0`` excludes an assistant turn from the loss.
-Templates with ``{% generation %}`` markers would allow `return_assistant_tokens_mask`;
-the span method works for those and for the many templates without them.
+
+Token ids. garrison.engine.prompt_tokens holds the rule serving shares: the text up to the
+first assistant turn is tokenized as a whole, as a served prompt is, and no token crosses
+the start of an assistant turn (the generation-prompt boundary) or the end of a trained one;
+a token that would is re-segmented there (a template ending in ``assistant: `` gives
+``':' '▁'`` then the answer's ``'Your'``, which is what serving's prompt ends with). Labels
+are then the ids between each trained turn's cuts. A tokenizer that cannot be re-segmented
+(a slow one) falls back to tokenizing the whole text and labelling by the fast tokenizer's
+offset mapping (a token is trained if it overlaps a turn) or by token counts of prefixes;
+such records are counted (``cut_fallback``).
 
 Packing. Examples are placed whole into rows (best-fit decreasing), never split across
 rows. The training loop packs each micro-batch's examples into rows as wide as its longest
@@ -45,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from garrison.engine.chat_template import chosen_template, render
+from garrison.engine.prompt_tokens import BoundaryError, cut_ids
 from garrison.errors import InvalidRequest
 
 IGNORE_INDEX = -100
@@ -57,6 +64,7 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    cut_fallback: bool = False  # tokenized whole: a token may straddle a generation-prompt boundary
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -92,6 +100,7 @@ class TokenizeStats:
     skipped_invalid: int = 0
     tokens: int = 0
     target_tokens: int = 0
+    cut_fallback: int = 0
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -130,11 +139,12 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], *, generation_prompt
                   add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character spans the loss covers."""
+def assistant_turns(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int, bool]]]:
+    """The rendered conversation and each assistant turn it shows: [start, end) characters, and whether the
+    loss covers it (its weight)."""
     full = _render(tokenizer, messages)
     eos = getattr(tokenizer, "eos_token", None) or ""
-    spans: list[tuple[int, int]] = []
+    turns: list[tuple[int, int, bool]] = []
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -156,9 +166,14 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str
                 end += len(eos)
             span = (start, end)
         cursor = span[1]
-        if message.get("weight", 1):
-            spans.append(span)
-    return full, spans
+        turns.append((span[0], span[1], bool(message.get("weight", 1))))
+    return full, turns
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character spans the loss covers."""
+    full, turns = assistant_turns(tokenizer, messages)
+    return full, [(start, end) for start, end, trained in turns if trained]
 
 
 def _labels_from_offsets(ids: list[int], offsets: Sequence[tuple[int, int]],
@@ -177,7 +192,27 @@ def tokenize_chat(tokenizer: Any, record: Any, max_seq_len: int) -> tuple[Exampl
     messages = normalize_record(record)
     if not any(m["role"] == "assistant" and m["weight"] for m in messages):
         return None, False
-    text, spans = assistant_spans(tokenizer, messages)
+    text, turns = assistant_turns(tokenizer, messages)
+    spans = [(start, end) for start, end, trained in turns if trained]
+    cuts = [c for start, end, trained in turns for c in ((start, end) if trained else (start,))]
+    fallback = False
+    try:
+        ids, marks = cut_ids(tokenizer, text, cuts)
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[marks[start]:marks[end]] = ids[marks[start]:marks[end]]
+    except BoundaryError:
+        fallback = True
+        ids, labels = _whole_text_labels(tokenizer, text, spans)
+    truncated = len(ids) > max_seq_len
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None, truncated
+    return Example(ids, labels, fallback), truncated
+
+
+def _whole_text_labels(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """The text tokenized at once, labels from character offsets (tokens may straddle a turn's boundary)."""
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -189,11 +224,7 @@ def tokenize_chat(tokenizer: Any, record: Any, max_seq_len: int) -> tuple[Exampl
     else:
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         labels = _labels_from_counts(tokenizer, text, ids, spans)
-    truncated = len(ids) > max_seq_len
-    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None, truncated
-    return Example(ids, labels), truncated
+    return ids, labels
 
 
 def _labels_from_counts(tokenizer: Any, text: str, ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
@@ -221,6 +252,8 @@ def tokenize_records(tokenizer: Any, records: Iterable[Any], max_seq_len: int) -
                 stats.errors.append(f"record {n}: {err}")
             continue
         stats.truncated += int(truncated)
+        if example is not None and example.cut_fallback:
+            stats.cut_fallback += 1
         if example is None:
             stats.skipped_no_assistant += 1
             continue

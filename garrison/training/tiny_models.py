@@ -29,6 +29,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# A template whose generation prompt ends with a space and whose role names are plain text, as many
+# SentencePiece models' are: the answer's first word and that space merge into one token ('▁Your')
+# when a whole conversation is tokenized, while the served prompt ends with a lone '▁'.
+SPACED_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] + ': ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
 CHAT_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("Hello", "Hello! How can I help you today?"),
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -170,7 +179,7 @@ def build_base_llama(out: Path) -> Path:
 
 
 def build_tiny_llama(out: Path, spec: TinySpec | None = None, *, corpus: str | None = None,
-                     train_seconds: float | None = None) -> Path:
+                     train_seconds: float | None = None, template: str = CHAT_TEMPLATE) -> Path:
     """LlamaForCausalLM + SentencePiece (bpe, byte_fallback) + chat template, via save_pretrained.
 
     The fast tokenizer is saved too (tokenizer.json beside tokenizer.model), so the ONNX engine
@@ -189,7 +198,7 @@ def build_tiny_llama(out: Path, spec: TinySpec | None = None, *, corpus: str | N
         tokenizer = LlamaTokenizerFast(vocab_file=str(sp_model), legacy=False, add_bos_token=True,
                                        add_eos_token=False, clean_up_tokenization_spaces=False,
                                        add_prefix_space=False)
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = template
         _build_llama(out, tokenizer, spec, corpus, train_seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -393,8 +402,14 @@ def build_tiny_real(out: Path, tokenizer_dir: Path, arch: str, spec: TinySpec | 
     return out
 
 
+def build_tiny_spaced_llama(out: Path) -> Path:
+    """The tiny Llama's recipe with a larger vocabulary (so '▁Your' is one token) and SPACED_CHAT_TEMPLATE."""
+    return build_tiny_llama(out, TinySpec(vocab=2000), template=SPACED_CHAT_TEMPLATE)
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny-llama": build_tiny_llama,
+    "tiny-spaced-llama": build_tiny_spaced_llama,
     "tiny-bert": build_tiny_bert,
     "tiny-bpe-llama": build_tiny_bpe_llama,
     "tiny-lora": build_tiny_lora,
