@@ -352,11 +352,13 @@ _MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "thinking": {"type": "string"}, "tool_name": {"type": "string"},
     "tool_calls": {"type": "array", "items": {"type": "object", "required": ["function"],
                                               "properties": {"function": {"type": "object"}}}}}}
-_ERRORS = {"400": "invalid request ({\"error\": ...})", "401": "missing or unknown key",
+# Errors on /api/ are Ollama's object, {"error": "<message>", "code": "<code>"}.
+_ERRORS = {"400": "invalid request", "401": "missing or unknown key",
            "403": "scope or model grant missing", "404": "model not found",
            "429": "rate limit or the model's queue is full (Retry-After)", "503": "the model's runner crashed",
            "504": "request deadline passed"}
-_REFUSED = {"400": "offline_appliance or not_supported: models arrive by `garrison models import`"}
+_REFUSED = {"400": "offline_appliance or not_supported: models arrive by `garrison models import`",
+            "401": _ERRORS["401"], "403": _ERRORS["403"]}
 
 ROUTES = (
     Route("POST", "/api/chat", chat, "infer",
@@ -365,14 +367,16 @@ ROUTES = (
           body={"type": "object", "required": ["model"],
                 "properties": {**_COMMON, "messages": {"type": "array", "items": _MESSAGE},
                                "tools": {"type": "array", "items": {"type": "object"}}}},
-          responses={"200": "OK (NDJSON when streamed)", **_ERRORS}, streaming=True),
+          responses={"200": "OK: one object, or with `stream` (the default) NDJSON (application/x-ndjson)",
+                     **_ERRORS}),
     Route("POST", "/api/generate", generate, "infer",
           "Ollama's completion: `prompt` (and `system`) in the model's chat template, or as given with `raw`; "
           "NDJSON stream unless `stream` is false.", "ollama",
           body={"type": "object", "required": ["model"],
                 "properties": {**_COMMON, "prompt": {"type": "string"}, "system": {"type": "string"},
                                "raw": {"type": "boolean"}}},
-          responses={"200": "OK (NDJSON when streamed)", **_ERRORS}, streaming=True),
+          responses={"200": "OK: one object, or with `stream` (the default) NDJSON (application/x-ndjson)",
+                     **_ERRORS}),
     Route("POST", "/api/embed", embed_route, "infer",
           "Ollama's embeddings: `input` a string or a list of strings; an over-long input is cut unless "
           "`truncate` is false (then a 400).", "ollama",
@@ -388,15 +392,16 @@ ROUTES = (
                           "properties": {"model": _MODEL, "prompt": {"type": "string", "minLength": 1},
                                          "options": _OPTIONS, "keep_alive": _COMMON["keep_alive"]}},
           responses={"200": "OK", **_ERRORS}),
-    Route("GET", "/api/tags", tags, "infer", "Ollama's model list: the servable models this key may use.", "ollama"),
+    Route("GET", "/api/tags", tags, "infer", "Ollama's model list: the servable models this key may use.", "ollama",
+          responses={"200": "OK", **_ERRORS}),
     Route("POST", "/api/show", show, "infer",
           "One model: details, chat template, GGUF header (`model_info`), capabilities.", "ollama",
           body={"type": "object", "properties": {"model": _MODEL, "name": _MODEL, "verbose": {"type": "boolean"}}},
           responses={"200": "OK", **_ERRORS}),
     Route("GET", "/api/ps", ps, "infer", "Ollama's loaded models: the model manager's runners this key may use.",
-          "ollama"),
+          "ollama", responses={"200": "OK", **_ERRORS}),
     Route("GET", "/api/version", version, "infer", "The Ollama API version this face follows, and Garrison's.",
-          "ollama"),
+          "ollama", responses={"200": "OK", **_ERRORS}),
     *(Route(method, path, _refuse(what), "infer", f"Refused: {_OFFLINE[what][1]}.", "ollama", responses=_REFUSED)
       for method, path, what in (("POST", "/api/pull", "pull"), ("POST", "/api/push", "push"),
                                  ("POST", "/api/create", "create"), ("POST", "/api/copy", "copy"),
