@@ -19,7 +19,7 @@ import pytest
 
 __all__ = ["real_tokenizer_dir", "test_model_root", "tiny_bert_dir", "tiny_bpe_llama_dir", "tiny_llama_dir",
            "tiny_llama_gguf", "tiny_lora_dir", "tiny_lora_gguf", "tiny_real_dir", "tiny_real_gguf",
-           "tiny_spaced_llama_dir", "tiny_thinker_gguf"]
+           "tiny_prefixed_llama_dir", "tiny_spaced_llama_dir", "tiny_thinker_gguf"]
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +42,14 @@ def tiny_spaced_llama_dir(test_model_root: Path) -> Path:
     from garrison.training.tiny_models import ensure_model
 
     return ensure_model("tiny-spaced-llama", test_model_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_prefixed_llama_dir(test_model_root: Path) -> Path:
+    """A SentencePiece Llama with the dummy prefix: llama.cpp and Hugging Face tokenize its prompts apart."""
+    from garrison.training.tiny_models import ensure_model
+
+    return ensure_model("tiny-prefixed-llama", test_model_root)
 
 
 @pytest.fixture(scope="session")

@@ -83,6 +83,36 @@ class SequenceScorer:
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return tokenize(self._vocab, text, add_special, parse_special)
 
+    # What serving renders a chat prompt with (as LlamaEngine reads them), for the gate's prompt check.
+    @property
+    def chat_template(self) -> str | None:
+        return self._meta("tokenizer.chat_template")
+
+    @property
+    def bos_token(self) -> str:
+        """"" when the GGUF declares no BOS, as the serving engine gives it to templates."""
+        if self._meta("tokenizer.ggml.bos_token_id") is None:
+            return ""
+        return self._token_text(int(llama_cpp.llama_vocab_bos(self._vocab)))
+
+    @property
+    def eos_token(self) -> str:
+        return self._token_text(int(llama_cpp.llama_vocab_eos(self._vocab)))
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return bytes(buf.raw[:n]).decode("utf-8", errors="replace")
+
+    def _token_text(self, token: int) -> str:
+        raw = llama_cpp.llama_vocab_get_text(self._vocab, token) if token >= 0 else b""
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
     def close(self) -> None:
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)

@@ -146,9 +146,12 @@ def _imatrix(ctx: JobContext, model_dir: Path, work: Path, spec: str) -> Path | 
 def _fail_on_parity(results: list[dict[str, Any]]) -> None:
     failed = [r for r in results if r["parity"] is not None and not r["parity"]["passed"]]
     if failed:
+        # The tokenizer's own code when that is all that failed: the weights are fine, the prompts are not.
+        codes = {r["parity"].get("code") for r in failed}
         raise JobFailed("parity gate failed for " + "; ".join(f"{r['model']}: {r['parity']['reason']}"
                                                               for r in failed)
-                        + " (recorded, never served)", code="parity_failed")
+                        + " (recorded, never served)",
+                        code="tokenizer_mismatch" if codes == {"tokenizer_mismatch"} else "parity_failed")
 
 
 def _serving_base(registry: Any, hf_base: str, requested: str) -> Any:

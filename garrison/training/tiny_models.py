@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 # A template whose generation prompt ends with a space and whose role names are plain text, as many
-# SentencePiece models' are: the answer's first word and that space merge into one token ('▁Your')
+# SentencePiece models' are: the answer's first word and that space merge into one token ('▁The')
 # when a whole conversation is tokenized, while the served prompt ends with a lone '▁'.
 SPACED_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] + ': ' + message['content'] }}"
@@ -71,7 +71,7 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train_sentencepiece(work: Path, vocab: int, text: str | None = None) -> Path:
+def _train_sentencepiece(work: Path, vocab: int, text: str | None = None, *, dummy_prefix: bool = False) -> Path:
     import sentencepiece as spm
 
     text_file = work / "corpus.txt"
@@ -85,7 +85,7 @@ def _train_sentencepiece(work: Path, vocab: int, text: str | None = None) -> Pat
         allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
         # No dummy "▁" prefix: llama.cpp would add one after every special token, Hugging Face's
         # fast tokenizer only at the start, and training and serving must see the same ids.
-        add_dummy_prefix=False)
+        add_dummy_prefix=dummy_prefix)
     return prefix.with_suffix(".model")
 
 
@@ -403,11 +403,32 @@ def build_tiny_real(out: Path, tokenizer_dir: Path, arch: str, spec: TinySpec | 
 
 
 def build_tiny_spaced_llama(out: Path) -> Path:
-    """The tiny Llama's recipe with a larger vocabulary (so '▁Your' is one token) and SPACED_CHAT_TEMPLATE."""
+    """The tiny Llama's recipe with a larger vocabulary (so '▁The' is one token) and SPACED_CHAT_TEMPLATE."""
     return build_tiny_llama(out, TinySpec(vocab=2000), template=SPACED_CHAT_TEMPLATE)
 
 
+def build_tiny_prefixed_llama(out: Path) -> Path:
+    """A SentencePiece Llama with the dummy '▁' prefix (SentencePiece's default): llama.cpp puts a '▁' after
+    every special token and Hugging Face's fast tokenizer does not, so its served prompts are not its trained
+    ones. Barely trained: it exists for the parity gate to refuse (tokenizer_mismatch)."""
+    from transformers import LlamaTokenizerFast
+
+    spec = TinySpec(train_steps=5)
+    _seed(spec.seed)
+    work = tempfile.mkdtemp(prefix="garrison-spm-")
+    try:
+        sp_model = _train_sentencepiece(Path(work), spec.vocab, dummy_prefix=True)
+        tokenizer = LlamaTokenizerFast(vocab_file=str(sp_model), legacy=False, add_bos_token=True,
+                                       add_eos_token=False, clean_up_tokenization_spaces=False)
+        tokenizer.chat_template = SPACED_CHAT_TEMPLATE
+        _build_llama(out, tokenizer, spec)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-prefixed-llama": build_tiny_prefixed_llama,
     "tiny-llama": build_tiny_llama,
     "tiny-spaced-llama": build_tiny_spaced_llama,
     "tiny-bert": build_tiny_bert,
