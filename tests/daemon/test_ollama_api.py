@@ -23,6 +23,8 @@ from conftest import Daemon, free_port, garrison_env, run_cli
 CHAT = [{"role": "user", "content": "What is Garrison?"}]
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 24}
 LIMITED = {"requests": "requests_per_minute = 2", "tokens": "tokens_per_minute = 30"}
+CARD = "4111 1111 1111 1111"
+PRIVACY = '[inference_privacy.prompts]\npayment_card = "deny"\n'  # responses unscreened: streams stay per token
 
 
 @dataclass
@@ -54,7 +56,7 @@ def served(tiny_llama_gguf: Path, tiny_lora_gguf: Path, tiny_bert_dir: Path,
                                   env=env).stdout)
         keys[name], ids[name] = made["key"], made["id"]
         lines += [f"[rate_limits.keys.{made['id']}]", limit]
-    policy.write_text("\n".join(lines) + "\n")
+    policy.write_text(PRIVACY + "\n".join(lines) + "\n")
     daemon = Daemon(state, free_port(), env, root / "daemon.log").start()
     yield Served(daemon, keys, ids)
     daemon.stop()
@@ -239,3 +241,31 @@ def test_rate_limits_and_usage_apply(served: Served) -> None:
     with pytest.raises(ollama.ResponseError) as spent:
         tokens.generate(model="tiny", prompt="again", options={"num_predict": 2})
     assert spent.value.status_code == 429
+
+
+def test_the_privacy_policy_screens_prompts_and_streamed_responses(served: Served, tiny_llama_gguf: Path,
+                                                                  tmp_path: Path) -> None:
+    c = client(served)
+    for call in (lambda: c.chat(model="tiny", messages=[{"role": "user", "content": f"Bill {CARD}"}]),
+                 lambda: c.generate(model="tiny", prompt="Pay", system=f"card {CARD}")):
+        with pytest.raises(ollama.ResponseError) as denied:
+            call()
+        assert denied.value.status_code == 400 and "payment_card" in denied.value.error
+    # A response that holds a card (forced digit by digit by a schema) is redacted, streamed too: on a
+    # daemon of its own, since screening responses holds text back from every stream.
+    state, policy = tmp_path / "state", tmp_path / "policy.toml"
+    policy.write_text('[inference_privacy.responses]\npayment_card = "redact"\n')
+    env = garrison_env(state, GARRISON_POLICY_FILE=str(policy))
+    run_cli(state, "models", "import", str(tiny_llama_gguf), "--name", "tiny", "--ctx", "512", env=env)
+    daemon = Daemon(state, free_port(), env, tmp_path / "daemon.log").start()
+    try:
+        screened = ollama.Client(host=daemon.url, headers={"Authorization": f"Bearer {daemon.key('infer')}"})
+        schema = {"type": "object", "properties": {"card": {"type": "string", "enum": [CARD]}},
+                  "required": ["card"], "additionalProperties": False}
+        parts = list(screened.chat(model="tiny", messages=CHAT, format=schema, stream=True,
+                                   options={**GREEDY, "num_predict": 120}))
+        assert json.loads("".join(p.message.content or "" for p in parts)) == {"card": "[PAYMENT_CARD]"}
+        whole = screened.generate(model="tiny", prompt="card?", format=schema, options={**GREEDY, "num_predict": 120})
+        assert json.loads(whole.response) == {"card": "[PAYMENT_CARD]"}
+    finally:
+        daemon.stop()
