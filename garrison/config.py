@@ -249,6 +249,10 @@ SETTINGS: tuple[Setting, ...] = (
             "The audit trail's head (sequence number and MAC) is written to the anchor file outside the "
             "catalog (and the systemd journal) at least every this many entries, and at daemon shutdown.",
             Reload.LIVE, "from the next audited change"),
+    Setting("console_session_hours", _bounded(float, 0.05, 24 * 90), lambda _env: 12.0,
+            "How long a web console sign-in lasts (/console): the session ends this many hours after sign-in, "
+            "at sign-out, or when its key is revoked or expires, whichever comes first.",
+            Reload.LIVE, "for sign-ins from then on; sessions already open keep their expiry"),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -289,6 +293,7 @@ class Config:
     audit_anchor_every: int
     cors_origins: tuple[str, ...]
     allow_unknown_fields: bool
+    console_session_hours: float
     source: str = field(default="defaults", compare=False)
 
     @property

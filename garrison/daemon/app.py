@@ -7,6 +7,9 @@ from aiohttp import web
 from garrison.config import Config
 from garrison.crypto.identity import IdentityCache
 from garrison.daemon import cors
+from garrison.daemon.console import pages as console_pages
+from garrison.daemon.console import sessions as console_sessions
+from garrison.daemon.console.security import console_middleware
 from garrison.daemon.metrics import METRICS, make_metrics
 from garrison.daemon.middleware import (
     ROUTE_TABLE,
@@ -54,8 +57,8 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
         layout.ensure()
         catalog = Catalog(layout.catalog)
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, cors.cors_middleware, auth_middleware,
-                     rate_limit_middleware],
+        middlewares=[metrics_middleware, error_middleware, console_middleware, cors.cors_middleware,
+                     auth_middleware, rate_limit_middleware],
         client_max_size=int(config.max_request_mb * 1024 * 1024),
     )
     jobs = JobStore(catalog)
@@ -69,9 +72,10 @@ def create_app(config: Config, catalog: Catalog | None = None) -> web.Applicatio
     app[STATE] = state
     install_usage(app, catalog)
     cors.install(app)
+    console_sessions.install(app)
     app[METRICS] = make_metrics(jobs, lambda: len(state.runner.active) if state.runner else 0, manager)
     table = {}
-    for route in ROUTES:
+    for route in (*ROUTES, *console_pages.ROUTES):  # the console's pages are not API: not in /openapi.json
         app.router.add_route(route.method, route.path, route.handler)
         table[route.key] = route
     app[ROUTE_TABLE] = table

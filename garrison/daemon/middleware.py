@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from garrison.daemon.console import sessions as console_sessions
 from garrison.daemon.http import PRINCIPAL, json_response
 from garrison.daemon.metrics import METRICS
 from garrison.daemon.routing import Route
@@ -139,8 +140,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         route = request.app[ROUTE_TABLE].get((info.route.method, info.route.resource.canonical))
     if route is not None and route.scope is None:
         return await handler(request)
-    keys = request.app[STATE].keys
-    principal = await asyncio.to_thread(keys.authenticate, _bearer(request))
+    # A key in the headers, else a web console session (CSRF-checked when it changes anything).
+    principal = await console_sessions.authenticate(request, _bearer(request))
     request[PRINCIPAL] = principal
     if route is None:
         # Unknown path or method: only a caller with a key learns that it does not exist.

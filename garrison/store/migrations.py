@@ -272,3 +272,23 @@ def m009_job_resources(db: Database) -> None:
     # their datasets, `dataset:NAME` inside parameters, an adapter's base), so listing and reading
     # jobs shows a key only the jobs it is granted every resource of, without resolving again.
     db.execute("ALTER TABLE jobs ADD COLUMN resources TEXT NOT NULL DEFAULT '[]'")
+
+
+@MIGRATIONS()
+def m010_console_sessions(db: Database) -> None:
+    # Web console sessions (garrison.daemon.console.sessions): an API key exchanged for a random
+    # session id kept in an HttpOnly cookie; only its SHA-256 is stored, so a copy of the catalog
+    # signs nobody in. A session acts as its key (`key_id`) and ends at `expires_at`, at sign-out, or
+    # when the key is revoked or expires. In the catalog, so a restart signs nobody out.
+    db.execute(
+        """
+        CREATE TABLE console_sessions (
+            id_hash TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            user_agent TEXT NOT NULL DEFAULT ''
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX console_sessions_expiry ON console_sessions(expires_at)")
