@@ -641,6 +641,90 @@ def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None,
     submit_job(ctx, config_file, state_dir, "finetune", params, detach=detach, as_json=as_json)
 
 
+@cli.command("eval")
+@config_options
+@click.argument("models", nargs=-1, required=True)
+@click.option("--dataset", required=True, metavar="NAME[:N]", help="The dataset version whose held-out records "
+              "are scored.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Longest greedy answer (0: perplexity only).")
+@click.option("--max-records", type=int, default=0, help="Score at most this many held-out records (0: all).")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the evaluation as JSON.")
+@click.pass_context
+def eval_command(ctx: click.Context, config_file: str | None, state_dir: str | None, models: tuple[str, ...],
+                 dataset: str, max_new_tokens: int, max_records: int, detach: bool, as_json: bool) -> None:
+    """Score MODELS side by side on DATASET's held-out records (none a compared model trained on).
+
+    Any registered model: Hugging Face, peft adapter, GGUF (and GGUF LoRA), ONNX. Prints one
+    table: perplexity on assistant turns, exact match and token F1 of greedy answers, and
+    accuracy and macro F1 when the answers are labels.
+    """
+    from garrison.operations import evaluations as eval_ops
+
+    config, catalog = _open(ctx, config_file, state_dir)
+    app = open_appliance(config, catalog)
+    who = local_operator()
+    job = eval_ops.start_evaluation(app, who, list(models), dataset, max_new_tokens=max_new_tokens,
+                                    max_records=max_records)
+    if detach:
+        echo_json(job.to_json()) if as_json else click.echo(job.id)
+        return
+    job = _follow(config, catalog, job)
+    if job.state != "succeeded":
+        _finish(job, as_json)
+        return
+    evaluation = eval_ops.get_evaluation(app, who, str((job.result or {})["evaluation"]))
+    if as_json:
+        echo_json(eval_ops.evaluation_json(evaluation))
+    else:
+        click.echo(evaluation.table())
+
+
+@cli.group("evals")
+def evals_group() -> None:
+    """Stored evaluations: side-by-side tables of models scored on held-out data."""
+
+
+@evals_group.command("list")
+@config_options
+@click.option("--model", default=None, help="Only evaluations that scored this model.")
+@click.option("--dataset", default=None, help="Only evaluations on this dataset (NAME or NAME:N).")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def evals_list(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str | None,
+               dataset: str | None, limit: int, as_json: bool) -> None:
+    from garrison.operations import evaluations as eval_ops
+
+    config, catalog = _open(ctx, config_file, state_dir)
+    found = eval_ops.list_evaluations(open_appliance(config, catalog), local_operator(), model=model,
+                                      dataset=dataset, limit=limit)
+    if as_json:
+        echo_json({"object": "list", "data": [eval_ops.evaluation_json(e) for e in found]})
+        return
+    for evaluation in found:
+        click.echo(f"{evaluation.id}  {_when(evaluation.created_at)}  {evaluation.dataset}  "
+                   f"{', '.join(evaluation.models)}")
+
+
+@evals_group.command("show")
+@config_options
+@click.argument("evaluation_id")
+@click.option("--json", "as_json", is_flag=True, help="The evaluation as JSON (split, metrics, lineage).")
+@click.pass_context
+def evals_show(ctx: click.Context, config_file: str | None, state_dir: str | None, evaluation_id: str,
+               as_json: bool) -> None:
+    from garrison.operations import evaluations as eval_ops
+
+    config, catalog = _open(ctx, config_file, state_dir)
+    evaluation = eval_ops.get_evaluation(open_appliance(config, catalog), local_operator(), evaluation_id)
+    if as_json:
+        echo_json(eval_ops.evaluation_json(evaluation))
+    else:
+        click.echo(evaluation.table())
+
+
 # -- inference through the daemon ------------------------------------------------------
 def _client(ctx: click.Context, config_file: str | None, state_dir: str | None, key: str | None) -> Any:
     from garrison.client import DaemonClient, api_key, daemon_url

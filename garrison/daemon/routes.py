@@ -5,6 +5,7 @@ from __future__ import annotations
 from garrison.daemon.api import (
     audit,
     datasets,
+    evals,
     exports,
     files,
     fine_tuning,
@@ -23,4 +24,4 @@ from garrison.daemon.routing import Route
 ROUTES: tuple[Route, ...] = (*system.ROUTES, *jobs.ROUTES, *keys.ROUTES, *audit.ROUTES, *models.ROUTES, *runners.ROUTES,
                              *inference.ROUTES, *render.ROUTES, *identity.ROUTES,
                              *exports.ROUTES, *datasets.ROUTES, *files.ROUTES,
-                             *fine_tuning.ROUTES, *ollama.ROUTES)
+                             *fine_tuning.ROUTES, *evals.ROUTES, *ollama.ROUTES)

@@ -59,6 +59,14 @@ def _dataset(catalog: Catalog, registry: ModelRegistry, value: str, param: str) 
     return [("dataset", name)]
 
 
+def _models(catalog: Catalog, registry: ModelRegistry, value: str, param: str) -> list[Resource]:
+    """A comma-separated list of models (an evaluation's), each as `_model` resolves it."""
+    found: list[Resource] = []
+    for name in value.split(","):
+        found += [r for r in _model(catalog, registry, name.strip(), param) if r not in found]
+    return found
+
+
 def _imatrix(catalog: Catalog, registry: ModelRegistry, value: str, param: str) -> list[Resource]:
     if value.startswith(IMATRIX_DATASET):
         return _dataset(catalog, registry, value[len(IMATRIX_DATASET):], param)
@@ -72,6 +80,8 @@ RESOURCE_PARAMS: tuple[ResourceParam, ...] = (
     ResourceParam("finetune", "model", _model, "the base model"),
     ResourceParam("finetune", "training_file", _dataset, "dataset NAME[:N] or file id"),
     ResourceParam("finetune", "validation_file", _dataset, "dataset NAME[:N] or file id"),
+    ResourceParam("eval", "models", _models, "the models compared (and adapters' bases)"),
+    ResourceParam("eval", "dataset", _dataset, "the dataset whose held-out records are scored"),
 )
 
 

@@ -162,6 +162,22 @@ JOB_KINDS: dict[str, JobKind] = {
                 Param("export", str, "", doc="after training, export the merged model: gguf:q4_k_m,onnx:int8,..."),
             ),
         ),
+        JobKind(
+            name="eval",
+            entry="garrison.jobs.evaluate:run",
+            check="garrison.jobs.evaluate:check",
+            scope="train",
+            description="Scores registered models (Hugging Face, peft, GGUF, GGUF LoRA, ONNX) side by side on a "
+                        "dataset version's held-out records: assistant-turn perplexity, exact match and token F1 of "
+                        "greedy answers, per-label metrics for label answers; records no compared model trained on.",
+            default_timeout_s=6 * 3600,
+            params=(
+                Param("models", str, "", doc="comma-separated models to compare"),
+                Param("dataset", str, "", doc="dataset NAME or NAME:N whose held-out records are scored"),
+                Param("max_new_tokens", int, 64, 0, 4096, "longest greedy answer (0: perplexity only)"),
+                Param("max_records", int, 0, 0, 10**6, "score at most this many held-out records (0: all)"),
+            ),
+        ),
     )
 }
 

@@ -292,3 +292,40 @@ def m010_console_sessions(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX console_sessions_expiry ON console_sessions(expires_at)")
+
+
+@MIGRATIONS()
+def m011_evaluations(db: Database) -> None:
+    # Evaluation results (garrison.models.evaluations): one `evaluations` row per comparison (the
+    # dataset version, its held-out split as recorded, the job that scored it) and one
+    # `evaluation_rows` row per model scored in it, so a comparison reads back as one side-by-side
+    # table. Metrics and lineage are JSON: new metrics need no migration.
+    db.execute(
+        """
+        CREATE TABLE evaluations (
+            id TEXT PRIMARY KEY,
+            job_id TEXT,
+            dataset TEXT NOT NULL,
+            split TEXT NOT NULL DEFAULT '{}',
+            models TEXT NOT NULL DEFAULT '[]',
+            created_at REAL NOT NULL,
+            created_by TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX evaluations_created ON evaluations(created_at)")
+    db.execute(
+        """
+        CREATE TABLE evaluation_rows (
+            evaluation_id TEXT NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            format TEXT NOT NULL,
+            size_bytes INTEGER,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            lineage TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (evaluation_id, model)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX evaluation_rows_model ON evaluation_rows(model)")

@@ -152,9 +152,11 @@ _BODIES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("POST", "/v1/embeddings"): [{"model": "secretmodel", "input": "x"}],
     ("POST", "/v1/garrison/render"): [{"model": "secretmodel", "messages": [{"role": "user", "content": "x"}]}],
     ("POST", "/v1/garrison/models"): [{"path": "/nonexistent", "name": "secretmodel"}],
+    ("POST", "/v1/garrison/evals"): [{"models": ["tl", "secretmodel"], "dataset": "ds1"},
+                                     {"models": ["tl"], "dataset": "secretds"}],
 }
 # Routes whose body may name a resource in a field called one of these.
-_RESOURCE_FIELDS = {"model", "training_file", "validation_file", "imatrix", "base_gguf", "dataset", "name"}
+_RESOURCE_FIELDS = {"model", "models", "training_file", "validation_file", "imatrix", "base_gguf", "dataset", "name"}
 # Not resource-scoped, with why.
 _UNSCOPED = {
     ("POST", "/v1/garrison/jobs"): "covered by the job-kind test below, parameter by parameter",
@@ -258,9 +260,11 @@ def test_every_string_job_parameter_is_classified() -> None:
                 assert key in resource_params or key in _NOT_RESOURCES, f"classify job parameter {key}"
 
 
-_VALID = {"export": {"model": "tl", "to": "gguf:q4_k_m"}, "finetune": {"model": "tl", "training_file": "ds1"}}
+_VALID = {"export": {"model": "tl", "to": "gguf:q4_k_m"}, "finetune": {"model": "tl", "training_file": "ds1"},
+          "eval": {"models": "tl", "dataset": "ds1"}}
 _SECRET_VALUE = {"model": "secretmodel", "base_gguf": "secretmodel", "imatrix": "dataset:secretds",
-                 "training_file": "secretds", "validation_file": "secretds"}
+                 "training_file": "secretds", "validation_file": "secretds", "models": "tl,secretmodel",
+                 "dataset": "secretds"}
 
 
 @pytest.mark.parametrize("row", RESOURCE_PARAMS, ids=lambda r: f"{r.kind}.{r.param}")
