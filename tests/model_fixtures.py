@@ -17,9 +17,22 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["real_tokenizer_dir", "test_model_root", "tiny_bert_dir", "tiny_bpe_llama_dir", "tiny_llama_dir",
-           "tiny_llama_gguf", "tiny_lora_dir", "tiny_lora_gguf", "tiny_real_dir", "tiny_real_gguf",
-           "tiny_prefixed_llama_dir", "tiny_spaced_llama_dir", "tiny_thinker_gguf"]
+__all__ = [
+    "real_tokenizer_dir",
+    "test_model_root",
+    "tiny_bert_dir",
+    "tiny_bpe_llama_dir",
+    "tiny_llama_dir",
+    "tiny_llama_gguf",
+    "tiny_lora_dir",
+    "tiny_lora_gguf",
+    "tiny_prefixed_llama_dir",
+    "tiny_real_dir",
+    "tiny_real_gguf",
+    "tiny_spaced_llama_dir",
+    "tiny_thinker_gguf",
+    "tiny_tool_caller_gguf",
+]
 
 
 @pytest.fixture(scope="session")
@@ -172,4 +185,21 @@ def tiny_thinker_gguf(test_model_root: Path, real_tokenizer_dir: Callable[[str],
     tokenizer = real_tokenizer_dir("qwen3")
     folder = ensure_model("tiny-qwen3-thinker", test_model_root,
                           lambda out: build_tiny_real(out, tokenizer, "qwen3", teach=THINKER_CHAT))
+    return ensure_gguf(folder, "f16")
+
+
+TOOL_CALLER_STEPS = 80  # enough for greedy decoding to repeat both assistant turns (checked by the tests)
+
+
+@pytest.fixture(scope="session")
+def tiny_tool_caller_gguf(test_model_root: Path, real_tokenizer_dir: Callable[[str], Path]) -> Path:
+    """The tiny Qwen3 taught one conversation in which it calls a tool (lookup_order), reads the result and
+    answers: what a tool loop needs from a real engine, with Qwen3's real template and `<tool_call>` syntax."""
+    from garrison.converters.hf_to_gguf import ensure_gguf
+    from garrison.training.tiny_models import TOOL_CALLER_CHAT, TOOL_CALLER_TOOLS, build_tiny_real, ensure_model
+
+    tokenizer = real_tokenizer_dir("qwen3")
+    folder = ensure_model("tiny-qwen3-tool-caller", test_model_root,
+                          lambda out: build_tiny_real(out, tokenizer, "qwen3", teach=TOOL_CALLER_CHAT,
+                                                      tools=TOOL_CALLER_TOOLS, steps=TOOL_CALLER_STEPS))
     return ensure_gguf(folder, "f16")

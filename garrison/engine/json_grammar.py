@@ -56,6 +56,46 @@ _CACHE_SIZE = 256
 _cache: dict[str, str] = {}
 
 
+def _schema_text(schema: dict[str, Any] | str, param: str, sort_keys: bool = True) -> str:
+    text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=sort_keys, separators=(",", ":"))
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SCHEMA_BYTES:
+        raise SchemaTooComplex(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KiB", param=param)
+    return text
+
+
+def _cached(key: str, build: Any, param: str) -> str:
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    cached = _cache.get(digest)
+    if cached is not None:
+        return cached
+    try:
+        grammar = str(build())
+    except Exception as err:  # the converter asserts on some inputs: any failure is the schema's
+        # The message names the failure, never the schema: a client's schema does not go to the log.
+        raise InvalidSchema(f"cannot convert the JSON schema to a grammar ({type(err).__name__}: {str(err)[:120]})",
+                            param=param) from None
+    if len(_cache) >= _CACHE_SIZE:
+        _cache.pop(next(iter(_cache)))  # the oldest entry: insertion order
+    _cache[digest] = grammar
+    return grammar
+
+
+def schema_grammar(schema: dict[str, Any], rule: str, root: str, *, param: str) -> str:
+    """GBNF whose `rule` is the schema's JSON and whose root is `root` (GBNF that uses `rule`): a JSON
+    value inside a frame of text, such as a tool call inside its markers. Cached and bounded as
+    json_schema_grammar is. Properties keep the schema's order (a model writes a tool's arguments in
+    the order its schema lists them), `name` first."""
+    text = _schema_text(schema, param, sort_keys=False)
+
+    def build() -> str:
+        converter = _converter().SchemaConverter(prop_order={"name": 0}, allow_fetch=False, dotall=False,
+                                                 raw_pattern=False)
+        converter.visit(converter.resolve_refs(json.loads(text), "request"), rule)
+        return f"{converter.format_grammar()}\nroot ::= {root}"
+
+    return _cached(f"{rule}\0{root}\0{text}", build, param)
+
+
 def json_schema_grammar(schema: dict[str, Any] | str) -> str:
     """GBNF for a JSON schema (response_format json_schema), via llama-cpp-python's converter.
 
@@ -63,21 +103,5 @@ def json_schema_grammar(schema: dict[str, Any] | str) -> str:
     caller's input. Grammars are cached by the schema's digest, so a client that sends the same
     schema with every request pays for it once. CPU-bound: callers on an event loop run it in a thread.
     """
-    text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True, separators=(",", ":"))
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_SCHEMA_BYTES:
-        raise SchemaTooComplex(f"the JSON schema is larger than {MAX_SCHEMA_BYTES // 1024} KiB",
-                               param="response_format")
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    cached = _cache.get(digest)
-    if cached is not None:
-        return cached
-    try:
-        grammar = str(_converter().json_schema_to_gbnf(text))
-    except Exception as err:  # the converter asserts on some inputs: any failure is the schema's
-        # The message names the failure, never the schema: a client's schema does not go to the log.
-        raise InvalidSchema(f"cannot convert the JSON schema to a grammar ({type(err).__name__}: {str(err)[:120]})",
-                            param="response_format") from None
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.pop(next(iter(_cache)))  # the oldest entry: insertion order
-    _cache[digest] = grammar
-    return grammar
+    text = _schema_text(schema, "response_format")
+    return _cached(text, lambda: _converter().json_schema_to_gbnf(text), "response_format")

@@ -67,9 +67,7 @@ CHAT_FIELDS: dict[str, Field] = _fields(
     Field("prompt_cache_key", "ignored", "a routing hint for OpenAI's cache; the KV cache is reused by prefix"),
     Field("prompt_cache_retention", "ignored", "OpenAI's cache retention; the KV cache is kept per slot"),
     Field("safety_identifier", "ignored", "an end-user tag for OpenAI's abuse monitoring"),
-    Field("tool_choice", "ignored", "tools are rendered into the prompt by the chat template; calls are not "
-                                    "parsed yet"),
-    Field("parallel_tool_calls", "ignored", "as tool_choice"),
+    "tool_choice", "parallel_tool_calls",
     Field("functions", "ignored", "the deprecated form of tools"),
     Field("function_call", "ignored", "the deprecated form of tool_choice"),
     Field("modalities", "no-op only", "text only", lambda v: v is None or v == ["text"]),

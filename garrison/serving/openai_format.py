@@ -272,6 +272,8 @@ class Collected:
     finish: Finish
     logprobs: list[TokenEvent]
     reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's message.tool_calls
+    finish_reason: str | None = None  # the API's own reason ("tool_calls") over the engine's
 
 
 def usage(finish: Finish) -> dict[str, Any]:
@@ -302,11 +304,16 @@ def completion_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
 def chat_response(rid: str, model: str, collected: Collected, want_logprobs: bool) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": "garrison",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": collected.text,
+            "choices": [{"index": 0, "message": {"role": "assistant",
+                                                 # OpenAI's null content beside tool calls
+                                                 "content": None if collected.tool_calls and not collected.text
+                                                 else collected.text,
                                                  **({"reasoning_content": collected.reasoning}
-                                                    if collected.reasoning is not None else {})},
+                                                    if collected.reasoning is not None else {}),
+                                                 **({"tool_calls": collected.tool_calls}
+                                                    if collected.tool_calls else {})},
                          "logprobs": chat_logprobs(collected.logprobs) if want_logprobs else None,
-                         "finish_reason": collected.finish.finish_reason}],
+                         "finish_reason": collected.finish_reason or collected.finish.finish_reason}],
             "usage": usage(collected.finish)}
 
 
@@ -335,6 +342,20 @@ def chat_chunk(rid: str, model: str, created: int, text: str | None, finish_reas
         choice["logprobs"] = chat_logprobs([event])
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": "garrison", "choices": [choice]}
+
+
+def tool_call_chunks(rid: str, model: str, created: int, call: dict[str, Any], position: int) -> list[dict[str, Any]]:
+    """A complete tool call as OpenAI streams one: its id and name with empty arguments, then the
+    arguments (`position` is the call's place among the choice's calls, OpenAI's `tool_calls[].index`)."""
+    head = {"index": position, "id": call["id"], "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""}}
+    tail = {"index": position, "function": {"arguments": call["function"]["arguments"]}}
+    out = []
+    for delta in (head, tail):
+        data = chat_chunk(rid, model, created, None, None)
+        data["choices"][0]["delta"]["tool_calls"] = [delta]
+        out.append(data)
+    return out
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str | None, finish_reason: str | None,

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,19 +340,55 @@ THINKER_CHAT: tuple[dict[str, str], ...] = (
 )
 
 
-def _memorize(model: Any, tokenizer: Any, chat: Sequence[dict[str, str]], steps: int) -> None:
-    """Train on one conversation, rendered by Garrison's renderer, until greedy decoding repeats it."""
+# What a "tool caller" fixture is taught: the tool it is shown, and a conversation in which it calls the
+# tool, reads the result and answers. The tool is written exactly as openai-agents sends a
+# `@function_tool def lookup_order(email: str) -> str` with that docstring, so an agent's prompt is
+# the prompt the model learnt; arguments are objects, as the daemon gives them to templates.
+TOOL_CALLER_TOOLS: tuple[dict[str, Any], ...] = (
+    {"type": "function", "function": {
+        "name": "lookup_order", "description": "Find the customer's latest order by e-mail address.",
+        "parameters": {"properties": {"email": {"title": "Email", "type": "string"}}, "required": ["email"],
+                       "title": "lookup_order_args", "type": "object", "additionalProperties": False},
+        "strict": True}},
+)
+TOOL_CALLER_CHAT: tuple[dict[str, Any], ...] = (
+    {"role": "user", "content": "Where is my parcel? My e-mail is ana@example.com"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "lookup_order", "arguments": {"email": "ana@example.com"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "Order 1234: shipped, arrives on Tuesday."},
+    {"role": "assistant", "content": "Your parcel arrives on Tuesday."},
+)
+
+
+def _memorize(model: Any, tokenizer: Any, chat: Sequence[Mapping[str, Any]], steps: int,
+              tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """Train on one conversation, rendered by Garrison's renderer, until greedy decoding repeats it.
+
+    With tools, the loss is on the assistant's turns alone: a long tool prompt is more than a tiny
+    model can learn by heart, and only what it answers after each prompt matters.
+    """
     import torch
 
     from garrison.engine.chat_template import render
 
-    text = render(tokenizer.chat_template, chat, special_tokens=tokenizer.special_tokens_map,
-                  add_generation_prompt=False)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    def tokens(upto: int, generation_prompt: bool) -> list[int]:
+        text = render(tokenizer.chat_template, chat[:upto], special_tokens=tokenizer.special_tokens_map,
+                      tools=tools, add_generation_prompt=generation_prompt)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    ids = torch.tensor([tokens(len(chat), False)])
+    labels = ids.clone()
+    if tools:
+        labels[:] = -100
+        for i, message in enumerate(chat):
+            if message["role"] == "assistant":
+                start, end = len(tokens(i, True)), len(tokens(i + 1, False))
+                labels[0, start:end] = ids[0, start:end]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -360,12 +396,14 @@ def _memorize(model: Any, tokenizer: Any, chat: Sequence[dict[str, str]], steps:
 
 
 def build_tiny_real(out: Path, tokenizer_dir: Path, arch: str, spec: TinySpec | None = None, *,
-                    teach: Sequence[dict[str, str]] = (), steps: int = 60) -> Path:
+                    teach: Sequence[Mapping[str, Any]] = (), steps: int = 60,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """A random-weight model of `arch` (hidden 64, 2 layers) whose vocabulary is the real tokenizer's.
 
     Untrained: it stands for a customer's model wherever the weights do not matter (conversion,
     chat templates, tool-call formats, train/serve token parity), with the tokenizer that does.
-    `teach` is a conversation it memorizes (a model that thinks before it answers, for instance).
+    `teach` is a conversation it memorizes (a model that thinks before it answers, for instance), shown
+    `tools` if given (a model that calls a tool).
     """
     import torch
     import transformers
@@ -394,7 +432,7 @@ def build_tiny_real(out: Path, tokenizer_dir: Path, arch: str, spec: TinySpec | 
     with torch.no_grad():
         model = getattr(transformers, model_name)(config)
     if teach:
-        _memorize(model, tokenizer, teach, steps)
+        _memorize(model, tokenizer, teach, steps, tools)
     if model.generation_config is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)

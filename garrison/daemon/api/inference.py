@@ -12,7 +12,8 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -31,8 +32,10 @@ from garrison.models.names import check_model_id
 from garrison.operations.inference_privacy import InferencePrivacyPolicy
 from garrison.policies.access import allowed, authorize
 from garrison.serving import openai_format as fmt
+from garrison.serving import tool_calls
+from garrison.serving.chat_output import ChatOutput, Part, whole
 from garrison.serving.openai_fields import CHAT_FIELDS, check_fields
-from garrison.serving.reasoning import ReasoningSplitter, ReasoningSyntax, reasoning_syntax, split_text
+from garrison.serving.reasoning import reasoning_syntax
 
 MAX_EMBED_INPUTS = 2048
 
@@ -89,14 +92,27 @@ async def _merged(choices: list[Choice], firsts: list[TokenEvent | Finish]
         await asyncio.gather(*live, return_exceptions=True)
 
 
+def _part_chunks(rid: str, model: str, created: int, parts: list[Part], output: ChatOutput,
+                 event: TokenEvent | None) -> list[dict[str, Any]]:
+    """Chunks for a chat answer's parts; the token's logprobs ride on the first text part."""
+    out: list[dict[str, Any]] = []
+    for kind, part in parts:
+        if isinstance(part, tool_calls.ToolCall):
+            out += fmt.tool_call_chunks(rid, model, created, part.openai(), output.calls.index(part))
+        elif part or (event is not None and kind == "content"):
+            out.append(fmt.chat_chunk(rid, model, created, part, None, event, reasoning=kind == "reasoning"))
+            event = None
+    return out
+
+
 async def _stream(request: web.Request, choices: list[Choice], model: str, kind: str, include_usage: bool,
-                  syntax: ReasoningSyntax | None = None) -> web.StreamResponse:
+                  outputs: Callable[[], ChatOutput] | None = None) -> web.StreamResponse:
     rid = fmt.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = int(time.time())
     chunk = fmt.chat_chunk if kind == "chat" else fmt.completion_chunk
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-    splitters = {c.index: None if syntax is None else ReasoningSplitter(syntax) for c in choices}
+    splitters = {c.index: None if outputs is None else outputs() for c in choices}
     finishes: dict[int, Finish] = {}
     try:
         # Errors before the first token still get a proper status: every choice's first item before the head.
@@ -114,17 +130,19 @@ async def _stream(request: web.Request, choices: list[Choice], model: str, kind:
             out: list[dict[str, Any]] = []
             if isinstance(item, Finish):
                 finishes[choice.index] = item
-                parts = [("content", item.text)] if splitter is None else splitter.feed(item.text) + splitter.finish()
-                out += [chunk(rid, model, created, part, None, reasoning=part_kind == "reasoning")
-                        for part_kind, part in parts if part]
-                out.append(chunk(rid, model, created, None if kind == "chat" else "", item.finish_reason))
+                reason: str = item.finish_reason
+                if splitter is None:
+                    out += [chunk(rid, model, created, item.text, None)] if item.text else []
+                else:
+                    out += _part_chunks(rid, model, created, splitter.finish(item.text), splitter, None)
+                    reason = splitter.finish_reason(item.finish_reason)
+                out.append(chunk(rid, model, created, None if kind == "chat" else "", reason))
             elif splitter is None:
                 if item.text or item.logprob is not None:
                     out.append(chunk(rid, model, created, item.text, None, item))
-            else:  # thinking apart: a marker's tokens and a held tail send no text (their logprobs still go)
-                parts = splitter.feed(item.text) or [("content", "")] * (item.logprob is not None)
-                out += [chunk(rid, model, created, part, None, None if n else item, reasoning=part_kind == "reasoning")
-                        for n, (part_kind, part) in enumerate(parts)]
+            else:  # thinking and tool calls apart: a marker's tokens and a held tail send no text (logprobs go)
+                out += _part_chunks(rid, model, created, splitter.feed(item.text), splitter,
+                                    item if item.logprob is not None else None)
             for data in out:
                 await response.write(fmt.sse(fmt.with_index(data, choice.index)))
         if include_usage:
@@ -187,7 +205,10 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     # Screened before the model is touched: a denied prompt costs no load, and a redacted one is all it sees.
     if kind == "chat":
         messages = await privacy.screen_messages(fmt.chat_messages(body))
-        tools, template_kwargs = fmt.chat_tools(body), fmt.template_kwargs(body)
+        tool_use, template_kwargs = tool_calls.tool_request(body), fmt.template_kwargs(body)
+        if tool_use is not None and tool_use.forced and params.grammar is not None:
+            raise InvalidRequest("tool_choice required or a named function sets the grammar itself: give it "
+                                 "without response_format or grammar", param="tool_choice")
     else:
         prompts = fmt.completion_prompts(body)
         if len(prompts) * n > fmt.MAX_CHOICES:
@@ -200,24 +221,33 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             prompts[i] = text
     async with state.manager.use(model, "generate") as loaded:
         engine = loaded.generator
+        outputs: Callable[[], ChatOutput] | None = None
         if kind == "chat":
-            text = await asyncio.to_thread(partial(fmt.render_chat, engine.chat_template, messages,
+            tool_format = None if tool_use is None else tool_calls.tool_format(engine.chat_template)
+            shown = tool_calls.prompt_messages(messages, tool_format, tool_use)
+            text = await asyncio.to_thread(partial(fmt.render_chat, engine.chat_template, shown,
                                                    bos_token=engine.bos_token, eos_token=engine.eos_token,
-                                                   tools=tools, kwargs=template_kwargs))
+                                                   tools=None if tool_use is None else tool_use.tools,
+                                                   kwargs=template_kwargs))
             syntax = reasoning_syntax(engine.chat_template, text, body)
+            if tool_use is not None and tool_format is not None and tool_use.forced:
+                think = None if syntax is None else (syntax.start, syntax.end, syntax.forced_open)
+                grammar = await asyncio.to_thread(tool_calls.tool_grammar, tool_use, tool_format, think)
+                params = replace(params, grammar=grammar)
+            if syntax is not None or tool_format is not None:
+                outputs = partial(ChatOutput.of, syntax, tool_format, tool_use.parallel if tool_use else True)
             token_lists = [await engine.tokenize(text, add_special=False, parse_special=True)]
             echoes = [""]
         else:
             pairs = [await _prompt_tokens(engine, p, f, echo, privacy) for p, f in zip(prompts, fields, strict=True)]
             token_lists = [tokens for tokens, _ in pairs]
             echoes = [text if echo else "" for _, text in pairs]
-            syntax = None
         reqs = [GenerationRequest(prompt_tokens=tokens, params=params, deadline=deadline(request),
                                   lora_path=loaded.lora_path, n=n) for tokens in token_lists]
         try:
             choices = await open_choices(engine, reqs, echoes, request, privacy)
             if stream:
-                return await _stream(request, choices, model, kind, include_usage, syntax)
+                return await _stream(request, choices, model, kind, include_usage, outputs)
             collected = await collect_all(choices)
         except ContextLengthExceeded as exc:
             exc.param = "messages" if kind == "chat" else "prompt"  # name the field the client sent
@@ -226,8 +256,11 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     make = fmt.chat_response if kind == "chat" else fmt.completion_response
     answers = []
     for choice, one in zip(choices, collected, strict=True):
-        if syntax is not None:
-            one.reasoning, one.text = split_text(syntax, one.text)
+        if outputs is not None:
+            output = outputs()
+            one.reasoning, one.text, calls = whole(output, one.text)
+            one.tool_calls = [call.openai() for call in calls] or None
+            one.finish_reason = output.finish_reason(one.finish.finish_reason)
         one.text = choice.echo + one.text
         answers.append(fmt.with_index(make(rid, model, one, params.logprobs), choice.index))
     response = answers[0]
@@ -339,6 +372,11 @@ _MESSAGE = {"type": "object", "required": ["role"], "properties": {
         "type": "object", "required": ["type", "text"],
         "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}}]},
     "tool_calls": {"type": "array", "items": {"type": "object"}, "description": "assistant messages only"}}}
+_TOOL = {"type": "object", "required": ["function"], "properties": {
+    "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+        "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}
 _RESPONSE_FORMAT = {"type": "object", "required": ["type"], "properties": {
     "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
     "json_schema": {"type": "object", "required": ["schema"],
@@ -357,13 +395,23 @@ ROUTES = (
     Route("POST", "/v1/chat/completions", chat_completions, "infer",
           "Chat completion with the model's chat template; `stream` for server-sent events; "
           "`response_format` json_object/json_schema enforced by a grammar; `chat_template_kwargs` are variables "
-          "for the template (`enable_thinking`); `tools` are shown to the template. A template that marks thinking "
+          "for the template (`enable_thinking`); `tools` are shown to the template and the model's calls come back "
+          "as `tool_calls` (Hermes/Qwen, Mistral, Llama 3 and a generic JSON form, chosen from the template; "
+          "streamed as `delta.tool_calls`); `tool_choice` `required` or a named function forces calls with a "
+          "grammar from the tools' schemas; `parallel_tool_calls` false keeps one call. A template that marks thinking "
           "(`<think>`) gives it in `reasoning_content` (streamed: `delta.reasoning_content`) unless "
           "`reasoning_format` is `none`.", "inference",
           body={**_GEN_BODY, "required": ["model", "messages"],
                 "properties": {**_GEN_BODY["properties"], "messages": {"type": "array", "minItems": 1,
                                                                           "items": _MESSAGE},
-                               "response_format": _RESPONSE_FORMAT, "tools": {"type": "array"},
+                               "response_format": _RESPONSE_FORMAT, "tools": {"type": "array", "items": _TOOL},
+                               "tool_choice": {"oneOf": [
+                                   {"type": "string", "enum": ["none", "auto", "required"]},
+                                   {"type": "object", "required": ["type", "function"], "properties": {
+                                       "type": {"type": "string", "enum": ["function"]},
+                                       "function": {"type": "object", "required": ["name"],
+                                                    "properties": {"name": {"type": "string"}}}}}]},
+                               "parallel_tool_calls": {"type": "boolean"},
                                **{f.name: {"description": f"accepted; {f.handling}: {f.why}"}
                                   for f in CHAT_FIELDS.values()
                                   if f.handling != "used" and f.name not in _GEN_BODY["properties"]},
