@@ -641,6 +641,36 @@ def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None,
     submit_job(ctx, config_file, state_dir, "finetune", params, detach=detach, as_json=as_json)
 
 
+@cli.command("prune")
+@config_options
+@click.argument("model")
+@click.option("--depth", default="", metavar="N|PCT%", help="Decoder blocks to remove (e.g. 2 or 25%).")
+@click.option("--width", default="", metavar="N|PCT%", help="MLP intermediate channels to remove (e.g. 25%).")
+@click.option("--calibration", default="", metavar="DATASET",
+              help="Rank on this dataset's training split (default: built-in text).")
+@click.option("--calibration-tokens", type=int, default=32768, show_default=True)
+@click.option("--eval", "eval_dataset", default="", metavar="DATASET",
+              help="Evaluate source and result on this dataset's held-out records (default: the calibration's).")
+@click.option("--suffix", default="", help="The result is named MODEL-pruned-SUFFIX.")
+@click.option("--export", "export_targets", default="", metavar="TARGETS",
+              help="Also export the result, e.g. gguf:q4_k_m,onnx:int8 (parity-gated).")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def prune(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str, depth: str, width: str,
+          calibration: str, calibration_tokens: int, eval_dataset: str, suffix: str, export_targets: str,
+          detach: bool, as_json: bool) -> None:
+    """Make MODEL smaller: remove whole decoder blocks and/or MLP channels, ranked on calibration data.
+
+    The result is an ordinary Hugging Face model (export, serve, fine-tune or distill it); heal it
+    with `garrison distill MODEL RESULT DATASET`.
+    """
+    params = {"model": model, "depth": depth, "width": width, "calibration": calibration,
+              "calibration_tokens": calibration_tokens, "eval": eval_dataset, "suffix": suffix,
+              "export": export_targets}
+    submit_job(ctx, config_file, state_dir, "prune", params, detach=detach, as_json=as_json)
+
+
 @cli.command("eval")
 @config_options
 @click.argument("models", nargs=-1, required=True)

@@ -67,6 +67,10 @@ def _models(catalog: Catalog, registry: ModelRegistry, value: str, param: str) -
     return found
 
 
+def _calibration(catalog: Catalog, registry: ModelRegistry, value: str, param: str) -> list[Resource]:
+    return [] if value == IMATRIX_BUILTIN else _dataset(catalog, registry, value, param)
+
+
 def _imatrix(catalog: Catalog, registry: ModelRegistry, value: str, param: str) -> list[Resource]:
     if value.startswith(IMATRIX_DATASET):
         return _dataset(catalog, registry, value[len(IMATRIX_DATASET):], param)
@@ -82,6 +86,9 @@ RESOURCE_PARAMS: tuple[ResourceParam, ...] = (
     ResourceParam("finetune", "validation_file", _dataset, "dataset NAME[:N] or file id"),
     ResourceParam("eval", "models", _models, "the models compared (and adapters' bases)"),
     ResourceParam("eval", "dataset", _dataset, "the dataset whose held-out records are scored"),
+    ResourceParam("prune", "model", _model, "the model pruned"),
+    ResourceParam("prune", "calibration", _calibration, "dataset NAME[:N] whose training split is measured"),
+    ResourceParam("prune", "eval", _dataset, "the dataset the result is evaluated on"),
 )
 
 

@@ -178,6 +178,27 @@ JOB_KINDS: dict[str, JobKind] = {
                 Param("max_records", int, 0, 0, 10**6, "score at most this many held-out records (0: all)"),
             ),
         ),
+        JobKind(
+            name="prune",
+            entry="garrison.jobs.prune:run",
+            check="garrison.jobs.prune:check",
+            scope="train",
+            description="Structured pruning of a Hugging Face model: whole decoder blocks ranked by angular distance "
+                        "(ShortGPT) and MLP channels ranked by activation (Minitron) on calibration data; registers "
+                        "NAME-pruned-SUFFIX with its plan in the lineage and evaluates it beside its source.",
+            default_timeout_s=6 * 3600,
+            params=(
+                Param("model", str, "", doc="the Hugging Face model to prune"),
+                Param("depth", str, "", doc="decoder blocks to remove: a count (2) or a percentage (25%)"),
+                Param("width", str, "", doc="MLP intermediate channels to remove, a count or a percentage (25%)"),
+                Param("calibration", str, "", doc="dataset NAME[:N] (its training split) or builtin (default)"),
+                Param("calibration_tokens", int, 32768, 64, 10**8, "calibration tokens to measure"),
+                Param("eval", str, "", doc="dataset to evaluate source and result on (default: calibration's)"),
+                Param("eval_max_new_tokens", int, 32, 0, 4096, "longest greedy answer in that evaluation"),
+                Param("suffix", str, "", doc="the result is named MODEL-pruned-SUFFIX"),
+                Param("export", str, "", doc="also export the pruned model: gguf:q4_k_m,onnx:int8,..."),
+            ),
+        ),
     )
 }
 

@@ -248,6 +248,10 @@ _NOT_RESOURCES = {
     ("finetune", "method"): "lora or full",
     ("finetune", "suffix"): "part of the new model's name",
     ("finetune", "export"): "export targets",
+    ("prune", "depth"): "a count or percentage",
+    ("prune", "width"): "a count or percentage",
+    ("prune", "suffix"): "part of the new model's name",
+    ("prune", "export"): "export targets",
 }
 
 
@@ -261,10 +265,10 @@ def test_every_string_job_parameter_is_classified() -> None:
 
 
 _VALID = {"export": {"model": "tl", "to": "gguf:q4_k_m"}, "finetune": {"model": "tl", "training_file": "ds1"},
-          "eval": {"models": "tl", "dataset": "ds1"}}
+          "eval": {"models": "tl", "dataset": "ds1"}, "prune": {"model": "tl", "depth": "1"}}
 _SECRET_VALUE = {"model": "secretmodel", "base_gguf": "secretmodel", "imatrix": "dataset:secretds",
                  "training_file": "secretds", "validation_file": "secretds", "models": "tl,secretmodel",
-                 "dataset": "secretds"}
+                 "dataset": "secretds", "calibration": "secretds", "eval": "secretds"}
 
 
 @pytest.mark.parametrize("row", RESOURCE_PARAMS, ids=lambda r: f"{r.kind}.{r.param}")
