@@ -670,7 +670,8 @@ class _Trainer:
 
 def train(config: FinetuneConfig, train_records: Callable[[], Iterable[dict[str, Any]]],
           val_records: Callable[[], Iterable[dict[str, Any]]] | None, *, workdir: Path, checkpoint_key: bytes,
-          on_progress: Callable[[ProgressEvent], None], should_stop: Callable[[], bool]) -> FinetuneResult:
+          on_progress: Callable[[ProgressEvent], None], should_stop: Callable[[], bool],
+          trainer: type[_Trainer] | None = None) -> FinetuneResult:
     """Fine-tune `config.base_model` on chat records; resume from workdir's newest checkpoint if there is one.
 
     `train_records` / `val_records` are called (once each) to iterate the decrypted records;
@@ -683,7 +684,7 @@ def train(config: FinetuneConfig, train_records: Callable[[], Iterable[dict[str,
     config.validate()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    tr = _Trainer(config, workdir, checkpoint_key, on_progress, should_stop)
+    tr = (trainer or _Trainer)(config, workdir, checkpoint_key, on_progress, should_stop)  # distill.py subclasses it
     tr.plan()
     if tr.plan_.kind == "cpu" and config.cpu_threads:
         tr.torch.set_num_threads(config.cpu_threads)
