@@ -10,6 +10,7 @@ few families, one row each in FORMATS, chosen by what the template itself contai
 - llama3   (Llama 3.1-3.3): `{"name": ..., "parameters": {...}}` as the whole answer (after `<|python_tag|>`)
 - generic  (a template that does not know tools): Garrison describes the tools in a system message and
   asks for `{"tool_calls": [{"name": ..., "arguments": {...}}]}` (llama-server's generic format)
+- json     (a template that shows tools in a syntax none of these rows reads): that JSON is read back
 
 The splitter works on text as it streams, like the reasoning splitter: text that could still
 become a marker is held back until the next piece decides it, and a call is delivered once it
@@ -285,8 +286,12 @@ FORMATS: tuple[ToolFormat, ...] = (
                _grammar_hermes),
     ToolFormat("mistral", lambda t: "[TOOL_CALLS]" in t, ("[TOOL_CALLS]",), "[",
                _take_json_calls("arguments", "[TOOL_CALLS]"), "arguments", _grammar_list, _mistral_id),
-    ToolFormat("llama3", lambda t: "<|python_tag|>" in t or '"parameters"' in t, ("<|python_tag|>",), "{",
+    ToolFormat("llama3", lambda t: "<|start_header_id|>" in t and ("<|python_tag|>" in t or '"parameters"' in t),
+               ("<|python_tag|>",), "{",
                _take_json_calls("parameters", "<|python_tag|>"), "parameters", _grammar_one),
+    # A template that shows tools in a syntax of its own: the tools stay as it shows them, and a call
+    # written as generic JSON is read (a call in the model's own syntax stays content).
+    ToolFormat("json", lambda t: "tools" in t, (), "{", _take_generic, "arguments", _grammar_generic),
     ToolFormat("generic", lambda t: True, (), "{", _take_generic, "arguments", _grammar_generic,
                describes_tools=True),
 )

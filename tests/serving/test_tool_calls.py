@@ -116,11 +116,13 @@ def test_the_format_is_chosen_from_the_template() -> None:
                 "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": "hermes",
                 "meta-llama-Llama-3.1-8B-Instruct": "llama3", "meta-llama-Llama-3.3-70B-Instruct": "llama3",
                 "mistralai-Mistral-Nemo-Instruct-2407": "mistral",
-                "google-gemma-2-2b-it": "generic"}
+                "google-gemma-2-2b-it": "generic",
+                "CohereForAI-c4ai-command-r-plus-tool_use": "json"}  # its own syntax, not Llama's
     found = {name: tool_format(templates[name]).name for name in expected if name in templates}
     assert found == {name: row for name, row in expected.items() if name in templates}
     assert len(found) >= 5, sorted(templates)
     assert tool_format(None).name == "generic"
+    assert FORMATS_BY_NAME["generic"].describes_tools and not FORMATS_BY_NAME["json"].describes_tools
 
 
 def test_a_template_without_tools_gets_them_in_the_system_message() -> None:
