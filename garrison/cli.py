@@ -671,6 +671,51 @@ def prune(ctx: click.Context, config_file: str | None, state_dir: str | None, mo
     submit_job(ctx, config_file, state_dir, "prune", params, detach=detach, as_json=as_json)
 
 
+@cli.command("distill")
+@config_options
+@click.argument("teacher")
+@click.argument("student")
+@click.argument("dataset")
+@click.option("--method", type=click.Choice(["full", "lora"]), default="full", show_default=True)
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--epochs", "n_epochs", default="auto", show_default=True, help="n_epochs, or auto.")
+@click.option("--batch-size", default="auto", show_default=True, help="batch_size, or auto.")
+@click.option("--lr-mult", "lr_mult", default="auto", show_default=True, help="learning_rate_multiplier, or auto.")
+@click.option("--top-k", type=int, default=16, show_default=True, help="Teacher log-probabilities kept per token.")
+@click.option("--ce-weight", type=float, default=0.5, show_default=True, help="Weight of the cross-entropy term.")
+@click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: the epochs decide).")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True)
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--suffix", default="", help="The result is named STUDENT-distilled-SUFFIX.")
+@click.option("--export", "export_targets", default="", metavar="TARGETS",
+              help="Also export the result, e.g. gguf:q4_k_m,onnx:int8 (parity-gated).")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def distill(ctx: click.Context, config_file: str | None, state_dir: str | None, teacher: str, student: str,
+            dataset: str, method: str, lora_r: int, n_epochs: str, batch_size: str, lr_mult: str, top_k: int,
+            ce_weight: float, max_steps: int, max_seq_len: int, checkpoint_every: int, seed: int, suffix: str,
+            export_targets: str, detach: bool, as_json: bool) -> None:
+    """Train STUDENT towards TEACHER's next-token distributions on DATASET (heals a pruned model).
+
+    Teacher and student must share a tokenizer. Resumable like fine-tuning; the result,
+    STUDENT-distilled-SUFFIX, is evaluated beside teacher and student at the end.
+    """
+    hyper: dict[str, Any] = {}
+    for name, raw in (("n_epochs", n_epochs), ("batch_size", batch_size), ("learning_rate_multiplier", lr_mult)):
+        if raw != "auto":
+            try:
+                hyper[name] = float(raw) if name == "learning_rate_multiplier" else int(raw)
+            except ValueError:
+                raise InvalidRequest(f"--{name.replace('_', '-')} must be a number or auto", param=name) from None
+    params = {"teacher": teacher, "student": student, "dataset": dataset, "method": method, "lora_r": lora_r,
+              "hyperparameters": json.dumps(hyper), "top_k": top_k, "ce_weight": ce_weight, "max_steps": max_steps,
+              "max_seq_len": max_seq_len, "checkpoint_every": checkpoint_every, "seed": seed, "suffix": suffix,
+              "export": export_targets}
+    submit_job(ctx, config_file, state_dir, "distill", params, detach=detach, as_json=as_json)
+
+
 @cli.command("eval")
 @config_options
 @click.argument("models", nargs=-1, required=True)

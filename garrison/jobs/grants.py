@@ -89,6 +89,9 @@ RESOURCE_PARAMS: tuple[ResourceParam, ...] = (
     ResourceParam("prune", "model", _model, "the model pruned"),
     ResourceParam("prune", "calibration", _calibration, "dataset NAME[:N] whose training split is measured"),
     ResourceParam("prune", "eval", _dataset, "the dataset the result is evaluated on"),
+    ResourceParam("distill", "teacher", _model, "the teacher"),
+    ResourceParam("distill", "student", _model, "the student"),
+    ResourceParam("distill", "dataset", _dataset, "the dataset learned from and evaluated on"),
 )
 
 

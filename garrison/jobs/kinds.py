@@ -199,6 +199,35 @@ JOB_KINDS: dict[str, JobKind] = {
                 Param("export", str, "", doc="also export the pruned model: gguf:q4_k_m,onnx:int8,..."),
             ),
         ),
+        JobKind(
+            name="distill",
+            entry="garrison.jobs.distill:run",
+            check="garrison.jobs.distill:check",
+            scope="train",
+            resumable=True,
+            description="Knowledge distillation (also healing after pruning): the student learns the teacher's top-k "
+                        "next-token distributions (forward KL, cached encrypted per dataset version) plus weighted "
+                        "cross-entropy; resumable like fine-tuning; registers STUDENT-distilled-SUFFIX with its "
+                        "lineage and evaluates it beside teacher and student.",
+            default_timeout_s=7 * 86400,
+            params=(
+                Param("teacher", str, "", doc="the teacher (a Hugging Face model)"),
+                Param("student", str, "", doc="the student (a Hugging Face model sharing the teacher's tokenizer)"),
+                Param("dataset", str, "", doc="dataset NAME or NAME:N (its training split is learned)"),
+                Param("method", str, "full", doc="full or lora (merged into the student at the end)"),
+                Param("lora_r", int, 16, 1, 1024, "LoRA rank"),
+                Param("hyperparameters", str, "{}", doc="n_epochs, batch_size, learning_rate_multiplier (JSON)"),
+                Param("top_k", int, 16, 1, 1024, "teacher log-probabilities kept per position"),
+                Param("ce_weight", float, 0.5, 0.0, 100.0, "weight of the cross-entropy next to the KL term"),
+                Param("seed", int, 42, 0, 2**31 - 1, "random seed"),
+                Param("max_seq_len", int, 2048, 16, 1 << 20, "longest sequence in tokens"),
+                Param("max_steps", int, 0, 0, 10**9, "stop after this many optimizer steps (0: the epochs decide)"),
+                Param("checkpoint_every", int, 50, 1, 10**9, "steps between encrypted checkpoints"),
+                Param("eval_max_new_tokens", int, 32, 0, 4096, "longest greedy answer in the final evaluation"),
+                Param("suffix", str, "", doc="the result is named STUDENT-distilled-SUFFIX"),
+                Param("export", str, "", doc="also export the result: gguf:q4_k_m,onnx:int8,..."),
+            ),
+        ),
     )
 }
 

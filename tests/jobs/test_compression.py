@@ -78,3 +78,57 @@ def test_prune_refusals(world: dict[str, Any]) -> None:
                        (["--depth", "1", "--calibration", "nope"], "not_found")):
         refused = run_cli(state, "prune", "tl", *args, env=env, check=False)
         assert refused.returncode != 0 and code in refused.stderr, refused.stderr
+
+
+def test_distill_heals_and_resumes_after_kill_9(world: dict[str, Any]) -> None:
+    import signal
+    import sqlite3
+    import time
+
+    state, env = world["state"], world["env"]
+    run_cli(state, "prune", "tl", "--width", "50%", "--calibration", "shop", "--suffix", "w", env=env, timeout=600)
+    d = Daemon(state, free_port(), env, world["root"] / "daemon-distill.log").start()
+    try:
+        params = {"teacher": "tl", "student": "tl-pruned-w", "dataset": "shop", "max_steps": 40,
+                  "checkpoint_every": 5, "suffix": "h", "eval_max_new_tokens": 4,
+                  "hyperparameters": json.dumps({"n_epochs": 30, "batch_size": 2, "learning_rate_multiplier": 50})}
+        status, job = d.request("POST", "/v1/garrison/jobs", {"kind": "distill", "params": params})
+        assert status == 201, job
+        deadline = time.monotonic() + 300
+        step = 0
+        while time.monotonic() < deadline and step < 12:
+            with sqlite3.connect(state / "catalog.db") as db:
+                step = int(db.execute("SELECT progress_done FROM jobs WHERE id=?", (job["id"],)).fetchone()[0] or 0)
+            time.sleep(0.1)
+        assert step >= 12, "distillation did not get past its second checkpoint"
+        d.stop(signal.SIGKILL)  # the worker dies with it
+        d.start()
+        status, final = d.request("GET", f"/v1/garrison/jobs/{job['id']}?wait=280", timeout=300)
+    finally:
+        d.stop()
+    assert final["state"] == "succeeded", final
+    result = final["result"]
+    assert result["resumed_from_step"] is not None and step - 5 <= result["resumed_from_step"] < 40
+    assert result["steps"] == 40 and result["teacher_cache_reused"]  # the teacher ran once, before the kill
+    steps = [s for s, _ in result["loss_history"]]
+    assert steps == sorted(steps) and steps[-1] == 40 and len(set(steps)) == len(steps)
+    # Healing: the student's held-out perplexity comes down towards the teacher's.
+    rows = {r["model"]: r["metrics"]["perplexity"] for r in result["rows"]}
+    assert list(rows) == ["tl", "tl-pruned-w", "tl-pruned-w-distilled-h"]
+    assert rows["tl-pruned-w-distilled-h"] < rows["tl-pruned-w"]
+    lineage = _manifest(state, "tl-pruned-w-distilled-h")["lineage"]
+    assert lineage["teacher"] == "tl" and lineage["student"] == "tl-pruned-w"
+    assert lineage["pruning"]["intermediate_size"] == 64 and lineage["calibration"] == "shop:1"
+    assert lineage["distillation"]["top_k"] == 16
+    # The teacher's targets are cached encrypted: no record text in the cache file.
+    cache = next((state / "cache" / "distill").glob("*/teacher-top-k.gck")).read_bytes()
+    assert b"catalogue" not in cache and b"top_k" not in cache
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(world: dict[str, Any], tiny_bpe_llama_dir: Path) -> None:
+    state, env = world["state"], world["env"]
+    run_cli(state, "models", "import", str(tiny_bpe_llama_dir), "--name", "bpe", env=env)
+    refused = run_cli(state, "distill", "bpe", "tl", "shop", env=env, check=False)
+    assert refused.returncode != 0 and "tokenizer_mismatch" in refused.stderr, refused.stderr
+    jobs = json.loads(run_cli(state, "jobs", "list", "--kind", "distill", "--json", env=env).stdout)
+    assert all(j["params"]["teacher"] != "bpe" for j in (jobs if isinstance(jobs, list) else jobs["data"]))

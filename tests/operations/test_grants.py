@@ -252,6 +252,10 @@ _NOT_RESOURCES = {
     ("prune", "width"): "a count or percentage",
     ("prune", "suffix"): "part of the new model's name",
     ("prune", "export"): "export targets",
+    ("distill", "method"): "full or lora",
+    ("distill", "hyperparameters"): "numbers as JSON",
+    ("distill", "suffix"): "part of the new model's name",
+    ("distill", "export"): "export targets",
 }
 
 
@@ -265,10 +269,12 @@ def test_every_string_job_parameter_is_classified() -> None:
 
 
 _VALID = {"export": {"model": "tl", "to": "gguf:q4_k_m"}, "finetune": {"model": "tl", "training_file": "ds1"},
-          "eval": {"models": "tl", "dataset": "ds1"}, "prune": {"model": "tl", "depth": "1"}}
+          "eval": {"models": "tl", "dataset": "ds1"}, "prune": {"model": "tl", "depth": "1"},
+          "distill": {"teacher": "tl", "student": "tl", "dataset": "ds1"}}
 _SECRET_VALUE = {"model": "secretmodel", "base_gguf": "secretmodel", "imatrix": "dataset:secretds",
                  "training_file": "secretds", "validation_file": "secretds", "models": "tl,secretmodel",
-                 "dataset": "secretds", "calibration": "secretds", "eval": "secretds"}
+                 "dataset": "secretds", "calibration": "secretds", "eval": "secretds",
+                 "teacher": "secretmodel", "student": "secretmodel"}
 
 
 @pytest.mark.parametrize("row", RESOURCE_PARAMS, ids=lambda r: f"{r.kind}.{r.param}")
