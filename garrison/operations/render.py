@@ -21,6 +21,7 @@ from garrison.policies.keys import Principal
 from garrison.serving import openai_format as fmt
 from garrison.serving.manager import ModelManager
 from garrison.serving.reasoning import reasoning_syntax
+from garrison.serving.tool_calls import template_messages
 
 MAX_TEMPLATE_CHARS = 256 * 1024  # the largest real templates are ~30 KB
 
@@ -60,7 +61,9 @@ async def render_prompt(manager: ModelManager, who: Principal, req: RenderReques
         engine = loaded.generator
         template = req.chat_template or engine.chat_template
         text = await asyncio.to_thread(partial(
-            fmt.render_chat, template, req.messages, bos_token=engine.bos_token, eos_token=engine.eos_token,
+            # The history as chat completions give it to templates (tool-call arguments as objects).
+            fmt.render_chat, template, template_messages(req.messages), bos_token=engine.bos_token,
+            eos_token=engine.eos_token,
             tools=req.tools, kwargs=req.kwargs, add_generation_prompt=req.add_generation_prompt))
         ids = await engine.tokenize(text, add_special=False, parse_special=True)
     syntax = reasoning_syntax(template, text, {})
