@@ -157,7 +157,8 @@ def real_tokenizer_dir(test_model_root: Path) -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session")
 def tiny_real_dir(test_model_root: Path, real_tokenizer_dir: Callable[[str], Path]) -> Callable[[str], Path]:
-    """name ("qwen3", "llama3_1", "gemma3") -> a random-weight model of that family with its real tokenizer."""
+    """name ("qwen3", "llama3_1", "gemma3", "llama2") -> a random-weight model of that family with its real tokenizer
+    (llama2: tokenizer.json without tokenizer.model, the folder GGUF export refuses as tokenizer_incomplete)."""
     from garrison.training.tiny_models import REAL_ARCHITECTURES, build_tiny_real, ensure_model
 
     def make(name: str) -> Path:

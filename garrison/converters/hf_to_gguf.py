@@ -8,12 +8,15 @@ its refusals become a `ConversionError` that names what is unsupported.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from garrison.errors import GarrisonError
 from garrison.paths import converter_dir
@@ -47,6 +50,52 @@ REFUSALS: tuple[Refusal, ...] = (
 )
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _llama_hf_vocab(tokenizer_json: dict[str, Any]) -> bool:
+    """llama.cpp's LlamaHfVocab case: a SentencePiece-style BPE (byte fallback, a Sequence decoder) in
+    tokenizer.json only. The converter then writes every token's score as a -1000 placeholder, and
+    llama.cpp, which merges by score, tokenizes differently from the model's own tokenizer."""
+    model = tokenizer_json.get("model") or {}
+    decoder = tokenizer_json.get("decoder") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and decoder.get("type") == "Sequence"
+
+
+@dataclass(frozen=True)
+class TokenizerNeed:
+    """A tokenizer file llama.cpp's converter needs for some architectures, and when."""
+
+    architectures: frozenset[str]
+    file: str
+    applies: Callable[[dict[str, Any]], bool]  # on tokenizer.json, when `file` is absent
+    why: str
+
+
+# Folders the converter would convert into a GGUF that cannot tokenize as the model does: refused
+# before converting, naming the missing file, rather than failing the parity gate afterwards.
+TOKENIZER_NEEDS: tuple[TokenizerNeed, ...] = (
+    TokenizerNeed(frozenset({"LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"}),
+                  "tokenizer.model", _llama_hf_vocab,
+                  "a SentencePiece tokenizer (tokenizer.json: BPE with byte fallback) whose SentencePiece model "
+                  "file is missing; without it llama.cpp's converter gives every token a placeholder score and "
+                  "the GGUF tokenizes differently from the model"),
+)
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """Refuse (`tokenizer_incomplete`, naming the file) a folder whose tokenizer the converter cannot reproduce."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # nothing to judge here: the converter itself says what it cannot read
+    architectures = set(config.get("architectures") or [])
+    for need in TOKENIZER_NEEDS:
+        if architectures & need.architectures and not (model_dir / need.file).is_file() \
+                and need.applies(tokenizer_json):
+            raise ConversionError(f"the tokenizer of {model_dir.name} is incomplete: `{need.file}` is missing. It is "
+                                  f"{need.why}. Put the model's original {need.file} in the folder and import it "
+                                  "again", code="tokenizer_incomplete")
 
 
 def converter_script(name: str = "convert_hf_to_gguf.py") -> Path:
@@ -95,6 +144,7 @@ def _check_outtype(outtype: str) -> None:
 
 def convert_hf_to_gguf(model_dir: Path, out_file: Path, outtype: str = "f16", *, timeout_s: float = 3600) -> Path:
     _check_outtype(outtype)
+    check_tokenizer_files(model_dir)
     return run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outtype", outtype], out_file,
                          timeout_s=timeout_s)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from garrison.converters.export import GGUF_DIRECT, Target, build_target, merge_adapter, parse_targets, tool_versions
-from garrison.converters.hf_to_gguf import ConversionError
+from garrison.converters.hf_to_gguf import ConversionError, check_tokenizer_files
 from garrison.errors import InvalidRequest, JobFailed, PermissionDenied
 from garrison.jobs.context import JobContext
 from garrison.jobs.grants import IMATRIX_BUILTIN, IMATRIX_DATASET, job_resources
@@ -51,7 +51,9 @@ def _imatrix_file(who: Principal, spec: str) -> Path:
 def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dict[str, Any]) -> None:
     """At submission, after grants: what would otherwise fail only inside the worker fails here with a 400/404."""
     source = registry.get(check_model_id(params["model"], param="model"))
-    _source_targets(source, params["to"])
+    targets = _source_targets(source, params["to"])
+    if source.format == "hf" and any(t.format == "gguf" for t in targets):
+        check_tokenizer_files(source.folder)  # tokenizer_incomplete now, not after a conversion
     spec = str(params.get("imatrix") or "")
     if spec and spec != IMATRIX_BUILTIN and not spec.startswith(IMATRIX_DATASET):
         _imatrix_file(who, spec)
@@ -64,6 +66,9 @@ def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dic
         base = registry.get(check_model_id(params["base_gguf"], param="base_gguf"))
         if base.format != "gguf":
             raise InvalidRequest(f"base_gguf {base.name!r} is not a GGUF model", param="base_gguf")
+        if not base.servable:
+            raise InvalidRequest(f"base_gguf {base.name!r} failed its parity gate and is never served: "
+                                 f"{parity_report(base)}", param="base_gguf", code="base_parity_failed")
     job_resources(catalog, registry, "export", params)  # every reference resolves
 
 
@@ -154,6 +159,27 @@ def _fail_on_parity(results: list[dict[str, Any]]) -> None:
                         code="tokenizer_mismatch" if codes == {"tokenizer_mismatch"} else "parity_failed")
 
 
+def parity_report(record: ModelRecord) -> str:
+    """What an artifact's parity gate found, in a sentence: why it is never served."""
+    parity = record.manifest.get("parity") or {}
+    return f"{record.name}: {parity.get('code') or 'parity_failed'}: {parity.get('reason', 'no report recorded')}"
+
+
+def gguf_exports(registry: Any, hf_base: str) -> list[ModelRecord]:
+    """Every GGUF export of a Hugging Face model, served or not (an export that failed its gate is recorded)."""
+    return [r for r in registry.list() if r.format == "gguf" and r.manifest.get("lineage", {}).get("source") == hf_base]
+
+
+def check_adapter_base(registry: Any, hf_base: str) -> None:
+    """Refuse to base an adapter on a model whose every GGUF export failed parity, naming the gate's report:
+    exporting it again fails the same way."""
+    exports = gguf_exports(registry, hf_base)
+    if exports and not any(r.servable for r in exports):
+        raise InvalidRequest(f"no GGUF export of {hf_base!r} passed its parity gate, so an adapter of it cannot be "
+                             "served: " + "; ".join(parity_report(r) for r in exports), param="model",
+                             code="base_parity_failed")
+
+
 def _serving_base(registry: Any, hf_base: str, requested: str) -> Any:
     """The GGUF model an adapter is served on: the one asked for, else the base's best GGUF export."""
     if requested:
@@ -161,13 +187,16 @@ def _serving_base(registry: Any, hf_base: str, requested: str) -> Any:
         if record.format != "gguf" or record.manifest.get("lineage", {}).get("source") not in (hf_base, None):
             raise InvalidRequest(f"{requested!r} is not a GGUF export of {hf_base!r}", param="base_gguf")
         return record
-    exports = {r.name: r for r in registry.list()
-               if r.format == "gguf" and r.manifest.get("lineage", {}).get("source") == hf_base and r.servable}
+    all_exports = gguf_exports(registry, hf_base)
+    exports = {r.name: r for r in all_exports if r.servable}
     for variant in ("f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m"):
         if f"{hf_base}:{variant}" in exports:
             return exports[f"{hf_base}:{variant}"]
     if exports:
         return next(iter(exports.values()))
+    if all_exports:
+        raise JobFailed(f"no GGUF export of {hf_base!r} passed its parity gate, so the adapter has no base to be "
+                        "served on: " + "; ".join(parity_report(r) for r in all_exports), code="base_parity_failed")
     raise JobFailed(f"no GGUF export of {hf_base!r} to serve the adapter on; run `garrison export {hf_base} "
                     "--to gguf:f16` first", code="adapter_base_missing")
 

@@ -105,6 +105,13 @@ def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dic
         raise InvalidRequest(f"hyperparameters must be an object of {', '.join(HYPERPARAMETERS)}",
                              param="hyperparameters")
     fine_tuned_name(base.name, params["suffix"], "job_00000000")
+    if params["method"] == "lora":  # the adapter is served on a GGUF export of the base: refuse what cannot be
+        from garrison.converters.hf_to_gguf import check_tokenizer_files
+        from garrison.jobs.export import check_adapter_base, gguf_exports
+
+        check_adapter_base(registry, base.name)
+        if not gguf_exports(registry, base.name):
+            check_tokenizer_files(base.folder)
     if params["export"]:
         parse_targets(params["export"], "hf")
     store = DatasetStore(catalog)
@@ -130,6 +137,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     train_ref, train_reader = ctx.open_dataset(vault, p["training_file"], "training_file")
     val_ref, val_reader = (ctx.open_dataset(vault, p["validation_file"], "validation_file") if p["validation_file"]
                            else (None, None))
+    if p["method"] == "lora" and not any(r.format == "gguf" and r.manifest.get("lineage", {}).get("source") == base.name
+                                         for r in registry.list()):
+        # Before training, not after: a base whose GGUF export fails (its tokenizer, its parity) fails the job
+        # now, with the cause, instead of after hours of training.
+        ctx.event("export", f"exporting {base.name} to GGUF F16 to serve the adapter on")
+        run_model_export(ctx, registry, base, [Target("gguf", "f16")])
     hyper = json.loads(p["hyperparameters"] or "{}")
     overrides: dict[str, Any] = {"method": p["method"], "lora_r": p["lora_r"], "seed": p["seed"],
                                  "checkpoint_every": p["checkpoint_every"], "max_seq_len": p["max_seq_len"]}
@@ -176,10 +189,6 @@ def run(ctx: JobContext) -> dict[str, Any]:
     out = Path(result.output_dir)
     if config.method == "lora":
         record = registry.import_path(out, name, base=base.name, lineage=lineage, actor=ctx.principal.actor)
-        if not any(r.format == "gguf" and r.manifest.get("lineage", {}).get("source") == base.name
-                   for r in registry.list()):
-            ctx.event("export", f"exporting {base.name} to GGUF F16 to serve the adapter on")
-            run_model_export(ctx, registry, base, [Target("gguf", "f16")])
         targets = [Target("gguf", "lora")] + ([Target("hf", "merged")] if p["export"] else [])
         run_adapter_export(ctx, registry, record, targets)
         fine_tuned = f"{name}:lora"

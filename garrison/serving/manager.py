@@ -200,6 +200,11 @@ class ModelManager:
         check_model_id(model_id)
         record = self.registry.get(model_id)
         if not record.servable:
+            parity = record.manifest.get("parity")
+            if parity and not parity.get("passed", True):  # an artifact whose export failed: say why, not "export it"
+                raise InvalidRequest(f"model {model_id!r} failed its parity gate when it was exported and is never "
+                                     f"served ({parity.get('code') or 'parity_failed'}): {parity.get('reason')}",
+                                     param="model", code="model_failed_parity", details={"parity": parity})
             raise InvalidRequest(f"model {model_id!r} is a {record.format} model and cannot be served; export it "
                                  "to GGUF or ONNX first (`garrison export`)", param="model", code="model_not_servable")
         return record

