@@ -422,11 +422,13 @@ make_venv() {
 }
 
 apt_packages() {
-    # Debian's age (interoperability tests), systemd (systemd-analyze, systemd-creds) and strace (the
-    # network guard's test watches system calls).
+    # Debian's age (interoperability tests), systemd (systemd-analyze, systemd-creds), strace (the
+    # network guard's test watches system calls) and chromium (the web console's browser tests drive it
+    # through Playwright, which never downloads a browser of its own).
     local missing=()
     command -v age >/dev/null || missing+=(age)
     command -v strace >/dev/null || missing+=(strace)
+    command -v chromium >/dev/null || missing+=(chromium)
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then

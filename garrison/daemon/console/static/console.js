@@ -163,6 +163,7 @@ function chat(form) {
             if (delta && delta.content) {
               answer += delta.content;
               out.textContent = answer;
+              out.dataset.chunks = String(Number(out.dataset.chunks || 0) + 1);
             }
           }
         }
