@@ -291,6 +291,33 @@ def test_sign_out_ends_the_session(daemon: Daemon, browser: Browser) -> None:
     assert refused.value.code == 401
 
 
+def test_load_and_unload_a_model_and_delete_a_dataset_after_confirming(daemon: Daemon, browser: Browser) -> None:
+    page = browser.page()
+    browser.sign_in(page)
+    page.goto(daemon.url + "/console/models")
+    page.get_by_role("button", name="Load tg").click()
+    page.wait_for_url(re.compile(r"notice=loaded"))
+    assert "● loaded" in page.locator("table.models tr", has_text="tg").first.inner_text()
+    assert any(r["model"] == "tg" for r in daemon.request("GET", "/v1/garrison/runners")[1]["data"])
+    page.get_by_role("button", name="Unload tg").click()
+    page.wait_for_url(re.compile(r"notice=unloaded"))
+    assert not any(r["model"] == "tg" for r in daemon.request("GET", "/v1/garrison/runners")[1]["data"])
+    page.goto(daemon.url + "/console/datasets/secret")
+    page.fill("#confirm", "secre")  # not the name: the browser does not even send it
+    page.get_by_role("button", name="Delete secret").click()
+    assert urlsplit(page.url).path == "/console/datasets/secret"
+    assert daemon.request("GET", "/v1/garrison/datasets/secret")[0] == 200
+    token = page.get_attribute('meta[name="csrf-token"]', "content")
+    bypass = page.request.post(daemon.url + "/console/datasets/secret/delete", form={"csrf_token": token or "",
+                                                                                     "confirm": "x"})
+    assert bypass.status == 400 and bypass.json()["error"]["code"] == "confirmation_required"  # the server checks too
+    page.fill("#confirm", "secret")
+    page.get_by_role("button", name="Delete secret").click()
+    page.wait_for_url(re.compile(r"/console/datasets\?notice=deleted"))
+    assert "secret" not in page.locator("main").inner_text()
+    assert daemon.request("GET", "/v1/garrison/datasets/secret")[0] == 404
+
+
 def test_the_daemon_loaded_no_torch(daemon: Daemon) -> None:
     """After every page, a fine-tune followed live and a chat, the serving process has no torch; and the
     daemon's modules, the console's included, import neither torch nor a native engine."""
