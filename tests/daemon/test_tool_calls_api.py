@@ -91,6 +91,16 @@ def test_tool_calls_stream_as_deltas(chat: openai.OpenAI) -> None:
     assert {d.index for d in deltas} == {0}
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == ARGUMENTS
 
+    # Tokens held back while a call is read still send their logprobs (in empty content deltas).
+    logprobs, usage = 0, None
+    for chunk in chat.chat.completions.create(model="caller", messages=QUESTION, tools=TOOLS,  # type: ignore[call-overload]
+                                              max_tokens=64, temperature=0, stream=True, logprobs=True,
+                                              stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        if chunk.choices and chunk.choices[0].logprobs:
+            logprobs += len(chunk.choices[0].logprobs.content or [])
+    assert usage is not None and logprobs > 10 and logprobs in (usage.completion_tokens, usage.completion_tokens - 1)
+
     # The client's own accumulator rebuilds the same call from the stream.
     with chat.chat.completions.stream(model="caller", messages=QUESTION, tools=TOOLS,  # type: ignore[arg-type]
                                       max_tokens=64, temperature=0) as stream:

@@ -102,6 +102,8 @@ def _part_chunks(rid: str, model: str, created: int, parts: list[Part], output: 
         elif part or (event is not None and kind == "content"):
             out.append(fmt.chat_chunk(rid, model, created, part, None, event, reasoning=kind == "reasoning"))
             event = None
+    if event is not None:  # a held token (a marker's, a call's) still sends its logprobs
+        out.append(fmt.chat_chunk(rid, model, created, "", None, event))
     return out
 
 
