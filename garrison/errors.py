@@ -192,8 +192,8 @@ CODES_SHARING_A_STATUS: dict[type[GarrisonError], tuple[str, ...]] = {
                      "vault_chunk_count_mismatch",
                      "vault_chunk_reordered", "vault_file_missing", "vault_header_invalid", "vault_key_unwrap_failed",
                      "vault_record_invalid", "vault_size_mismatch", "vault_trailing_data", "vault_truncated"),
-    JobFailed: ("adapter_base_missing", "base_parity_failed", "finetune_no_output", "parity_failed",
-                "tokenizer_mismatch", "training_failed"),
+    JobFailed: ("adapter_base_missing", "base_parity_failed", "distill_no_output", "finetune_no_output",
+                "parity_failed", "tokenizer_mismatch", "training_failed"),
 }
 _BY_CODE: dict[str, type[GarrisonError]] = {
     code: cls for cls, codes in CODES_SHARING_A_STATUS.items() for code in (cls.code, *codes)}

@@ -59,14 +59,14 @@ def tokenizer_fingerprint(folder: Path) -> str:
     if path.is_file():
         digest.update(path.read_bytes())
         return digest.hexdigest()
-    raise InvalidRequest(f"{folder.name} has no tokenizer.json or tokenizer.model", code="tokenizer_mismatch")
+    raise InvalidRequest(f"{folder.name} has no tokenizer.json or tokenizer.model", code="distill_tokenizer_mismatch")
 
 
 def check_tokenizers(teacher: Path, student: Path) -> None:
     if tokenizer_fingerprint(teacher) != tokenizer_fingerprint(student):
         raise InvalidRequest("teacher and student do not share a tokenizer: their next-token distributions are over "
                              "different vocabularies; distil between models of one family", param="teacher",
-                             code="tokenizer_mismatch")
+                             code="distill_tokenizer_mismatch")
 
 
 def _example_key(example: td.Example) -> str:

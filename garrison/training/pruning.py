@@ -39,7 +39,7 @@ def parse_amount(spec: str, total: int, param: str) -> int:
     if percent:
         if value >= 100:
             raise InvalidRequest(f"{param} must be below 100%", param=param)
-        return round(total * value / 100)
+        return max(1, round(total * value / 100)) if value > 0 else 0  # 25% of 2 blocks is one, not none
     if not value.is_integer():
         raise InvalidRequest(f"{param} must be a whole count or a percentage", param=param)
     return int(value)

@@ -129,6 +129,6 @@ def test_a_teacher_with_another_tokenizer_is_refused(world: dict[str, Any], tiny
     state, env = world["state"], world["env"]
     run_cli(state, "models", "import", str(tiny_bpe_llama_dir), "--name", "bpe", env=env)
     refused = run_cli(state, "distill", "bpe", "tl", "shop", env=env, check=False)
-    assert refused.returncode != 0 and "tokenizer_mismatch" in refused.stderr, refused.stderr
+    assert refused.returncode != 0 and "distill_tokenizer_mismatch" in refused.stderr, refused.stderr
     jobs = json.loads(run_cli(state, "jobs", "list", "--kind", "distill", "--json", env=env).stdout)
     assert all(j["params"]["teacher"] != "bpe" for j in (jobs if isinstance(jobs, list) else jobs["data"]))

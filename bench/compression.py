@@ -1,0 +1,187 @@
+"""Compression benchmark: pruning and distillation beside quantization, on held-out data, in one table.
+
+Not a test. In one run, through the `garrison` command as an operator would:
+
+1. the quickstart `garrison-base` model, fine-tuned (LoRA, merged) on the sample support dataset and
+   exported to GGUF Q4_K_M and ONNX int8 (as `garrison quickstart` does);
+2. a depth-pruned (-25% of decoder blocks) and a width-pruned (-25% of MLP channels) variant of the
+   fine-tuned model, each healed by distillation from it, every variant exported to Q4_K_M;
+3. one evaluation of every model on the dataset's held-out records (the fine-tune's split):
+   perplexity on assistant turns and exact match of greedy answers;
+4. decode tokens/s of the Q4_K_M artifacts through llama.cpp, side by side: each round measures every
+   model once, in a fresh process each, alternating, so machine noise hits all alike (median, min, max).
+
+Goals (issue 16): the healed variants recover at least half of the perplexity lost to pruning, and
+decode at least 1.2x faster than the unpruned model at the same quantization.
+
+    .venv/bin/python bench/compression.py [--ft-steps 200] [--heal-steps 150] [--rounds 3] [--state DIR]
+
+Writes bench/out/compression.json and bench/out/compression.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+REPO = HERE.parent
+SAMPLE = REPO / "garrison" / "data" / "support_sample.jsonl"
+BASE = "garrison-base"
+FT = f"{BASE}-ft-b"
+MERGED = f"{FT}:merged"
+MERGED_ID = f"{FT}-merged"
+DEPTH = f"{MERGED_ID}-pruned-depth"
+WIDTH = f"{MERGED_ID}-pruned-width"
+DEPTH_HEALED = f"{DEPTH}-distilled-heal"
+WIDTH_HEALED = f"{WIDTH}-distilled-heal"
+
+DECODE_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from garrison.engine.cpu_kernels import load_backends
+load_backends()
+import llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
+prompt = llm.tokenize(b"The appliance keeps every dataset encrypted, and", add_bos=True)
+llm.eval(prompt)
+n = int(sys.argv[2])
+start = time.perf_counter()
+for _ in range(n):
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    llm.eval([token])
+print(json.dumps({"tokens": n, "seconds": time.perf_counter() - start}))
+"""
+
+
+def garrison(state: Path, *args: str, timeout: float = 7200) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GARRISON_")}
+    env.update({"GARRISON_STATE_DIR": str(state), "GARRISON_CONFIG": "/dev/null",
+                "XDG_CONFIG_HOME": str(state.parent / "xdg-config"), "OMP_WAIT_POLICY": "PASSIVE"})
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "garrison.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"garrison {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    print(f"  garrison {' '.join(args[:3])}...: {time.monotonic() - started:.0f}s", file=sys.stderr)
+    try:
+        out: dict[str, Any] = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        out = {"stdout": proc.stdout}
+    return out
+
+
+def _models(state: Path) -> dict[str, dict[str, Any]]:
+    listed = garrison(state, "models", "list", "--json")
+    data = listed.get("data", listed) if isinstance(listed, dict) else listed
+    return {m["id"]: m for m in data}
+
+
+def decode_speed(state: Path, names: list[str], rounds: int, tokens: int) -> dict[str, Any]:
+    models = _models(state)
+    paths = {n: Path(models[n]["path"]) if "path" in models[n] else None for n in names}
+    for name in names:
+        if paths[name] is None or not paths[name].is_file():  # type: ignore[union-attr]
+            folder = next((state / "models").glob(f"{name.replace(':', '--')}-*"))
+            paths[name] = next(folder.glob("*.gguf"))
+    runs: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for name in names:
+            out = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, str(paths[name]), str(tokens)],
+                                 capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[name].append(result["tokens"] / result["seconds"])
+    return {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for n, v in runs.items()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    state = Path(args.state) if args.state else Path(tempfile.mkdtemp(prefix="garrison-compression-")) / "state"
+    started = time.monotonic()
+    garrison(state, "jobs", "submit", "build-default-model", "-p", "size=base", "--json")
+    garrison(state, "ingest", str(SAMPLE), "--dataset", "support", "--json")
+    if FT not in _models(state):
+        garrison(state, "finetune", BASE, "support", "--suffix", "b", "--max-steps", str(args.ft_steps),
+                 "--max-seq-len", "512", "--epochs", "30", "--batch-size", "8", "--lr-mult", "20",
+                 "--export", "gguf:q4_k_m,onnx:int8", "--json")
+    jobs: dict[str, Any] = {}
+    for suffix, flag in (("depth", "--depth"), ("width", "--width")):
+        jobs[f"prune-{suffix}"] = garrison(state, "prune", MERGED, flag, "25%", "--calibration", "support",
+                                           "--suffix", suffix, "--export", "gguf:q4_k_m", "--json")["result"]
+    for student in (DEPTH, WIDTH):
+        jobs[f"heal-{student}"] = garrison(
+            state, "distill", MERGED, student, "support", "--suffix", "heal", "--max-steps", str(args.heal_steps),
+            "--max-seq-len", "512", "--epochs", "30", "--batch-size", "8", "--lr-mult", str(args.heal_lr_mult),
+            "--checkpoint-every", "50", "--export", "gguf:q4_k_m", "--json")["result"]
+    compared = [BASE, MERGED, f"{MERGED_ID}:q4_k_m", f"{MERGED_ID}:onnx-int8", DEPTH, f"{DEPTH}:q4_k_m",
+                DEPTH_HEALED, f"{DEPTH_HEALED}:q4_k_m", WIDTH, f"{WIDTH}:q4_k_m", WIDTH_HEALED,
+                f"{WIDTH_HEALED}:q4_k_m"]
+    evaluation = garrison(state, "eval", *compared, "--dataset", "support", "--max-new-tokens",
+                          str(args.max_new_tokens), "--json")
+    quantized = [f"{MERGED_ID}:q4_k_m", f"{DEPTH}:q4_k_m", f"{DEPTH_HEALED}:q4_k_m", f"{WIDTH}:q4_k_m",
+                 f"{WIDTH_HEALED}:q4_k_m"]
+    speed = decode_speed(state, quantized, args.rounds, args.decode_tokens)
+    rows = {r["model"]: r for r in evaluation["rows"]}
+    ppl = {m: rows[m]["metrics"]["perplexity"] for m in rows}
+    goals: dict[str, Any] = {}
+    for pruned, healed in ((DEPTH, DEPTH_HEALED), (WIDTH, WIDTH_HEALED)):
+        lost = ppl[pruned] - ppl[MERGED]
+        recovered = (ppl[pruned] - ppl[healed]) / lost if lost > 0 else None
+        ratio = speed[f"{healed}:q4_k_m"]["median"] / speed[f"{MERGED_ID}:q4_k_m"]["median"]
+        goals[healed] = {"perplexity_lost": lost, "fraction_recovered": recovered,
+                         "recovery_goal_met": recovered is not None and recovered >= 0.5,
+                         "decode_speedup_q4_k_m": ratio, "speed_goal_met": ratio >= 1.2}
+    return {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "state": str(state),
+            "settings": vars(args), "evaluation": evaluation, "decode_tokens_per_s": speed, "jobs": jobs,
+            "goals": goals, "seconds": round(time.monotonic() - started, 1)}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    speed = result["decode_tokens_per_s"]
+    lines = [f"# Compression benchmark ({result['machine']['cpus']} CPUs)", "",
+             f"Held-out split: {result['evaluation']['split']['held_out']} records of "
+             f"{result['evaluation']['dataset']} ({result['evaluation']['split']['method']}).", "",
+             "| model | format | MB | held-out ppl | exact match | F1 | decode tok/s (median, min-max) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in result["evaluation"]["rows"]:
+        m = row["metrics"]
+        tps = speed.get(row["model"])
+        tps_text = f"{tps['median']:.0f} ({tps['min']:.0f}-{tps['max']:.0f})" if tps else ""
+        lines.append(f"| {row['model']} | {row['format']} | {(row['size_bytes'] or 0) / 1e6:.1f} | "
+                     f"{m['perplexity']:.3f} | {m.get('exact_match', 0):.3f} | {m.get('f1', 0):.3f} | {tps_text} |")
+    lines += ["", "| healed variant | ppl lost to pruning | fraction recovered | goal >= 0.5 | Q4_K_M decode speed-up "
+              "| goal >= 1.2x |", "|---|---:|---:|---|---:|---|"]
+    for name, g in result["goals"].items():
+        rec = "n/a" if g["fraction_recovered"] is None else f"{g['fraction_recovered']:.2f}"
+        lines.append(f"| {name} | {g['perplexity_lost']:.3f} | {rec} | {'met' if g['recovery_goal_met'] else 'NOT met'}"
+                     f" | {g['decode_speedup_q4_k_m']:.2f}x | {'met' if g['speed_goal_met'] else 'NOT met'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ft-steps", type=int, default=200)
+    parser.add_argument("--heal-steps", type=int, default=150)
+    parser.add_argument("--heal-lr-mult", type=float, default=10.0, help="x 2e-5 (full distillation)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--state", default="", help="reuse this state folder (a finished fine-tune is kept)")
+    args = parser.parse_args()
+    result = run(args)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "compression.json").write_text(json.dumps(result, indent=2, default=str))
+    (OUT / "compression.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
