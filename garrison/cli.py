@@ -609,6 +609,9 @@ def export(ctx: click.Context, config_file: str | None, state_dir: str | None, m
 @click.option("--max-steps", type=int, default=0, help="Stop after this many steps (0: the epochs decide).")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True)
 @click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--micro-batch-size", type=int, default=0,
+              help="Examples per forward pass (0: the batch size); less memory, same results.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations: less memory, slower.")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--suffix", default="", help="The result is named MODEL-ft-SUFFIX.")
 @click.option("--export", "export_targets", default="", metavar="TARGETS",
@@ -618,8 +621,9 @@ def export(ctx: click.Context, config_file: str | None, state_dir: str | None, m
 @click.pass_context
 def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str, dataset: str,
              validation: str, n_epochs: str, batch_size: str, lr_mult: str, method: str, lora_r: int,
-             max_steps: int, max_seq_len: int, checkpoint_every: int, seed: int, suffix: str, export_targets: str,
-             detach: bool, as_json: bool) -> None:
+             max_steps: int, max_seq_len: int, checkpoint_every: int, micro_batch_size: int,
+             gradient_checkpointing: bool, seed: int, suffix: str, export_targets: str, detach: bool,
+             as_json: bool) -> None:
     """Fine-tune MODEL on DATASET (NAME, NAME:N or a file id); the progress bar shows step, loss and ETA.
 
     The result is served at once as MODEL-ft-SUFFIX:lora (its LoRA on the base's GGUF export).
@@ -637,7 +641,8 @@ def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None,
     params = {"model": model, "training_file": dataset, "validation_file": validation,
               "hyperparameters": json.dumps(hyper), "method": method, "lora_r": lora_r, "max_steps": max_steps,
               "max_seq_len": max_seq_len, "checkpoint_every": checkpoint_every, "seed": seed, "suffix": suffix,
-              "export": export_targets}
+              "export": export_targets, "micro_batch_size": micro_batch_size,
+              "gradient_checkpointing": gradient_checkpointing}
     submit_job(ctx, config_file, state_dir, "finetune", params, detach=detach, as_json=as_json)
 
 

@@ -125,7 +125,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     from garrison.converters.export import Target, parse_targets
     from garrison.ingest.vault import Vault
     from garrison.jobs.export import run_adapter_export, run_model_export
-    from garrison.training.finetune import FinetuneConfig, train
+    from garrison.training.finetune import FinetuneConfig, data_shape, train
     from garrison.training.gpus import plan_devices
 
     p = ctx.params
@@ -148,8 +148,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                  "checkpoint_every": p["checkpoint_every"], "max_seq_len": p["max_seq_len"]}
     if p["max_steps"]:
         overrides["max_steps"] = p["max_steps"]
+    if p.get("micro_batch_size"):
+        overrides["micro_batch_size"] = p["micro_batch_size"]
+    if p.get("gradient_checkpointing"):
+        overrides["gradient_checkpointing"] = True
     config = FinetuneConfig.from_openai(str(base.folder), hyper, train_reader.record.record_count, **overrides)
-    plan = plan_devices(config)
+    # Estimated from the real examples (their lengths after packing, the vocabulary, the micro-batch).
+    plan = plan_devices(config, data=data_shape(config, train_reader.records))
     ctx.event("plan", f"training on {plan.kind} {plan.devices or ''} in {plan.precision}, estimated "
               f"{plan.estimate_bytes / 2**30:.2f} GiB", plan=plan.as_dict(), config=config.as_dict())
     workdir = ctx.layout.training_folder(ctx.job.id)

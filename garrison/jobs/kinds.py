@@ -158,6 +158,10 @@ JOB_KINDS: dict[str, JobKind] = {
                 Param("max_seq_len", int, 2048, 16, 1 << 20, "longest packed sequence in tokens"),
                 Param("max_steps", int, 0, 0, 10**9, "stop after this many optimizer steps (0: the epochs decide)"),
                 Param("checkpoint_every", int, 50, 1, 10**9, "steps between encrypted checkpoints"),
+                Param("micro_batch_size", int, 0, 0, 1 << 20, "examples per forward pass (0: batch_size); smaller "
+                      "saves memory, the batch is kept through gradient accumulation"),
+                Param("gradient_checkpointing", bool, False, doc="recompute activations in the backward pass: "
+                      "less memory, about a third slower, same results"),
                 Param("suffix", str, "", doc="the fine-tuned model's name is BASE-ft-SUFFIX"),
                 Param("export", str, "", doc="after training, export the merged model: gguf:q4_k_m,onnx:int8,..."),
             ),

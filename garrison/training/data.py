@@ -323,6 +323,16 @@ def pack(examples: list[Example], max_seq_len: int) -> list[Row]:
     return rows
 
 
+def widest_pass(examples: Sequence[Example], micro: int, *, packed: bool) -> tuple[int, int]:
+    """Rows and width of the widest forward pass the loop can build from these examples: the `micro` longest
+    in one micro-batch (any other choice is no wider and has no longer example). The memory estimate's input."""
+    top = sorted(examples, key=len, reverse=True)[:max(1, micro)]
+    if not top:
+        return 0, 0
+    width = len(top[0])
+    return (len(pack(list(top), width)) if packed else len(top)), width
+
+
 def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict[str, Any]:
     """Tensors for one (micro-)batch, padded to its longest row.
 

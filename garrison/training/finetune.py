@@ -351,7 +351,7 @@ class _Trainer:
                 precision = "fp32" if self.config.precision == "auto" else self.config.precision
                 self.plan_ = DevicePlan("cpu", [], precision, self.micro, 0, 0)
         else:
-            self.plan_ = plan_devices(self.config)
+            self.plan_ = plan_devices(self.config, data=getattr(self, "data_shape", None))
         kind = self.plan_.kind
         self.device = torch.device(f"cuda:{self.plan_.devices[0]}" if kind == "cuda" else "cpu")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.plan_.precision)
@@ -362,6 +362,13 @@ class _Trainer:
 
     def load_data(self, train_records: Callable[[], Iterable[dict[str, Any]]],
                   val_records: Callable[[], Iterable[dict[str, Any]]] | None) -> None:
+        """After the plan: the data tokenized (by `tokenize_data`, before the plan); subclasses add what needs
+        the device (distillation's teacher targets)."""
+        if not hasattr(self, "train_examples"):
+            self.tokenize_data(train_records, val_records)
+
+    def tokenize_data(self, train_records: Callable[[], Iterable[dict[str, Any]]],
+                      val_records: Callable[[], Iterable[dict[str, Any]]] | None) -> None:
         from transformers import AutoTokenizer
 
         cfg = self.config
@@ -383,6 +390,7 @@ class _Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         rows = [*td.as_rows(train), td.Row([], [], []), *td.as_rows(val)]
         self.data_fingerprint = td.fingerprint(rows)
+        self.data_shape = _data_shape([*train, *val], self.micro, cfg.packing)
 
     def build_model(self) -> None:
         from transformers import AutoModelForCausalLM
@@ -668,6 +676,22 @@ class _Trainer:
         self.progress("eval", None, value)
 
 
+def _data_shape(examples: list[td.Example], micro: int, packed: bool) -> Any:
+    from garrison.training.gpus import DataShape
+
+    rows, width = td.widest_pass(examples, micro, packed=packed)
+    return DataShape(rows, width) if rows else None
+
+
+def data_shape(config: FinetuneConfig, records: Callable[[], Iterable[dict[str, Any]]]) -> Any:
+    """The widest forward pass on these records (tokenized as training will), for a plan made before training."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    examples, _ = td.tokenize_records(tokenizer, records(), config.max_seq_len)
+    return _data_shape(examples, config.micro_batch_size or config.batch_size, config.packing)
+
+
 def train(config: FinetuneConfig, train_records: Callable[[], Iterable[dict[str, Any]]],
           val_records: Callable[[], Iterable[dict[str, Any]]] | None, *, workdir: Path, checkpoint_key: bytes,
           on_progress: Callable[[ProgressEvent], None], should_stop: Callable[[], bool],
@@ -685,6 +709,7 @@ def train(config: FinetuneConfig, train_records: Callable[[], Iterable[dict[str,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tr = (trainer or _Trainer)(config, workdir, checkpoint_key, on_progress, should_stop)  # distill.py subclasses it
+    tr.tokenize_data(train_records, val_records)  # first: the memory estimate is made from the real examples
     tr.plan()
     if tr.plan_.kind == "cpu" and config.cpu_threads:
         tr.torch.set_num_threads(config.cpu_threads)

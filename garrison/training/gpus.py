@@ -13,6 +13,11 @@ for Llama-style decoders (sdpa, no stored attention matrix), the logits (autocas
 fp32 copy for the loss and its gradient), and the packed block-diagonal mask; then a fixed
 allowance for the CUDA context and 10% for allocator fragmentation.
 
+The tokens one forward pass holds come from the real data when it is known (`DataShape`,
+measured after tokenization and packing: the widest micro-batch the loop can build), else
+from ``micro_batch_size x max_seq_len``: 30-token chat examples with a 262k vocabulary need
+megabytes of logits, not the 27 GiB a full 2,048-token row would.
+
 Nothing here imports torch at module level: the daemon may estimate at job creation.
 """
 
@@ -134,16 +139,37 @@ def lora_params(shape: ModelShape, r: int, target_modules: str | list[str]) -> i
     return per_layer * shape.layers
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """What one forward pass holds on the real data: rows x width of its widest micro-batch."""
+
+    rows: int
+    width: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.width
+
+    def as_dict(self) -> dict[str, int]:
+        return {"rows": self.rows, "width": self.width, "tokens": self.tokens}
+
+
 def _precision_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
 def memory_breakdown(config: FinetuneConfig, shape: ModelShape, *, precision: str, on_gpu: bool,
-                     micro_batch: int | None = None) -> dict[str, int]:
-    """Peak bytes per device, by component. `micro_batch` is the rows one forward pass holds."""
+                     micro_batch: int | None = None, data: DataShape | None = None) -> dict[str, int]:
+    """Peak bytes per device, by component. `micro_batch` is the examples one forward pass holds; `data`, when
+    known, the rows and width of the widest pass on the real data (a smaller micro-batch scales it down)."""
     act = _precision_bytes(precision)
     mb = micro_batch or config.micro_batch_size or config.batch_size
-    tokens = mb * config.max_seq_len
+    if data is not None:
+        rows = min(data.rows, mb)
+        width = min(data.width, config.max_seq_len)
+    else:
+        rows, width = mb, config.max_seq_len
+    tokens = rows * width
     if config.method == "lora":
         weight_bytes = act if on_gpu else 4  # the frozen base in the autocast dtype on a GPU
         trainable = lora_params(shape, config.lora_r, config.lora_target_modules)
@@ -161,20 +187,22 @@ def memory_breakdown(config: FinetuneConfig, shape: ModelShape, *, precision: st
         layers = per_layer_full * shape.layers
     out["activations"] = layers
     out["logits"] = tokens * shape.vocab * (act + 4 + 4)
-    out["attention_mask"] = mb * config.max_seq_len ** 2 if config.packing else 0
+    out["attention_mask"] = rows * width ** 2 if config.packing else 0
     out["runtime"] = CUDA_CONTEXT_BYTES if on_gpu else CPU_RUNTIME_BYTES
     out["total"] = int(sum(out.values()) * FRAGMENTATION)
     return out
 
 
 def estimate_memory(config: FinetuneConfig, n_params: int | None = None, *, shape: ModelShape | None = None,
-                    precision: str | None = None, on_gpu: bool = True, micro_batch: int | None = None) -> int:
+                    precision: str | None = None, on_gpu: bool = True, micro_batch: int | None = None,
+                    data: DataShape | None = None) -> int:
     """Estimated peak bytes on one device (every DDP rank holds a full replica)."""
     shape = shape or model_shape(Path(config.base_model))
     if n_params is not None:
         shape = replace(shape, n_params=n_params)
     prec = precision or ("bf16" if on_gpu else "fp32")
-    return memory_breakdown(config, shape, precision=prec, on_gpu=on_gpu, micro_batch=micro_batch)["total"]
+    return memory_breakdown(config, shape, precision=prec, on_gpu=on_gpu, micro_batch=micro_batch,
+                            data=data)["total"]
 
 
 @dataclass
@@ -186,6 +214,7 @@ class DevicePlan:
     estimate_bytes: int
     available_bytes: int
     gpus: list[GpuInfo] = field(default_factory=list)
+    data: DataShape | None = None  # the real data's widest pass, when the estimate used it
 
     @property
     def world_size(self) -> int:
@@ -200,9 +229,12 @@ def _gib(n: float) -> str:
 
 
 def _suggestions(config: FinetuneConfig, shape: ModelShape, precision: str, available: int, on_gpu: bool,
-                 micro: int) -> list[str]:
+                 micro: int, data: DataShape | None = None) -> list[str]:
+    """Settings that would fit, each named as the CLI and the API's `extra` take it (micro_batch_size,
+    gradient_checkpointing, max_seq_len, method)."""
     def fits(cfg: FinetuneConfig, mb: int) -> bool:
-        return estimate_memory(cfg, shape=shape, precision=precision, on_gpu=on_gpu, micro_batch=mb) <= available
+        return estimate_memory(cfg, shape=shape, precision=precision, on_gpu=on_gpu, micro_batch=mb,
+                               data=data) <= available
 
     out = []
     if not config.gradient_checkpointing and fits(replace(config, gradient_checkpointing=True), micro):
@@ -227,7 +259,8 @@ def _suggestions(config: FinetuneConfig, shape: ModelShape, precision: str, avai
 
 
 def plan_devices(config: FinetuneConfig, gpus: list[GpuInfo] | None = None,
-                 shape: ModelShape | None = None, ram_bytes: int | None = None) -> DevicePlan:
+                 shape: ModelShape | None = None, ram_bytes: int | None = None,
+                 data: DataShape | None = None) -> DevicePlan:
     """Choose devices and precision for `config`, or refuse with what would fit.
 
     GPUs come from `discover_gpus()` unless given (tests pass imaginary ones). CPU when the
@@ -242,19 +275,20 @@ def plan_devices(config: FinetuneConfig, gpus: list[GpuInfo] | None = None,
             raise InvalidRequest(f"GPUs {config.devices} were asked for but none is visible to the worker",
                                  code="gpu_unavailable", param="devices")
         cpu_precision = "fp32" if config.precision == "auto" else config.precision
-        estimate = estimate_memory(config, shape=shape, precision=cpu_precision, on_gpu=False, micro_batch=micro)
+        estimate = estimate_memory(config, shape=shape, precision=cpu_precision, on_gpu=False, micro_batch=micro,
+                                   data=data)
         if ram_bytes is None:
             import psutil
 
             ram_bytes = int(psutil.virtual_memory().total)
         if estimate > ram_bytes:
-            hints = _suggestions(config, shape, cpu_precision, ram_bytes, False, micro)
+            hints = _suggestions(config, shape, cpu_precision, ram_bytes, False, micro, data)
             raise InvalidRequest(
                 f"training on the CPU needs about {_gib(estimate)} of memory; this machine has {_gib(ram_bytes)}. "
                 + ("Would fit: " + "; ".join(hints) + "." if hints else "No setting of this job fits."),
                 code="insufficient_memory", details={"estimate_bytes": estimate, "available_bytes": ram_bytes,
                                                      "suggestions": hints})
-        return DevicePlan("cpu", [], cpu_precision, micro, estimate, ram_bytes)
+        return DevicePlan("cpu", [], cpu_precision, micro, estimate, ram_bytes, data=data)
     by_index = {g.index: g for g in gpus}
     if isinstance(config.devices, list) and config.devices:
         missing = [d for d in config.devices if d not in by_index]
@@ -270,9 +304,10 @@ def plan_devices(config: FinetuneConfig, gpus: list[GpuInfo] | None = None,
         precision = "bf16" if all(g.bf16 for g in chosen) else "fp16"
     per_rank_micro = min(micro, math.ceil(config.batch_size / len(chosen)))
     available = min(g.free_memory for g in chosen)
-    estimate = estimate_memory(config, shape=shape, precision=precision, on_gpu=True, micro_batch=per_rank_micro)
+    estimate = estimate_memory(config, shape=shape, precision=precision, on_gpu=True, micro_batch=per_rank_micro,
+                               data=data)
     if estimate > available:
-        hints = _suggestions(config, shape, precision, available, True, per_rank_micro)
+        hints = _suggestions(config, shape, precision, available, True, per_rank_micro, data)
         weights_only = estimate_memory(replace(config, method="lora", max_seq_len=1, gradient_checkpointing=True),
                                        shape=shape, precision=precision, on_gpu=True, micro_batch=1)
         tail = ("Would fit: " + "; ".join(hints) + "." if hints else
@@ -284,4 +319,4 @@ def plan_devices(config: FinetuneConfig, gpus: list[GpuInfo] | None = None,
             f"{config.max_seq_len} tokens, {precision}); GPU(s) {names} have {_gib(available)} free. {tail}",
             code="insufficient_gpu_memory",
             details={"estimate_bytes": estimate, "available_bytes": available, "suggestions": hints})
-    return DevicePlan("cuda", [g.index for g in chosen], precision, micro, estimate, available, chosen)
+    return DevicePlan("cuda", [g.index for g in chosen], precision, micro, estimate, available, chosen, data)

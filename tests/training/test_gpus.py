@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,63 @@ def test_impossible_jobs_are_refused_with_what_would_fit() -> None:
     with pytest.raises(InvalidRequest) as caught:
         plan_devices(cfg(), gpus=[gpu(0, 16), gpu(1, 16)], shape=LLAMA_70B)
     assert "Nothing fits" in caught.value.message and "more GPUs do not help" in caught.value.message
+
+
+def test_every_knob_the_advice_names_is_a_job_parameter_and_a_cli_option() -> None:
+    """The refusal's advice is only useful if the operator can follow it from the CLI and the API."""
+    import re
+
+    from garrison.cli import cli
+    from garrison.jobs.kinds import job_kind
+
+    hints: list[str] = []
+    for config, shape, gpus in ((cfg(batch_size=16, max_seq_len=4096), LLAMA_7B, [gpu()]),
+                                (cfg(method="full", batch_size=8), LLAMA_7B, [gpu(0, 24, (8, 9), "L4")]),
+                                (cfg(batch_size=4, max_seq_len=65536), LLAMA_7B, [gpu(0, 40)])):
+        with pytest.raises(InvalidRequest) as caught:
+            plan_devices(config, gpus=gpus, shape=shape)
+        hints += caught.value.details["suggestions"]
+    knobs = {name for hint in hints for name in re.findall(r"([a-z_]+)=", hint)}
+    knobs |= {name for hint in hints for name in ("micro_batch_size", "gradient_checkpointing") if name in hint}
+    assert {"micro_batch_size", "gradient_checkpointing", "method", "max_seq_len"} <= knobs, hints
+    params = {p.name for p in job_kind("finetune").params}
+    command = cli.commands["finetune"]
+    options = {opt for p in command.params for opt in getattr(p, "opts", [])}
+    for knob in knobs:
+        assert knob in params, f"{knob}: not settable through the API (extra) / job parameters"
+        assert f"--{knob.replace('_', '-')}" in options, f"{knob}: no CLI flag"
+
+
+def test_a_262k_vocabulary_model_fine_tunes_on_the_cpu_with_default_settings(
+        tiny_real_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """The estimate comes from the real examples (30 tokens), not 2,048-token rows times 262k logits (7 GiB):
+    within 1.5x of the training process's measured peak (its peak RSS, the whole process: torch and all)."""
+    import json
+    import subprocess
+    import sys
+
+    model = tiny_real_dir("gemma3")
+    shape = model_shape(model)
+    assert shape.vocab >= 262_000
+    old = estimate_memory(FinetuneConfig.from_openai(str(model), None, 8), shape=shape, precision="fp32",
+                          on_gpu=False)
+    assert old > 6 * GIB  # what the worst-case estimate would have demanded
+    script = f"""
+import json, resource, tempfile
+from collections.abc import Callable
+from pathlib import Path
+from garrison.training.finetune import FinetuneConfig, train
+rows = [{{"messages": [{{"role": "user", "content": f"What is item {{i}}?"}},
+                       {{"role": "assistant", "content": f"Item {{i}} is a small parcel for the north gate."}}]}}
+        for i in range(8)]
+config = FinetuneConfig.from_openai({str(model)!r}, None, len(rows), max_steps=10)
+result = train(config, lambda: rows, None, workdir=Path({str(tmp_path)!r}), checkpoint_key=b"k" * 32,
+               on_progress=lambda e: None, should_stop=lambda: False)
+print(json.dumps({{"estimate": result.device["estimate_bytes"], "data": result.device["data"],
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "state": result.state}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["state"] == "succeeded" and out["data"]["width"] < 64
+    assert out["estimate"] / 1.5 <= out["peak"] <= out["estimate"] * 1.5, out
