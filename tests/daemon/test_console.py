@@ -148,7 +148,8 @@ def test_sign_in_watch_a_fine_tune_live_and_cancel_it(daemon: Daemon, browser: B
     assert job["id"] in page.locator("table").inner_text()
     browser.shot(page, "jobs")
     for path, name in (("/console/models", "models"), ("/console/datasets", "datasets"),
-                       ("/console/datasets/gate", "dataset"), ("/console/audit", "audit")):
+                       ("/console/datasets/gate", "dataset"), ("/console/evaluations", "evaluations"),
+                       ("/console/audit", "audit")):
         page.goto(daemon.url + path)
         assert page.locator("h1").count() == 1
         browser.shot(page, name)
@@ -294,12 +295,13 @@ def test_sign_out_ends_the_session(daemon: Daemon, browser: Browser) -> None:
 def test_load_and_unload_a_model_and_delete_a_dataset_after_confirming(daemon: Daemon, browser: Browser) -> None:
     page = browser.page()
     browser.sign_in(page)
+    daemon.request("DELETE", "/v1/garrison/runners/tg")  # loaded by the chat test, if it ran: start unloaded
     page.goto(daemon.url + "/console/models")
-    page.get_by_role("button", name="Load tg").click()
+    page.get_by_role("button", name="Load tg", exact=True).click()
     page.wait_for_url(re.compile(r"notice=loaded"))
     assert "● loaded" in page.locator("table.models tr", has_text="tg").first.inner_text()
     assert any(r["model"] == "tg" for r in daemon.request("GET", "/v1/garrison/runners")[1]["data"])
-    page.get_by_role("button", name="Unload tg").click()
+    page.get_by_role("button", name="Unload tg", exact=True).click()
     page.wait_for_url(re.compile(r"notice=unloaded"))
     assert not any(r["model"] == "tg" for r in daemon.request("GET", "/v1/garrison/runners")[1]["data"])
     page.goto(daemon.url + "/console/datasets/secret")

@@ -39,8 +39,10 @@ from garrison.daemon.state import STATE
 from garrison.daemon.usage import RECORDER
 from garrison.errors import AuthenticationError, GarrisonError, InvalidRequest, NotFound
 from garrison.jobs.store import Job
+from garrison.models.evaluations import TABLE_COLUMNS
 from garrison.models.registry import ModelRecord, canonical_manifest
 from garrison.operations import datasets as dataset_ops
+from garrison.operations import evaluations as evaluation_ops
 from garrison.operations import jobs as job_ops
 from garrison.operations import keys as key_ops
 from garrison.operations import models as model_ops
@@ -356,6 +358,15 @@ async def cancel_job(request: web.Request) -> web.StreamResponse:
     return _redirect(f"/console/jobs/{job_id}", "cancelled")
 
 
+# ---- evaluations --------------------------------------------------------------------------------------
+
+async def evaluations_page(request: web.Request) -> web.StreamResponse:
+    """Stored comparisons side by side (issue 16's eval jobs), those whose dataset and models the key holds."""
+    who = principal(request)
+    found = await asyncio.to_thread(evaluation_ops.list_evaluations, request.app[STATE], who, limit=50)
+    return await render(request, "evaluations.html", who, evaluations=found, columns=TABLE_COLUMNS)
+
+
 # ---- keys ---------------------------------------------------------------------------------------------
 
 async def _keys_page(request: web.Request, *, status: int = 200, created: dict[str, Any] | None = None,
@@ -443,6 +454,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/console/jobs/{job_id}/curves", job_curves, "read", "Console: a job's loss curves (SVG).",
           "console"),
     Route("POST", "/console/jobs/{job_id}/cancel", cancel_job, "read", "Console: cancel a job.", "console"),
+    Route("GET", "/console/evaluations", evaluations_page, "read", "Console: evaluations side by side.", "console"),
     Route("GET", "/console/keys", keys_page, "admin", "Console: keys and usage.", "console"),
     Route("POST", "/console/keys", create_key, "admin", "Console: create a key.", "console"),
     Route("POST", "/console/keys/{key_id}/revoke", revoke_key, "admin", "Console: revoke a key.", "console"),

@@ -29,6 +29,7 @@ NAV: tuple[NavItem, ...] = (
     NavItem("/console/models", "Models", "read"),
     NavItem("/console/datasets", "Datasets", "read"),
     NavItem("/console/jobs", "Jobs", "read"),
+    NavItem("/console/evaluations", "Evaluations", "read"),
     NavItem("/console/keys", "Keys", "admin"),
     NavItem("/console/audit", "Audit", "admin"),
     NavItem("/console/chat", "Chat", "infer"),
