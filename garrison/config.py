@@ -253,6 +253,10 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a web console sign-in lasts (/console): the session ends this many hours after sign-in, "
             "at sign-out, or when its key is revoked or expires, whichever comes first.",
             Reload.LIVE, "for sign-ins from then on; sessions already open keep their expiry"),
+    Setting("responses_retention_days", _bounded(float, 0.001, 3650), lambda _env: 30.0,
+            "How long /v1/responses keeps a stored response (`store`, for `previous_response_id` and "
+            "GET /v1/responses/{id}); older ones are deleted and their keys destroyed.",
+            Reload.LIVE, "for stored responses too, at the next read or sweep"),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -294,6 +298,7 @@ class Config:
     cors_origins: tuple[str, ...]
     allow_unknown_fields: bool
     console_session_hours: float
+    responses_retention_days: float
     source: str = field(default="defaults", compare=False)
 
     @property

@@ -39,7 +39,8 @@ def test_every_setting_has_an_environment_override(tmp_path: Path) -> None:
                "master_key_keep_previous_days": "7", "tls_cert_file": "/c.pem", "tls_key_file": "/k.pem",
                "allow_plaintext_lan": "true", "max_connections": "100", "header_timeout_s": "5",
                "body_timeout_s": "30", "audit_anchor_every": "25", "allow_unknown_fields": "true",
-               "cors_origins": "http://a.test", "console_session_hours": "2"}
+               "cors_origins": "http://a.test", "console_session_hours": "2",
+               "responses_retention_days": "7"}
     assert set(samples) == {s.key for s in SETTINGS}, "add a sample for the new setting"
     env = {f"GARRISON_{k.upper()}": v for k, v in samples.items()}
     config = load_config("/dev/null", env=env)

@@ -23,6 +23,7 @@ PATH_PARAMS: dict[str, dict[str, Any]] = {
     "file_id": {"type": "string", "pattern": "^file-[0-9a-f]{24}$"},
     "key_id": {"type": "string", "pattern": "^key_[0-9a-f]{16}$"},
     "evaluation_id": {"type": "string", "pattern": "^eval_[0-9a-f]{16}$"},
+    "response_id": {"type": "string", "pattern": "^resp_[0-9a-f]{48}$"},
     "digest": {"type": "string", "pattern": "^sha256[:-][0-9a-f]{64}$"},  # Ollama's blobs (refused)
 }
 

@@ -16,12 +16,13 @@ from garrison.daemon.api import (
     models,
     ollama,
     render,
+    responses,
     runners,
     system,
 )
 from garrison.daemon.routing import Route
 
 ROUTES: tuple[Route, ...] = (*system.ROUTES, *jobs.ROUTES, *keys.ROUTES, *audit.ROUTES, *models.ROUTES, *runners.ROUTES,
-                             *inference.ROUTES, *render.ROUTES, *identity.ROUTES,
+                             *inference.ROUTES, *responses.ROUTES, *render.ROUTES, *identity.ROUTES,
                              *exports.ROUTES, *datasets.ROUTES, *files.ROUTES,
                              *fine_tuning.ROUTES, *evals.ROUTES, *ollama.ROUTES)

@@ -92,6 +92,32 @@ EMBEDDING_FIELDS: dict[str, Field] = _fields(
     "truncate",  # Garrison's: cut an over-long input at the model's limit instead of refusing it
 )
 
+# The Responses API (garrison.daemon.api.responses): OpenAI's create fields, and the chat route's extensions.
+RESPONSES_FIELDS: dict[str, Field] = _fields(
+    "model", "input", "instructions", "stream", "store", "previous_response_id", "max_output_tokens",
+    "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls", "text", "metadata",
+    _USER,
+    Field("include", "ignored", "extra output data: reasoning is given in the clear and nothing else is held back"),
+    Field("reasoning", "ignored", "OpenAI's reasoning models; a chat template's own switch goes in "
+                                  "chat_template_kwargs"),
+    Field("service_tier", "ignored", "OpenAI's processing tiers; one tier here"),
+    Field("prompt_cache_key", "ignored", "a routing hint for OpenAI's cache; the KV cache is reused by prefix"),
+    Field("prompt_cache_retention", "ignored", "OpenAI's cache retention; the KV cache is kept per slot"),
+    Field("safety_identifier", "ignored", "an end-user tag for OpenAI's abuse monitoring"),
+    Field("stream_options", "ignored", "obfuscation padding of OpenAI's stream; the appliance sends none"),
+    Field("max_tool_calls", "ignored", "a limit on built-in tool calls; the appliance hosts no built-in tools"),
+    Field("background", "no-op only", "background responses are not implemented", _null_or(False)),
+    Field("conversation", "no-op only", "the Conversations API is not implemented: use previous_response_id",
+          _null_or()),
+    Field("prompt", "no-op only", "OpenAI's stored prompt templates are not implemented", _null_or()),
+    Field("truncation", "no-op only", "an over-long input is refused (context_length_exceeded), never cut",
+          _null_or("disabled")),
+    Field("top_logprobs", "no-op only", "no logprobs in Responses output yet; chat completions give them",
+          _null_or(0)),
+    *_SAMPLING_EXTENSIONS, "seed", "presence_penalty", "frequency_penalty", "logit_bias", "stop",
+    "chat_template_kwargs", "reasoning_format",
+)
+
 # Ollama's API (garrison.daemon.api.ollama): its documented fields, by the same rules.
 _KEEP_ALIVE = Field("keep_alive", "ignored", "how long a model stays loaded is the operator's model_keep_alive_s")
 _OLLAMA_GENERATION = (
@@ -133,7 +159,7 @@ OLLAMA_OPTIONS: dict[str, Field] = _fields(
 )
 
 ROUTE_FIELDS: Mapping[str, dict[str, Field]] = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS,
-                                                "embedding": EMBEDDING_FIELDS,
+                                                "embedding": EMBEDDING_FIELDS, "responses": RESPONSES_FIELDS,
                                                 "ollama_chat": OLLAMA_CHAT_FIELDS,
                                                 "ollama_generate": OLLAMA_GENERATE_FIELDS,
                                                 "ollama_embed": OLLAMA_EMBED_FIELDS,

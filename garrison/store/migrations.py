@@ -329,3 +329,22 @@ def m011_evaluations(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX evaluation_rows_model ON evaluation_rows(model)")
+
+
+@MIGRATIONS()
+def m012_responses(db: Database) -> None:
+    # Stored responses of the Responses API (garrison.operations.stored_responses): the body sealed with
+    # a key of its own wrapped by the master key (`wrapped_keys`, purpose "response"); who made it and
+    # when are plain, for grants and retention.
+    db.execute(
+        """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            body BLOB NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX responses_created ON responses(created_at)")

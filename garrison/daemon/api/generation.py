@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,15 @@ from garrison.daemon.http import principal
 from garrison.daemon.state import STATE
 from garrison.daemon.usage import usage_of
 from garrison.engine.protocols import EmbeddingEngine, EmbeddingResult, GenerationEngine, TokenStream
-from garrison.engine.types import Finish, GenerationRequest, TokenEvent
+from garrison.engine.types import Finish, GenerationRequest, SamplingParams, TokenEvent
 from garrison.errors import InvalidRequest
 from garrison.models.names import check_model_id
 from garrison.operations.inference_privacy import InferencePrivacyPolicy, ResponseFilter, filtered_events
 from garrison.policies.access import authorize
 from garrison.serving import openai_format as fmt
+from garrison.serving import tool_calls
+from garrison.serving.chat_output import ChatOutput
+from garrison.serving.reasoning import reasoning_syntax
 
 
 def model_id(body: dict[str, Any], request: web.Request) -> str:
@@ -73,6 +77,29 @@ async def choice_events(stream: TokenStream, req: GenerationRequest, request: we
 def screened_events(events: AsyncGenerator[TokenEvent | Finish, None], screen: ResponseFilter | None,
                     req: GenerationRequest) -> AsyncGenerator[TokenEvent | Finish, None]:
     return events if screen is None else filtered_events(events, screen, len(req.prompt_tokens))
+
+
+async def chat_prompt(engine: GenerationEngine, body: dict[str, Any], messages: list[dict[str, Any]],
+                      tool_use: tool_calls.ToolRequest | None, template_kwargs: dict[str, Any],
+                      params: SamplingParams) -> tuple[list[int], SamplingParams, Callable[[], ChatOutput] | None]:
+    """A chat's prompt tokens (the model's template, rendered off the loop, showing the tools), its sampling
+    (a forced tool call's grammar added) and how its output splits into reasoning, content and calls: one
+    place, so chat completions and the Responses API prompt and parse alike."""
+    tool_format = None if tool_use is None else tool_calls.tool_format(engine.chat_template)
+    shown = tool_calls.prompt_messages(messages, tool_format, tool_use)
+    text = await asyncio.to_thread(partial(fmt.render_chat, engine.chat_template, shown,
+                                           bos_token=engine.bos_token, eos_token=engine.eos_token,
+                                           tools=None if tool_use is None else tool_use.tools,
+                                           kwargs=template_kwargs))
+    syntax = reasoning_syntax(engine.chat_template, text, body)
+    if tool_use is not None and tool_format is not None and tool_use.forced:
+        think = None if syntax is None else (syntax.start, syntax.end, syntax.forced_open)
+        grammar = await asyncio.to_thread(tool_calls.tool_grammar, tool_use, tool_format, think)
+        params = replace(params, grammar=grammar)
+    outputs: Callable[[], ChatOutput] | None = None
+    if syntax is not None or tool_format is not None:
+        outputs = partial(ChatOutput.of, syntax, tool_format, tool_use.parallel if tool_use else True)
+    return await engine.tokenize(text, add_special=False, parse_special=True), params, outputs
 
 
 @dataclass

@@ -13,14 +13,21 @@ import base64
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import replace
-from functools import partial
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
-from garrison.daemon.api.generation import Choice, close_choices, collect_all, deadline, embed, model_id, open_choices
+from garrison.daemon.api.generation import (
+    Choice,
+    chat_prompt,
+    close_choices,
+    collect_all,
+    deadline,
+    embed,
+    model_id,
+    open_choices,
+)
 from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
@@ -35,7 +42,6 @@ from garrison.serving import openai_format as fmt
 from garrison.serving import tool_calls
 from garrison.serving.chat_output import ChatOutput, Part, whole
 from garrison.serving.openai_fields import CHAT_FIELDS, check_fields
-from garrison.serving.reasoning import reasoning_syntax
 
 MAX_EMBED_INPUTS = 2048
 
@@ -225,20 +231,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         engine = loaded.generator
         outputs: Callable[[], ChatOutput] | None = None
         if kind == "chat":
-            tool_format = None if tool_use is None else tool_calls.tool_format(engine.chat_template)
-            shown = tool_calls.prompt_messages(messages, tool_format, tool_use)
-            text = await asyncio.to_thread(partial(fmt.render_chat, engine.chat_template, shown,
-                                                   bos_token=engine.bos_token, eos_token=engine.eos_token,
-                                                   tools=None if tool_use is None else tool_use.tools,
-                                                   kwargs=template_kwargs))
-            syntax = reasoning_syntax(engine.chat_template, text, body)
-            if tool_use is not None and tool_format is not None and tool_use.forced:
-                think = None if syntax is None else (syntax.start, syntax.end, syntax.forced_open)
-                grammar = await asyncio.to_thread(tool_calls.tool_grammar, tool_use, tool_format, think)
-                params = replace(params, grammar=grammar)
-            if syntax is not None or tool_format is not None:
-                outputs = partial(ChatOutput.of, syntax, tool_format, tool_use.parallel if tool_use else True)
-            token_lists = [await engine.tokenize(text, add_special=False, parse_special=True)]
+            tokens, params, outputs = await chat_prompt(engine, body, messages, tool_use, template_kwargs, params)
+            token_lists = [tokens]
             echoes = [""]
         else:
             pairs = [await _prompt_tokens(engine, p, f, echo, privacy) for p, f in zip(prompts, fields, strict=True)]
