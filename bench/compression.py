@@ -51,7 +51,7 @@ import numpy as np
 from garrison.engine.cpu_kernels import load_backends
 load_backends()
 import llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=1024, n_batch=1024, n_threads=2, verbose=False)
 prompt = llm.tokenize(b"The appliance keeps every dataset encrypted, and", add_bos=True)
 llm.eval(prompt)
 n = int(sys.argv[2])
@@ -129,8 +129,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quantized = [f"{MERGED_ID}:q4_k_m", f"{DEPTH}:q4_k_m", f"{DEPTH_HEALED}:q4_k_m", f"{WIDTH}:q4_k_m",
                  f"{WIDTH_HEALED}:q4_k_m"]
     speed = decode_speed(state, quantized, args.rounds, args.decode_tokens)
-    rows = {r["model"]: r for r in evaluation["rows"]}
+    result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "state": str(state),
+              "settings": vars(args), "evaluation": evaluation, "decode_tokens_per_s": speed, "jobs": jobs,
+              "seconds": round(time.monotonic() - started, 1)}
+    _goals(result)
+    return result
+
+
+def _goals(result: dict[str, Any]) -> None:
+    rows = {r["model"]: r for r in result["evaluation"]["rows"]}
     ppl = {m: rows[m]["metrics"]["perplexity"] for m in rows}
+    speed = result["decode_tokens_per_s"]
     goals: dict[str, Any] = {}
     for pruned, healed in ((DEPTH, DEPTH_HEALED), (WIDTH, WIDTH_HEALED)):
         lost = ppl[pruned] - ppl[MERGED]
@@ -139,9 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         goals[healed] = {"perplexity_lost": lost, "fraction_recovered": recovered,
                          "recovery_goal_met": recovered is not None and recovered >= 0.5,
                          "decode_speedup_q4_k_m": ratio, "speed_goal_met": ratio >= 1.2}
-    return {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "state": str(state),
-            "settings": vars(args), "evaluation": evaluation, "decode_tokens_per_s": speed, "jobs": jobs,
-            "goals": goals, "seconds": round(time.monotonic() - started, 1)}
+    result["goals"] = goals
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -172,11 +179,21 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=150)
     parser.add_argument("--heal-lr-mult", type=float, default=10.0, help="x 2e-5 (full distillation)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--decode-tokens", type=int, default=768)
+    parser.add_argument("--decode-only", action="store_true",
+                        help="re-measure decode speed on --state and the last bench/out/compression.json")
     parser.add_argument("--state", default="", help="reuse this state folder (a finished fine-tune is kept)")
     args = parser.parse_args()
-    result = run(args)
+    if args.decode_only:
+        result = json.loads((OUT / "compression.json").read_text())
+        state = Path(args.state or result["state"])
+        result["decode_tokens_per_s"] = decode_speed(state, list(result["decode_tokens_per_s"]), args.rounds,
+                                                     args.decode_tokens)
+        result["settings"] |= {"rounds": args.rounds, "decode_tokens": args.decode_tokens}
+        _goals(result)
+    else:
+        result = run(args)
     OUT.mkdir(exist_ok=True)
     (OUT / "compression.json").write_text(json.dumps(result, indent=2, default=str))
     (OUT / "compression.md").write_text(markdown(result))
