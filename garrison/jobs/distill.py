@@ -21,19 +21,11 @@ from typing import Any
 
 from garrison.errors import InvalidRequest, JobFailed
 from garrison.jobs.context import JobContext, StopRequested
-from garrison.models.names import check_model_id, check_name
+from garrison.jobs.finetune import check_training_params
+from garrison.models.names import check_model_id, derived_name
 from garrison.models.registry import ModelRecord, ModelRegistry
 from garrison.policies.keys import Principal
 from garrison.store.catalog import Catalog
-
-METHODS = ("full", "lora")
-HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-MAX_NAME = 64
-
-
-def distilled_name(student: str, suffix: str, job_id: str) -> str:
-    tail = (suffix or job_id[-8:]).lower()
-    return check_name(f"{student.replace(':', '-')}-distilled-{tail}"[:MAX_NAME], param="suffix")
 
 
 def _hf(record: ModelRecord, param: str) -> ModelRecord:
@@ -51,16 +43,8 @@ def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dic
     teacher = _hf(registry.get(check_model_id(params["teacher"], param="teacher")), "teacher")
     student = _hf(registry.get(check_model_id(params["student"], param="student")), "student")
     check_tokenizers(teacher.folder, student.folder)
-    if params["method"] not in METHODS:
-        raise InvalidRequest(f"method must be one of {', '.join(METHODS)}", param="method")
-    try:
-        hyper = json.loads(params["hyperparameters"] or "{}")
-    except json.JSONDecodeError:
-        raise InvalidRequest("hyperparameters must be a JSON object", param="hyperparameters") from None
-    if not isinstance(hyper, dict) or set(hyper) - set(HYPERPARAMETERS):
-        raise InvalidRequest(f"hyperparameters must be an object of {', '.join(HYPERPARAMETERS)}",
-                             param="hyperparameters")
-    distilled_name(student.name, params["suffix"], "job_00000000")
+    check_training_params(params)
+    derived_name(student.name, "distilled", params["suffix"], "job_00000000")
     if not params["dataset"]:
         raise InvalidRequest("'dataset' is required", param="dataset")
     name, version = resolve_reference(catalog, params["dataset"], "dataset")
@@ -125,7 +109,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     out = Path(result.output_dir)
     if config.method == "lora":
         out = merge_adapter(out, student.folder, workdir / "merged")
-    name = distilled_name(student.name, p["suffix"], ctx.job.id)
+    name = derived_name(student.name, "distilled", p["suffix"], ctx.job.id)
     student_lineage = student.manifest.get("lineage", {}) or {}
     lineage = {"teacher": teacher.name, "student": student.name, "job": ctx.job.id, "datasets": [ref],
                "training_uses": [{"dataset": ref, "role": "split", "seed": config.seed,

@@ -89,12 +89,8 @@ def _base(record: ModelRecord) -> ModelRecord:
     return record
 
 
-def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dict[str, Any]) -> None:
-    """At submission, after grants: what would otherwise fail only inside the worker fails here with a 400/404."""
-    from garrison.converters.export import parse_targets
-    from garrison.ingest.datasets import DatasetStore, resolve_reference
-
-    base = _base(registry.get(check_name(params["model"], param="model")))
+def check_training_params(params: dict[str, Any]) -> None:
+    """`method` and OpenAI's `hyperparameters`, as fine-tuning and distillation (its loop) take them."""
     if params["method"] not in METHODS:
         raise InvalidRequest(f"method must be one of {', '.join(METHODS)}", param="method")
     try:
@@ -104,6 +100,15 @@ def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dic
     if not isinstance(hyper, dict) or set(hyper) - set(HYPERPARAMETERS):
         raise InvalidRequest(f"hyperparameters must be an object of {', '.join(HYPERPARAMETERS)}",
                              param="hyperparameters")
+
+
+def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dict[str, Any]) -> None:
+    """At submission, after grants: what would otherwise fail only inside the worker fails here with a 400/404."""
+    from garrison.converters.export import parse_targets
+    from garrison.ingest.datasets import DatasetStore, resolve_reference
+
+    base = _base(registry.get(check_name(params["model"], param="model")))
+    check_training_params(params)
     fine_tuned_name(base.name, params["suffix"], "job_00000000")
     if params["method"] == "lora":  # the adapter is served on a GGUF export of the base: refuse what cannot be
         from garrison.converters.hf_to_gguf import check_tokenizer_files

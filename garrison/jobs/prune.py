@@ -15,18 +15,12 @@ from typing import Any
 
 from garrison.errors import InvalidRequest
 from garrison.jobs.context import JobContext
-from garrison.models.names import check_model_id, check_name
+from garrison.models.names import check_model_id, derived_name
 from garrison.models.registry import ModelRecord, ModelRegistry
 from garrison.policies.keys import Principal
 from garrison.store.catalog import Catalog
 
 BUILTIN = "builtin"
-MAX_NAME = 64
-
-
-def pruned_name(source: str, suffix: str, job_id: str) -> str:
-    tail = (suffix or job_id[-8:]).lower()
-    return check_name(f"{source.replace(':', '-')}-pruned-{tail}"[:MAX_NAME], param="suffix")
 
 
 def _source(record: ModelRecord) -> ModelRecord:
@@ -46,7 +40,7 @@ def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dic
     width = parse_amount(params["width"], 1000, "width")
     if not depth and not width:
         raise InvalidRequest("nothing to prune: give depth and/or width", param="depth", code="prune_nothing")
-    pruned_name(params["model"], params["suffix"], "job_00000000")
+    derived_name(params["model"], "pruned", params["suffix"], "job_00000000")
     for param in ("calibration", "eval"):
         if params[param] and params[param] != BUILTIN:
             name, version = resolve_reference(catalog, params[param], param)
@@ -91,7 +85,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ctx.progress(1, 4, f"measuring {source.name}'s blocks and channels", force=True)
     plan = prune(source.folder, work, texts, depth=p["depth"], width=p["width"], calibration=calibration,
                  max_tokens=p["calibration_tokens"], check=ctx.check)
-    name = pruned_name(source.name, p["suffix"], ctx.job.id)
+    name = derived_name(source.name, "pruned", p["suffix"], ctx.job.id)
     lineage = {"source": source.name, "source_manifest_signature": source.manifest.get("signature"),
                "job": ctx.job.id, "pruning": plan.to_json(), "calibration": calibration, "training_uses": uses}
     if registry.exists(name):

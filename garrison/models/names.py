@@ -38,9 +38,13 @@ def check_model_id(model_id: str, *, param: str = "model") -> str:
     return model_id
 
 
-def fine_tuned_name(base: str, suffix: str, job_id: str) -> str:
-    """The name a fine-tune of `base` is registered under (`BASE-ft-SUFFIX`, else the job id's tail).
-
-    One rule for the job that registers it and the routes that name it before it exists."""
+def derived_name(source: str, label: str, suffix: str, job_id: str) -> str:
+    """The name a job registers what it made from `source` under: `SOURCE-LABEL-SUFFIX`, else the job
+    id's tail (`tiny-ft-3f9a0c1d`, `tiny-pruned-...`). One rule for the job that registers it and the
+    routes that name it before it exists."""
     tail = (suffix or job_id[-8:]).lower()
-    return check_name(f"{base}-ft-{tail}"[:MAX_NAME], param="suffix")
+    return check_name(f"{source.replace(':', '-')}-{label}-{tail}"[:MAX_NAME], param="suffix")
+
+
+def fine_tuned_name(base: str, suffix: str, job_id: str) -> str:
+    return derived_name(base, "ft", suffix, job_id)
