@@ -102,18 +102,9 @@ def sampling_params(body: dict[str, Any], *, allow_unknown: bool) -> SamplingPar
         raise
 
 
-def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be true or false", param=name)
-    return value
-
-
 def stream_flag(body: dict[str, Any]) -> bool:
     """Ollama streams unless told not to."""
-    return _flag(body, "stream", True)
+    return fmt.flag(body, "stream", True)
 
 
 def think(body: dict[str, Any]) -> bool | None:
@@ -179,7 +170,7 @@ def generate_messages(body: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def raw_flag(body: dict[str, Any]) -> bool:
-    return _flag(body, "raw", False)
+    return fmt.flag(body, "raw", False)
 
 
 def embed_inputs(body: dict[str, Any], field: str) -> list[str]:
@@ -194,7 +185,7 @@ def embed_inputs(body: dict[str, Any], field: str) -> list[str]:
 
 def truncate_flag(body: dict[str, Any]) -> bool:
     """Ollama cuts an over-long embedding input at the model's limit unless told not to."""
-    return _flag(body, "truncate", True)
+    return fmt.flag(body, "truncate", True)
 
 
 def timestamp(when: float | None = None) -> str:

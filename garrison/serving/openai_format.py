@@ -75,8 +75,11 @@ def _grammar(body: dict[str, Any]) -> str | None:
     return json_schema_grammar(spec["schema"])
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
+def flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    """A true/false field; absent or null is the default (every API face reads its flags so)."""
+    value = body.get(name, default)
+    if value is None:
+        return default
     if not isinstance(value, bool):
         raise InvalidRequest(f"'{name}' must be true or false", param=name)
     return value
@@ -161,7 +164,7 @@ def sampling_params(body: dict[str, Any], *, default_max_tokens: int | None) -> 
         logprobs=bool(logprobs),
         top_logprobs=top_logprobs,
         grammar=_body_grammar(body) or _grammar(body),
-        ignore_eos=_flag(body, "ignore_eos"),
+        ignore_eos=flag(body, "ignore_eos"),
         logit_bias=_logit_bias(body),
         penalty_last_n=_integer(body, "repeat_last_n", 64, 0, 1 << 20) or 0,
     )

@@ -67,15 +67,6 @@ def response_store(app: web.Application) -> ResponseStore:
 
 # ------------------------------------------------------------------------------------------ request
 
-def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be true or false", param=name)
-    return value
-
-
 def _content_text(content: Any, where: str) -> str:
     """A message's content: a string, or text parts (input_text, output_text); other parts are refused."""
     if isinstance(content, str):
@@ -250,7 +241,7 @@ class _Answer:
                 "max_output_tokens": b.get("max_output_tokens"), "model": self.model, "output": self.output,
                 "parallel_tool_calls": b.get("parallel_tool_calls", True),
                 "previous_response_id": b.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
-                "store": _flag(b, "store", True), "temperature": b.get("temperature", 1.0),
+                "store": fmt.flag(b, "store", True), "temperature": b.get("temperature", 1.0),
                 "text": text or {"format": {"type": "text"}}, "tool_choice": b.get("tool_choice") or "auto",
                 "tools": [{"type": "function", **t["function"]} for t in self.tools],
                 "top_p": b.get("top_p", 1.0), "truncation": "disabled", "usage": _usage(self.finish),
@@ -402,7 +393,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     check_fields(body, "responses", allow_unknown=state.config.allow_unknown_fields)
     model = model_id(body, request)
     who = principal(request)
-    store, stream = _flag(body, "store", True), _flag(body, "stream", False)
+    store, stream = fmt.flag(body, "store", True), fmt.flag(body, "stream", False)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise InvalidRequest("'instructions' must be a string", param="instructions")
