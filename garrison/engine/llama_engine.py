@@ -85,6 +85,7 @@ from garrison.engine.llama_sampling import (
     TextAssembler,
     end_of_generation_ids,
     log_softmax_row,
+    model_meta,
     tokenize,
     top_k_indices,
 )
@@ -538,14 +539,7 @@ class LlamaEngine:
             raise EngineClosed("the engine is closed")
 
     def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        if n < 0:
-            return None
-        if n >= len(buf):
-            buf = ctypes.create_string_buffer(n + 1)
-            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return bytes(buf.raw[:n]).decode("utf-8", errors="replace")
+        return model_meta(self._model, key)
 
     def _token_text(self, token: int) -> str:
         if token < 0:

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from garrison.engine.cpu_kernels import load_backends
-from garrison.engine.llama_sampling import tokenize
+from garrison.engine.llama_sampling import model_meta, tokenize
 from garrison.errors import ConfigError
 
 
@@ -100,14 +100,7 @@ class SequenceScorer:
         return self._token_text(int(llama_cpp.llama_vocab_eos(self._vocab)))
 
     def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        if n < 0:
-            return None
-        if n >= len(buf):
-            buf = ctypes.create_string_buffer(n + 1)
-            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return bytes(buf.raw[:n]).decode("utf-8", errors="replace")
+        return model_meta(self._model, key)
 
     def _token_text(self, token: int) -> str:
         raw = llama_cpp.llama_vocab_get_text(self._vocab, token) if token >= 0 else b""

@@ -33,6 +33,18 @@ def tokenize(vocab: Any, text: str, add_special: bool, parse_special: bool) -> l
         cap = -n  # llama.cpp says how many it needs
 
 
+def model_meta(model: Any, key: str) -> str | None:
+    """A GGUF metadata string (the chat template, ...), or None; grows the buffer for long values."""
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return bytes(buf.raw[:n]).decode("utf-8", errors="replace")
+
+
 def end_of_generation_ids(vocab: Any, n_vocab: int) -> list[int]:
     """Every token that ends generation (EOS, EOT, ...), as llama.cpp's vocabulary marks them."""
     return [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
