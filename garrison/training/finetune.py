@@ -218,6 +218,14 @@ def _peak_memory(device_kind: str, device: Any) -> tuple[int, str]:
         import torch
 
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    # VmHWM: this process's own peak since exec (Linux carries ru_maxrss over from the forked parent).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "cpu_max_rss"
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
 
 
