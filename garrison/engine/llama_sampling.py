@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import math
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +17,7 @@ import llama_cpp
 import numpy as np
 
 from garrison.engine.json_grammar import InvalidGrammar
-from garrison.engine.types import SamplingParams
+from garrison.engine.types import BANNED_LOGIT, SamplingParams
 
 
 def tokenize(vocab: Any, text: str, add_special: bool, parse_special: bool) -> list[int]:
@@ -50,7 +49,7 @@ def end_of_generation_ids(vocab: Any, n_vocab: int) -> list[int]:
     return [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
 
 
-#: OpenAI documents a bias of -100 as a ban; added to a logit it may not be one, so it becomes -inf.
+#: OpenAI documents a bias of -100 as a ban; added to a logit it may not be one, so it becomes BANNED_LOGIT.
 BAN_BIAS = -100.0
 
 
@@ -58,14 +57,14 @@ def logit_biases(params: SamplingParams, vocab: Any, n_vocab: int,
                  eog_ids: Sequence[int] | None) -> list[tuple[int, float]]:
     """(token, bias) pairs for llama.cpp's logit-bias sampler: the request's, then ignore_eos' bans.
 
-    ignore_eos gives end-of-generation tokens -inf, so generation runs to max_tokens (benchmarks,
+    ignore_eos bans end-of-generation tokens, so generation runs to max_tokens (benchmarks,
     load tests). The engine passes the ids it found once at load: scanning 32k tokens here costs
     ~10 ms a request.
     """
-    out = [(token, -math.inf if bias <= BAN_BIAS else float(bias)) for token, bias in params.logit_bias]
+    out = [(token, BANNED_LOGIT if bias <= BAN_BIAS else float(bias)) for token, bias in params.logit_bias]
     if params.ignore_eos:
         eog = list(eog_ids) if eog_ids is not None else end_of_generation_ids(vocab, n_vocab)
-        out.extend((t, -math.inf) for t in eog)
+        out.extend((t, BANNED_LOGIT) for t in eog)
     return out
 
 

@@ -39,6 +39,7 @@ from tokenizers import Tokenizer
 from garrison.engine.pooling import PoolingConfig, l2_normalize, pool
 from garrison.engine.protocols import EmbeddingResult
 from garrison.engine.types import (
+    BANNED_LOGIT,
     ContextLengthExceeded,
     DeadlineExceeded,
     EngineClosed,
@@ -496,9 +497,9 @@ class OnnxDecoderEngine:
     def _bias(self, params: SamplingParams) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]] | None:
         """(token ids, biases) added to every step's logits: logit_bias as the llama engine applies it
         (-100 bans), and ignore_eos' bans."""
-        pairs = [(t, -np.inf if b <= -100 else float(b)) for t, b in params.logit_bias]
+        pairs = [(t, BANNED_LOGIT if b <= -100 else float(b)) for t, b in params.logit_bias]
         if params.ignore_eos:
-            pairs.extend((t, -np.inf) for t in self.eos_token_ids)
+            pairs.extend((t, BANNED_LOGIT) for t in self.eos_token_ids)
         if not pairs:
             return None
         merged: dict[int, float] = {}

@@ -16,6 +16,13 @@ from garrison.errors import InvalidRequest, Unavailable
 FinishReason = Literal["stop", "length", "content_filter"]
 
 
+#: What a banned token's logit becomes (a logit_bias of -100, ignore_eos' end tokens): far below any real
+#: logit, but finite. A grammar that allows only banned tokens (a finished JSON object under ignore_eos,
+#: or a ban on the one token a schema allows) then picks among them instead of leaving llama.cpp no
+#: candidate at all, which aborts the runner.
+BANNED_LOGIT = -1.0e20
+
+
 class ContextLengthExceeded(InvalidRequest):
     """The prompt plus max_tokens does not fit one slot's context.
 

@@ -109,7 +109,7 @@ def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
         token, bias = pair
         if isinstance(token, str) and token.strip().isdigit():
             token = int(token)
-        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        if not is_token(token):
             raise InvalidRequest(f"'logit_bias' keys must be token ids (got {str(token)[:40]!r})", param="logit_bias")
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
             raise InvalidRequest(f"'logit_bias' values must be numbers from -100 to 100 (token {token})",
@@ -250,8 +250,12 @@ def completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
     return prompts
 
 
+#: llama.cpp's token ids are 32-bit: anything larger is no vocabulary's, and must not reach the wire.
+MAX_TOKEN_ID = 2**31 - 1
+
+
 def is_token(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_ID
 
 
 def choices_usage(prompt_finishes: list[Finish], finishes: list[Finish]) -> dict[str, Any]:

@@ -249,3 +249,26 @@ def test_a_1_mb_prompt_does_not_block_the_event_loop(served: Daemon, path: str) 
     print(f"\n{path}: {len(lags)} probes, /health max {max(lags) * 1000:.1f} ms")
     assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer  # type: ignore[index]
     assert len(lags) > 10 and max(lags) < 0.1, f"/health took up to {max(lags) * 1000:.0f} ms"
+
+
+def test_a_grammar_left_only_banned_tokens_does_not_abort_the_runner(served: Daemon) -> None:
+    """Found by the fuzz (this body): llama.cpp's sampler aborted the runner (SIGABRT, 503 engine_crashed) when
+    the grammar left only banned tokens. Bans are now a very low finite logit, so the grammar keeps a choice."""
+    body = {"model": "tiny", "ignore_eos": True, "echo": False, "prompt": "\U000feec4Z\U00044d9d'r\U000cb802\U0002768cX",
+            "presence_penalty": -1.076251619865514e-29, "repeat_last_n": 0, "seed": 0, "stop": "0",
+            "response_format": {"type": "json_object"}, "stream_options": {"include_usage": False},
+            "top_logprobs": 0, "top_p": 0.0}
+    status, answer = served.request("POST", "/v1/completions", body, role="admin")
+    assert status in (200, 400), answer
+    status, runners = served.request("GET", "/v1/garrison/runners", role="admin")
+    assert status == 200 and all(not r.get("crashes") for r in runners["data"]), runners
+
+
+def test_token_ids_past_32_bits_are_a_400(served: Daemon) -> None:
+    """Found by the fuzz: token ids too large for the runner's wire gave 500."""
+    for body in ({"model": "tiny", "prompt": [86843137054811, 2**70]},
+                 {"model": "tiny", "prompt": "x", "logit_bias": {str(2**40): 5}},
+                 {"model": "tiny", "input": [[2**40]]}):
+        path = "/v1/embeddings" if "input" in body else "/v1/completions"
+        status, answer = served.request("POST", path, body, role="admin")
+        assert status == 400, (body, answer)
