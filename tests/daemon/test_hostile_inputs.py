@@ -255,7 +255,8 @@ def test_a_grammar_left_only_banned_tokens_does_not_abort_the_runner(served: Dae
     """Found by the fuzz (this body): llama.cpp's sampler aborted the runner (SIGABRT, 503 engine_crashed) when
     the grammar left only banned tokens. Bans are now a very low finite logit, so the grammar keeps a choice."""
     body = {"model": "tiny", "ignore_eos": True, "echo": False,
-            "prompt": "\U000feec4Z\U00044d9d'r\U000cb802\U0002768cX", "presence_penalty": -1.076251619865514e-29, "repeat_last_n": 0, "seed": 0, "stop": "0",
+            "prompt": "\U000feec4Z\U00044d9d'r\U000cb802\U0002768cX", "presence_penalty": -1.076251619865514e-29,
+            "repeat_last_n": 0, "seed": 0, "stop": "0",
             "response_format": {"type": "json_object"}, "stream_options": {"include_usage": False},
             "top_logprobs": 0, "top_p": 0.0}
     status, answer = served.request("POST", "/v1/completions", body, role="admin")
