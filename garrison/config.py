@@ -39,7 +39,7 @@ def _parse_listen(value: Any) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError("expected HOST:PORT, for example 127.0.0.1:8477")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"port {port!r} is not a number from 0 to 65535")
     return f"{host}:{int(port)}"
 

@@ -55,7 +55,7 @@ def watchdog_interval_s() -> float | None:
     """Half of $WATCHDOG_USEC when the watchdog is meant for this process, else None."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
+    if not usec or (pid and pid.isascii() and pid.isdigit() and int(pid) != os.getpid()):
         return None
     try:
         return int(usec) / 1_000_000 / 2

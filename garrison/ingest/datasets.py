@@ -56,7 +56,7 @@ def parse_reference(ref: str) -> tuple[str, int | None]:
     validate_name(name)
     if not sep:
         return name, None
-    if not number.isdigit() or int(number) < 1:
+    if not (number.isascii() and number.isdigit()) or int(number) < 1:
         raise InvalidRequest(f"invalid dataset version {number[:20]!r} in {ref[:150]!r}: expected NAME:N with N >= 1",
                              code="invalid_dataset_name", param="dataset")
     return name, int(number)

@@ -201,6 +201,20 @@ def test_a_dataset_version_past_sqlites_integers_is_a_400(served: Daemon, method
     assert (status, answer["error"]["param"]) == (400, "version"), answer
 
 
+@pytest.mark.parametrize("path", ["/v1/garrison/datasets/d/versions/%C2%B9", "/v1/garrison/datasets/d/versions/%D9%A3"])
+def test_a_version_in_non_ascii_digits_is_a_400(served: Daemon, path: str) -> None:
+    """Found by the fuzz: '¹' and Arabic-Indic digits pass str.isdigit() but not int(): 500 before."""
+    for method in ("GET", "DELETE"):
+        status, answer = served.request(method, path)
+        assert (status, answer["error"]["param"]) == (400, "version"), answer
+
+
+def test_a_dataset_reference_in_non_ascii_digits_is_a_400(served: Daemon) -> None:
+    body = {"kind": "finetune", "params": {"model": "tiny", "training_file": "ds:\u00b9"}}
+    status, answer = served.request("POST", "/v1/garrison/jobs", body)
+    assert status == 400, answer
+
+
 def test_malformed_request_heads_are_answered_400_without_writing_the_log(served: Daemon) -> None:
     """aiohttp answers these itself, and used to log a traceback for each: a client could fill the log."""
     import socket

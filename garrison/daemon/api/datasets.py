@@ -113,7 +113,7 @@ def request_format(request: web.Request) -> tuple[str, dict[str, str] | None]:
 
 def _version_number(request: web.Request) -> int:
     raw = request.match_info["version"]
-    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_VERSION:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_VERSION:
         raise InvalidRequest(f"version must be a whole number from 1 to {_MAX_VERSION}", param="version")
     return int(raw)
 
