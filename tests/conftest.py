@@ -238,3 +238,16 @@ async def gguf_runner(path: Path, verdicts: Any, **spec: Any) -> AsyncIterator[A
         yield RunnerGenerationEngine(runner)
     finally:
         await runner.stop()
+
+
+def serve_model(root: Path, model: Path, name: str, policy: str | None = None) -> Daemon:
+    """A daemon over a fresh state folder serving one GGUF model as `name` (2 slots of 1,024 tokens), with an
+    optional policy file: what the tool-calling and Responses suites share."""
+    state = root / "state"
+    extra = {}
+    if policy is not None:
+        (root / "policy.toml").write_text(policy)
+        extra["GARRISON_POLICY_FILE"] = str(root / "policy.toml")
+    env = garrison_env(state, **extra)
+    run_cli(state, "models", "import", str(model), "--name", name, "--parallel", "2", "--ctx", "1024", env=env)
+    return Daemon(state, free_port(), env, root / "daemon.log").start()

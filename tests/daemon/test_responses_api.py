@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import Daemon, free_port, garrison_env, run_cli
+from conftest import Daemon, run_cli, serve_model
 
 from garrison.training.tiny_models import TOOL_CALLER_CHAT, TOOL_CALLER_TOOLS
 
@@ -29,20 +29,9 @@ TOOLS: list[Any] = [{"type": "function", **t["function"]} for t in TOOL_CALLER_T
 SECRET_WORD = "Quaxolotlberry"
 
 
-def _start(root: Path, model: Path, policy: str | None = None) -> Daemon:
-    state = root / "state"
-    extra = {}
-    if policy is not None:
-        (root / "policy.toml").write_text(policy)
-        extra["GARRISON_POLICY_FILE"] = str(root / "policy.toml")
-    env = garrison_env(state, **extra)
-    run_cli(state, "models", "import", str(model), "--name", "caller", "--parallel", "2", "--ctx", "1024", env=env)
-    return Daemon(state, free_port(), env, root / "daemon.log").start()
-
-
 @pytest.fixture(scope="module")
 def served(tiny_tool_caller_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    daemon = _start(tmp_path_factory.mktemp("responses"), tiny_tool_caller_gguf)
+    daemon = serve_model(tmp_path_factory.mktemp("responses"), tiny_tool_caller_gguf, "caller")
     yield daemon
     daemon.stop()
 
@@ -213,8 +202,8 @@ def test_refusals_name_their_field(served: Daemon) -> None:
 
 def test_prompts_are_screened_before_they_are_stored(tiny_tool_caller_gguf: Path,
                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
-    daemon = _start(tmp_path_factory.mktemp("responses-private"), tiny_tool_caller_gguf,
-                    '[inference_privacy.prompts]\nemail = "redact"\n')
+    daemon = serve_model(tmp_path_factory.mktemp("responses-private"), tiny_tool_caller_gguf, "caller",
+                        '[inference_privacy.prompts]\nemail = "redact"\n')
     try:
         client = _client(daemon)
         made = client.responses.create(model="caller", input=QUESTION, max_output_tokens=2, temperature=0)

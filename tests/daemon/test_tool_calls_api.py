@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import Daemon, free_port, garrison_env, run_cli
+from conftest import Daemon, serve_model
 
 from garrison.training.tiny_models import TOOL_CALLER_CHAT, TOOL_CALLER_TOOLS
 
@@ -30,20 +30,9 @@ UNIT_TOOL = {"type": "function", "function": {"name": "get_unit", "parameters": 
     "required": ["unit"], "additionalProperties": False}}}
 
 
-def _start(root: Path, model: Path, policy: str | None = None) -> Daemon:
-    state = root / "state"
-    extra = {}
-    if policy is not None:
-        (root / "policy.toml").write_text(policy)
-        extra["GARRISON_POLICY_FILE"] = str(root / "policy.toml")
-    env = garrison_env(state, **extra)
-    run_cli(state, "models", "import", str(model), "--name", "caller", "--parallel", "2", "--ctx", "1024", env=env)
-    return Daemon(state, free_port(), env, root / "daemon.log").start()
-
-
 @pytest.fixture(scope="module")
 def served(tiny_tool_caller_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    daemon = _start(tmp_path_factory.mktemp("tools"), tiny_tool_caller_gguf)
+    daemon = serve_model(tmp_path_factory.mktemp("tools"), tiny_tool_caller_gguf, "caller")
     yield daemon
     daemon.stop()
 
@@ -183,8 +172,8 @@ def test_openai_agents_runs_the_tool_loop_to_completion(served: Daemon, monkeypa
 
 def test_tool_call_arguments_are_screened_as_response_text(tiny_tool_caller_gguf: Path,
                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
-    daemon = _start(tmp_path_factory.mktemp("tools-private"), tiny_tool_caller_gguf,
-                    '[inference_privacy.responses]\nemail = "redact"\n')
+    daemon = serve_model(tmp_path_factory.mktemp("tools-private"), tiny_tool_caller_gguf, "caller",
+                        '[inference_privacy.responses]\nemail = "redact"\n')
     try:
         client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=daemon.key("infer"), max_retries=0, timeout=180)
         whole = client.chat.completions.create(model="caller", messages=QUESTION, tools=TOOLS,  # type: ignore[arg-type]
