@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +25,28 @@ def served(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     daemon = Daemon(state, free_port(), env, root / "daemon.log").start()
     yield daemon
     daemon.stop()
+
+
+@contextlib.contextmanager
+def health_lags(daemon: Daemon, every_s: float) -> Iterator[list[float]]:
+    """Poll /health from a thread while the block runs; the list holds each probe's latency in seconds."""
+    lags: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            urllib.request.urlopen(daemon.url + "/health", timeout=10).read()
+            lags.append(time.monotonic() - started)
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        yield lags
+    finally:
+        stop.set()
+        thread.join()
 
 
 def post_raw(daemon: Daemon, path: str, raw: bytes, role: str = "admin") -> tuple[int, dict[str, object]]:
@@ -80,32 +105,14 @@ def test_request_content_never_reaches_the_log(served: Daemon) -> None:
 def test_a_huge_schema_is_refused_without_stalling_the_daemon(served: Daemon) -> None:
     """A 1.2 MB schema (an enum of 80,000 values: 33 s of CPU in the converter) is refused before any work,
     and the grammar work that is done runs off the event loop: /health keeps answering meanwhile."""
-    import threading
-    import time
-
     enum = json.dumps({"type": "string", "enum": [f"value-{i:06d}" for i in range(80_000)]})
     assert len(enum) > 1_000_000
-    lags: list[float] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            urllib.request.urlopen(served.url + "/health", timeout=10).read()
-            lags.append(time.monotonic() - started)
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    try:
+    with health_lags(served, every_s=0.01) as lags:
         status, body = post_raw(served, "/v1/chat/completions", chat(SCHEMA % enum), role="infer")
         schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(300)}}
         for _ in range(3):  # a large schema that is accepted, three times: converted once, then cached
             ok, _ = post_raw(served, "/v1/chat/completions", chat(SCHEMA % json.dumps(schema)), role="infer")
             assert ok == 200
-    finally:
-        stop.set()
-        thread.join()
     error = body["error"]
     assert isinstance(error, dict)
     assert (status, error["code"], error["param"]) == (400, "schema_too_complex", "response_format")
@@ -158,7 +165,6 @@ def test_a_model_path_with_a_nul_is_a_400(served: Daemon) -> None:
 def _stalled_post(daemon: Daemon, path: str, content_type: str, first_bytes: bytes) -> tuple[bytes, float]:
     """POST a body that declares 1 MB, sends `first_bytes` and then nothing: the status line and how long it took."""
     import socket
-    import time
 
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as s:
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {daemon.key()}\r\n"
@@ -234,32 +240,14 @@ def test_malformed_request_heads_are_answered_400_without_writing_the_log(served
 def test_a_1_mb_prompt_does_not_block_the_event_loop(served: Daemon, path: str) -> None:
     """Reading, rendering (the chat template) and tokenizing a 1 MB prompt happen off the loop (a thread,
     the runner): /health, polled every few milliseconds meanwhile, answers within 100 ms throughout."""
-    import threading
-    import time
-
     text = "lorem ipsum dolor sit amet " * 40_000  # about 1 MB, some 200,000 tokens
     body = {"model": "tiny", "max_tokens": 1}
     body.update({"messages": [{"role": "user", "content": text}]} if path == "/v1/chat/completions"
                 else {"prompt": text})
-    lags: list[float] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            urllib.request.urlopen(served.url + "/health", timeout=10).read()
-            lags.append(time.monotonic() - started)
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    try:
+    with health_lags(served, every_s=0.005) as lags:
         time.sleep(0.2)
         status, answer = post_raw(served, path, json.dumps(body).encode(), role="infer")
         time.sleep(0.1)
-    finally:
-        stop.set()
-        thread.join()
     print(f"\n{path}: {len(lags)} probes, /health max {max(lags) * 1000:.1f} ms")
     assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer  # type: ignore[index]
     assert len(lags) > 10 and max(lags) < 0.1, f"/health took up to {max(lags) * 1000:.0f} ms"
