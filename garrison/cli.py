@@ -651,6 +651,10 @@ def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None,
 @click.argument("model")
 @click.option("--depth", default="", metavar="N|PCT%", help="Decoder blocks to remove (e.g. 2 or 25%).")
 @click.option("--width", default="", metavar="N|PCT%", help="MLP intermediate channels to remove (e.g. 25%).")
+@click.option("--heads", default="", metavar="N|PCT%",
+              help="Attention query heads to remove, the same from every key/value group (or whole groups).")
+@click.option("--hidden", default="", metavar="N|PCT%",
+              help="Embedding channels (hidden size) to remove; also shrinks the output layer.")
 @click.option("--calibration", default="", metavar="DATASET",
               help="Rank on this dataset's training split (default: built-in text).")
 @click.option("--calibration-tokens", type=int, default=32768, show_default=True)
@@ -663,14 +667,16 @@ def finetune(ctx: click.Context, config_file: str | None, state_dir: str | None,
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def prune(ctx: click.Context, config_file: str | None, state_dir: str | None, model: str, depth: str, width: str,
-          calibration: str, calibration_tokens: int, eval_dataset: str, suffix: str, export_targets: str,
-          detach: bool, as_json: bool) -> None:
-    """Make MODEL smaller: remove whole decoder blocks and/or MLP channels, ranked on calibration data.
+          heads: str, hidden: str, calibration: str, calibration_tokens: int, eval_dataset: str, suffix: str,
+          export_targets: str, detach: bool, as_json: bool) -> None:
+    """Make MODEL smaller: remove whole decoder blocks, MLP channels, attention heads and/or embedding channels,
+    ranked on calibration data.
 
     The result is an ordinary Hugging Face model (export, serve, fine-tune or distill it); heal it
     with `garrison distill MODEL RESULT DATASET`.
     """
-    params = {"model": model, "depth": depth, "width": width, "calibration": calibration,
+    params = {"model": model, "depth": depth, "width": width, "heads": heads, "hidden": hidden,
+              "calibration": calibration,
               "calibration_tokens": calibration_tokens, "eval": eval_dataset, "suffix": suffix,
               "export": export_targets}
     submit_job(ctx, config_file, state_dir, "prune", params, detach=detach, as_json=as_json)

@@ -188,13 +188,18 @@ JOB_KINDS: dict[str, JobKind] = {
             check="garrison.jobs.prune:check",
             scope="train",
             description="Structured pruning of a Hugging Face model: whole decoder blocks ranked by angular distance "
-                        "(ShortGPT) and MLP channels ranked by activation (Minitron) on calibration data; registers "
-                        "NAME-pruned-SUFFIX with its plan in the lineage and evaluates it beside its source.",
+                        "(ShortGPT), and MLP channels, attention heads and embedding channels ranked by activation "
+                        "(Minitron), on calibration data; registers NAME-pruned-SUFFIX with its plan in the lineage "
+                        "and evaluates it beside its source.",
             default_timeout_s=6 * 3600,
             params=(
                 Param("model", str, "", doc="the Hugging Face model to prune"),
                 Param("depth", str, "", doc="decoder blocks to remove: a count (2) or a percentage (25%)"),
                 Param("width", str, "", doc="MLP intermediate channels to remove, a count or a percentage (25%)"),
+                Param("heads", str, "", doc="attention query heads to remove, a count or a percentage; every "
+                                            "key/value head keeps as many query heads as the others"),
+                Param("hidden", str, "", doc="embedding channels (the hidden size) to remove, a count or a "
+                                             "percentage; also shrinks the output layer"),
                 Param("calibration", str, "", doc="dataset NAME[:N] (its training split) or builtin (default)"),
                 Param("calibration_tokens", int, 32768, 64, 10**8, "calibration tokens to measure"),
                 Param("eval", str, "", doc="dataset to evaluate source and result on (default: calibration's)"),

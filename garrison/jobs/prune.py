@@ -10,6 +10,7 @@ that dataset's held-out records (or on `eval`'s).
 
 from __future__ import annotations
 
+import json
 import shutil
 from typing import Any
 
@@ -21,6 +22,7 @@ from garrison.policies.keys import Principal
 from garrison.store.catalog import Catalog
 
 BUILTIN = "builtin"
+AXES = ("depth", "width", "heads", "hidden")
 
 
 def _source(record: ModelRecord) -> ModelRecord:
@@ -33,13 +35,10 @@ def _source(record: ModelRecord) -> ModelRecord:
 def check(catalog: Catalog, registry: ModelRegistry, who: Principal, params: dict[str, Any]) -> None:
     from garrison.converters.export import parse_targets
     from garrison.ingest.datasets import DatasetStore, resolve_reference
-    from garrison.training.pruning import parse_amount
+    from garrison.training.pruning import Shape, amounts
 
-    _source(registry.get(check_model_id(params["model"], param="model")))
-    depth = parse_amount(params["depth"], 1000, "depth")
-    width = parse_amount(params["width"], 1000, "width")
-    if not depth and not width:
-        raise InvalidRequest("nothing to prune: give depth and/or width", param="depth", code="prune_nothing")
+    source = _source(registry.get(check_model_id(params["model"], param="model")))
+    amounts(Shape.of(json.loads((source.folder / "config.json").read_text())), **{a: params[a] for a in AXES})
     derived_name(params["model"], "pruned", params["suffix"], "job_00000000")
     for param in ("calibration", "eval"):
         if params[param] and params[param] != BUILTIN:
@@ -83,7 +82,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     work = ctx.layout.jobs / ctx.job.id / "pruned"
     shutil.rmtree(work, ignore_errors=True)
     ctx.progress(1, 4, f"measuring {source.name}'s blocks and channels", force=True)
-    plan = prune(source.folder, work, texts, depth=p["depth"], width=p["width"], calibration=calibration,
+    plan = prune(source.folder, work, texts, **{axis: p[axis] for axis in AXES}, calibration=calibration,
                  max_tokens=p["calibration_tokens"], check=ctx.check)
     name = derived_name(source.name, "pruned", p["suffix"], ctx.job.id)
     lineage = {"source": source.name, "source_manifest_signature": source.manifest.get("signature"),
@@ -95,8 +94,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                       actor=ctx.principal.actor)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ctx.event("pruned", f"{name}: {plan.source_layers - len(plan.removed_layers)}/{plan.source_layers} blocks, "
-              f"MLP {plan.intermediate_size}/{plan.source_intermediate}", plan=plan.to_json())
+    ctx.event("pruned", f"{name}: {plan.summary()}", plan=plan.to_json())
     exported: list[str] = []
     if p["export"]:
         ctx.progress(2, 4, f"exporting {name}", force=True)

@@ -72,9 +72,37 @@ def test_prune_then_export_then_serve(world: dict[str, Any]) -> None:
         d.stop()
 
 
+def test_heads_and_embedding_channels_pruned_then_exported_to_both_formats_and_served(world: dict[str, Any]) -> None:
+    """The Minitron width axes beyond MLP channels: fewer query heads and a smaller hidden size (which no longer
+    equals heads x head_dim) still make a model that llama.cpp and ONNX Runtime run as transformers does."""
+    state, env = world["state"], world["env"]
+    out = run_cli(state, "prune", "tl", "--width", "25%", "--heads", "50%", "--hidden", "25%", "--calibration",
+                  "shop", "--suffix", "h", "--export", "gguf:q8_0,onnx:fp32", "--json", env=env, timeout=900)
+    job = json.loads(out.stdout)
+    assert job["state"] == "succeeded", job
+    result = job["result"]
+    assert result["exports"] == ["tl-pruned-h:q8_0", "tl-pruned-h:onnx-fp32"]
+    config = json.loads(next((state / "models").glob("tl-pruned-h-*/config.json")).read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
+            config["head_dim"], config["intermediate_size"]) == (48, 2, 2, 16, 96)
+    plan = _manifest(state, "tl-pruned-h")["lineage"]["pruning"]
+    assert plan["head_strategy"] == "per_group" and plan["hidden_fraction"] == 0.25
+    assert [m["model"] for m in result["rows"]] == ["tl", "tl-pruned-h", *result["exports"]]
+    d = Daemon(state, free_port(), env, world["root"] / "daemon-h.log").start()
+    try:
+        client = openai.OpenAI(base_url=d.url + "/v1", api_key=d.key("infer"), max_retries=0)
+        for model in result["exports"]:
+            answer = client.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                                    messages=[{"role": "user", "content": "Which colour is item 3?"}])
+            assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens > 0
+    finally:
+        d.stop()
+
+
 def test_prune_refusals(world: dict[str, Any]) -> None:
     state, env = world["state"], world["env"]
     for args, code in ((["--depth", "0"], "prune_nothing"), (["--depth", "x"], "invalid_request"),
+                       (["--heads", "1"], "prune_heads_uneven"), (["--hidden", "100%"], "invalid_request"),
                        (["--depth", "1", "--calibration", "nope"], "not_found")):
         refused = run_cli(state, "prune", "tl", *args, env=env, check=False)
         assert refused.returncode != 0 and code in refused.stderr, refused.stderr
