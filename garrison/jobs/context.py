@@ -62,6 +62,13 @@ class JobContext:
 
         authorize(self.principal, job_kind(self.job.kind).scope, resource)
 
+    def granted(self, resource: tuple[str, str]) -> bool:
+        """Whether the job's principal may open `resource` (for work that is skipped, not refused, without it)."""
+        from garrison.jobs.kinds import job_kind
+        from garrison.policies.access import allowed
+
+        return allowed(self.principal, job_kind(self.job.kind).scope, resource)
+
     def open_dataset(self, vault: Vault, ref: str, param: str) -> tuple[str, VersionReader]:
         """A dataset version named by `NAME`, `NAME:N` or a file id, opened only if the principal is granted it."""
         from garrison.ingest.datasets import resolve_reference

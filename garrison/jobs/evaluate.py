@@ -82,15 +82,11 @@ def tokenizer_folder(registry: ModelRegistry, record: ModelRecord, seen: frozens
                          param="models", code="eval_needs_tokenizer")
 
 
-def training_uses(registry: ModelRegistry, ctx: JobContext, record: ModelRecord, dataset: str) -> tuple[list[Any],
-                                                                                                          list[str]]:
-    """Every job in `record`'s ancestry that learned from `dataset` (NAME:N), and other versions of the same
-    dataset learned from (flagged: their records may overlap this version's)."""
+def training_uses(registry: ModelRegistry, ctx: JobContext, record: ModelRecord) -> dict[str, list[Any]]:
+    """Every job in `record`'s ancestry that learned from a dataset, by dataset version (NAME:N)."""
     from garrison.training.evaluation import TrainingUse
 
-    uses: list[TrainingUse] = []
-    others: list[str] = []
-    name = dataset.rpartition(":")[0]
+    uses: dict[str, list[TrainingUse]] = {}
     stack, seen = [record], set()
     while stack:
         current = stack.pop()
@@ -99,15 +95,41 @@ def training_uses(registry: ModelRegistry, ctx: JobContext, record: ModelRecord,
         seen.add(current.name)
         lineage = current.manifest.get("lineage", {}) or {}
         for use in _lineage_uses(registry, ctx, current, lineage):
-            if use["dataset"] == dataset:
-                uses.append(TrainingUse(model=current.name, job=use.get("job"), role=use["role"],
-                                        seed=int(use.get("seed", 42)), fraction=float(use.get("fraction", 0.1)),
-                                        max_seq_len=int(use.get("max_seq_len", 2048)),
-                                        tokenizer_dir=use.get("tokenizer_dir")))
-            elif use["dataset"].rpartition(":")[0] == name:
-                others.append(use["dataset"])
+            uses.setdefault(str(use["dataset"]), []).append(TrainingUse(
+                model=current.name, job=use.get("job"), role=use["role"], seed=int(use.get("seed", 42)),
+                fraction=float(use.get("fraction", 0.1)), max_seq_len=int(use.get("max_seq_len", 2048)),
+                tokenizer_dir=use.get("tokenizer_dir")))
         stack += [registry.get(p) for p in _parents(current) if registry.exists(p)]
-    return uses, sorted(set(others))
+    return uses
+
+
+def learned_elsewhere(ctx: JobContext, vault: Any, uses: dict[str, list[Any]], tokenizer_dir: Path
+                      ) -> tuple[frozenset[str], list[str], list[str]]:
+    """Fingerprints of the records the compared models learned from other datasets and versions, so a copy of a
+    training record in the evaluated version is not scored as held out. Only datasets the job's principal is
+    granted are opened (the others are listed, not compared: their contents are not the caller's to probe)."""
+    from garrison.ingest.datasets import resolve_reference
+    from garrison.training.evaluation import trained_fingerprints
+
+    learned: set[str] = set()
+    compared: list[str] = []
+    not_compared: list[str] = []
+    for ref, dataset_uses in sorted(uses.items()):
+        if all(u.role == "validation" for u in dataset_uses):
+            continue
+        try:
+            name, _version = resolve_reference(vault.catalog, ref, "dataset")
+        except InvalidRequest:
+            not_compared.append(ref)  # deleted since
+            continue
+        if not ctx.granted(("dataset", name)):
+            not_compared.append(ref)
+            continue
+        ctx.check()
+        _ref, reader = ctx.open_dataset(vault, ref, "dataset")
+        learned |= trained_fingerprints(list(reader.records()), dataset_uses, tokenizer_dir)
+        compared.append(ref)
+    return frozenset(learned), compared, not_compared
 
 
 def _lineage_uses(registry: ModelRegistry, ctx: JobContext, record: ModelRecord,
@@ -180,17 +202,19 @@ def evaluate_models(ctx: JobContext, registry: ModelRegistry, names: list[str], 
     vault = Vault(ctx.layout, ctx.store.catalog, lambda: master, key_source=ctx.master_key_source())
     ref, reader = ctx.open_dataset(vault, dataset_ref, "dataset")
     records = list(reader.records())  # decrypted in this process's memory only
-    uses: list[Any] = []
-    other_versions: list[str] = []
+    by_dataset: dict[str, list[Any]] = {}
     for record in records_by_model:
-        found, others = training_uses(registry, ctx, record, ref)
-        uses += [u for u in found if u not in uses]
-        other_versions += others
+        for dataset, found in training_uses(registry, ctx, record).items():
+            known = by_dataset.setdefault(dataset, [])
+            known += [u for u in found if u not in known]
+    uses = by_dataset.pop(ref, [])
     first_tokenizer = tokenizer_folder(registry, records_by_model[0])
-    indices, split = ev.held_out_records(records, first_tokenizer, uses, max_records)
+    seen, compared, not_compared = learned_elsewhere(ctx, vault, by_dataset, first_tokenizer)
+    indices, split = ev.held_out_records(records, first_tokenizer, uses, max_records, seen=seen)
     split["dataset"] = ref
-    if other_versions:
-        split["other_versions_trained_on"] = sorted(set(other_versions))
+    split["compared_with_training_data_of"] = compared
+    if not_compared:
+        split["not_compared_with"] = not_compared
     labels = ev.is_label_set([ev._last_answer(records[i]) for i in indices])
     split["labels"] = labels
     ctx.event("split", f"{len(indices)} held-out records of {ref}", split={k: v for k, v in split.items()

@@ -24,6 +24,7 @@ no record a compared model trained on is scored as held-out. Runs in worker proc
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import string
@@ -187,27 +188,64 @@ class TrainingUse:
                 "max_seq_len": self.max_seq_len}
 
 
+def record_fingerprint(record: Any) -> str:
+    """The same conversation gives the same fingerprint whatever dataset, version or key order it came in;
+    computed in memory, never stored (a record's hash would let anyone holding a guess confirm it)."""
+    try:
+        body: Any = td.normalize_record(record)
+    except ValueError:
+        body = record
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+class _Tokenizers:
+    """Each tokenizer folder loaded once per evaluation."""
+
+    def __init__(self, default: Path) -> None:
+        self.default = default
+        self.loaded: dict[str, Any] = {}
+
+    def __call__(self, path: Path | None) -> Any:
+        from transformers import AutoTokenizer
+
+        key = str(path or self.default)
+        if key not in self.loaded:
+            self.loaded[key] = AutoTokenizer.from_pretrained(path or self.default)
+        return self.loaded[key]
+
+
+def trained_positions(records: Sequence[Any], use: TrainingUse, tokenizer: Any) -> set[int]:
+    """The record positions a training use learned from."""
+    if use.role == "validation":
+        return set()
+    if use.role == "train":
+        return set(tokenize_indexed(tokenizer, records, use.max_seq_len))
+    trained, _ = validation_indices(tokenizer, records, fraction=use.fraction, seed=use.seed,
+                                    max_seq_len=use.max_seq_len)
+    return trained
+
+
+def trained_fingerprints(records: Sequence[Any], uses: Sequence[TrainingUse], tokenizer_dir: Path) -> set[str]:
+    """Fingerprints of every record `uses` (of one dataset version, `records`) learned from."""
+    tokenizers = _Tokenizers(tokenizer_dir)
+    return {record_fingerprint(records[i]) for use in uses
+            for i in trained_positions(records, use, tokenizers(use.tokenizer_dir))}
+
+
 def held_out_records(records: Sequence[Any], tokenizer_dir: Path, uses: Sequence[TrainingUse],
-                     max_records: int = 0) -> tuple[list[int], dict[str, Any]]:
+                     max_records: int = 0, seen: frozenset[str] = frozenset()) -> tuple[list[int], dict[str, Any]]:
     """The record positions no training use learned from, and the split's description for the record.
 
     Without any training use of this dataset version the fine-tune's default split is used
-    (seed 42, 10%), so a later fine-tune with the defaults trains on none of these records.
+    (seed 42, 10%), so a later fine-tune with the defaults trains on none of these records. A
+    held-out record whose content a compared model learned anyway (a duplicate inside this
+    version, or a copy in another dataset or version it trained on: `seen`) is not scored.
     """
-    from transformers import AutoTokenizer
-
-    cache: dict[tuple[str, int], Any] = {}
-
-    def tokenizer(path: Path | None) -> Any:
-        key = (str(path or tokenizer_dir), 0)
-        if key not in cache:
-            cache[key] = AutoTokenizer.from_pretrained(path or tokenizer_dir)
-        return cache[key]
-
+    tokenizers = _Tokenizers(tokenizer_dir)
     splits = list(uses) or [TrainingUse(model="", job=None, role="split")]
     allowed: set[int] | None = None
     for use in splits:
-        tok = tokenizer(use.tokenizer_dir)
+        tok = tokenizers(use.tokenizer_dir)
         if use.role == "validation":
             held = set(tokenize_indexed(tok, records, use.max_seq_len))
         elif use.role == "train":
@@ -216,13 +254,15 @@ def held_out_records(records: Sequence[Any], tokenizer_dir: Path, uses: Sequence
             _, held = validation_indices(tok, records, fraction=use.fraction, seed=use.seed,
                                          max_seq_len=use.max_seq_len)
         allowed = held if allowed is None else allowed & held
-    chosen = sorted(allowed or set())
-    if max_records:
-        chosen = chosen[:max_records]
+    learned = seen | trained_fingerprints(records, uses, tokenizer_dir)
+    candidates = sorted(allowed or set())
+    unseen = [i for i in candidates if record_fingerprint(records[i]) not in learned]
+    chosen = unseen[:max_records] if max_records else unseen
     digest = hashlib.sha256(",".join(map(str, chosen)).encode()).hexdigest()
     split = {"method": "finetune-split" if uses else "default-finetune-split", "fraction": splits[0].fraction,
              "seed": splits[0].seed, "held_out": len(chosen), "records": len(records), "indices": chosen,
-             "digest": digest, "training_uses": [u.to_json() for u in uses]}
+             "digest": digest, "training_uses": [u.to_json() for u in uses],
+             "excluded_as_learned": len(candidates) - len(unseen)}
     if not chosen:
         raise InvalidRequest("no record of this dataset version is held out from every compared model's training "
                              "(a model trained on all of it, or splits that do not overlap); evaluate on another "

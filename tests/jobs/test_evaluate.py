@@ -17,12 +17,12 @@ from garrison.training.evaluation import label_metrics, token_f1, validation_ind
 COLOURS = ("blue", "green", "red", "yellow", "white")
 
 
-def _records() -> list[dict[str, Any]]:
+def _records(numbers: range = range(40)) -> list[dict[str, Any]]:
     """Chat records with nothing the ingest policy redacts (the vault keeps what is scored)."""
     return [{"messages": [{"role": "system", "content": "You answer questions about the shop's stock."},
                           {"role": "user", "content": f"Which colour is item number {i} of the catalogue?"},
                           {"role": "assistant", "content": f"Item {i} is {COLOURS[i % 5]} and ships in a box."}]}
-            for i in range(40)]
+            for i in numbers]
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +118,11 @@ def test_eval_through_the_api_and_grants(world: dict[str, Any]) -> None:
 
 def test_records_a_model_trained_on_are_not_scored(world: dict[str, Any], tmp_path: Path) -> None:
     """A fine-tune on the whole dataset (its validation set given separately) leaves nothing held out of it; its
-    validation dataset is held out entirely."""
+    validation dataset is held out, except the copies it holds of records the model trained on."""
     state, env = world["state"], world["env"]
-    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()[:8]))
+    copies = [dict(r, note="copied") for r in _records(range(2))]  # same conversations, another key order
+    val = _records(range(40, 48)) + copies
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
     run_cli(state, "ingest", str(tmp_path / "val.jsonl"), "--dataset", "val", env=env)
     run_cli(state, "finetune", "tl", "support", "--validation", "val", "--max-steps", "1", "--suffix", "all",
             "--lora-r", "4", env=env, timeout=900)
@@ -129,11 +131,27 @@ def test_records_a_model_trained_on_are_not_scored(world: dict[str, Any], tmp_pa
     out = run_cli(state, "eval", "tl-ft-all", "tl-ft-all:lora", "--dataset", "val", "--max-new-tokens", "4",
                   "--json", env=env, timeout=600)
     evaluation = json.loads(out.stdout)
-    assert evaluation["split"]["held_out"] == 8
+    assert evaluation["split"]["held_out"] == 8 and evaluation["split"]["excluded_as_learned"] == 2
+    assert evaluation["split"]["compared_with_training_data_of"] == ["support:1"]
     assert {u["role"] for u in evaluation["split"]["training_uses"]} == {"validation"}
     rows = {r["model"]: r["metrics"] for r in evaluation["rows"]}
     # The peft adapter (merged in the worker) and its GGUF LoRA on the base's GGUF compute the same model.
     assert rows["tl-ft-all:lora"]["perplexity"] == pytest.approx(rows["tl-ft-all"]["perplexity"], rel=0.03)
+    # A key not granted the training dataset cannot probe it through the comparison: it is listed, not opened.
+    d = Daemon(state, free_port(), env, world["root"] / "daemon-learned.log").start()
+    try:
+        status, body = d.request("POST", "/v1/garrison/keys", {"role": "operator", "models": ["tl-ft-all", "tl"],
+                                                                 "datasets": ["val"]})
+        assert status == 201, body
+        status, job = d.request("POST", "/v1/garrison/evals", {"models": ["tl-ft-all"], "dataset": "val",
+                                                                "max_new_tokens": 0}, key=body["key"])
+        assert status == 202, job
+        status, done = d.request("GET", f"/v1/garrison/jobs/{job['id']}?wait=280", key=body["key"], timeout=300)
+        assert done["state"] == "succeeded", done
+        status, shown = d.request("GET", f"/v1/garrison/evals/{done['result']['evaluation']}", key=body["key"])
+        assert shown["split"]["not_compared_with"] == ["support:1"] and shown["split"]["held_out"] == 10
+    finally:
+        d.stop()
 
 
 def test_label_and_answer_metrics() -> None:
