@@ -4,8 +4,9 @@ Not a test. In one run, through the `garrison` command as an operator would:
 
 1. the quickstart `garrison-base` model, fine-tuned (LoRA, merged) on the sample support dataset and
    exported to GGUF Q4_K_M and ONNX int8 (as `garrison quickstart` does);
-2. a depth-pruned (-25% of decoder blocks), a width-pruned (-25% of MLP channels) and a Minitron-width
-   (-25% of MLP channels and -25% of embedding channels) variant of the fine-tuned model, each healed by
+2. a depth-pruned (-25% of decoder blocks), a width-pruned (-25% of MLP channels), a Minitron-width
+   (-25% of MLP channels and -25% of embedding channels) and an MLP-and-heads (-25% of MLP channels, one
+   query head of each key/value group: -50% of query heads) variant of the fine-tuned model, each healed by
    distillation from it, every variant exported to Q4_K_M; and a control: the unpruned fine-tuned model
    given the same distillation steps, so that "recovered" can also be read against a model trained as long;
 3. one evaluation of every model on the dataset's held-out records (the fine-tune's split):
@@ -47,12 +48,14 @@ MERGED_ID = f"{FT}-merged"
 DEPTH = f"{MERGED_ID}-pruned-depth"
 WIDTH = f"{MERGED_ID}-pruned-width"
 MINITRON = f"{MERGED_ID}-pruned-minitron"
+MLP_HEADS = f"{MERGED_ID}-pruned-mlpheads"
 CONTROL = f"{MERGED_ID}-distilled-heal"
 # Each pruned variant: its suffix and the `garrison prune` flags that make it.
 VARIANTS: dict[str, tuple[str, ...]] = {
     DEPTH: ("--depth", "25%"),
     WIDTH: ("--width", "25%"),
     MINITRON: ("--width", "25%", "--hidden", "25%"),
+    MLP_HEADS: ("--width", "25%", "--heads", "50%"),
 }
 
 

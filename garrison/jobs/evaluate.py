@@ -24,7 +24,7 @@ from garrison.policies.keys import Principal
 from garrison.store.catalog import Catalog
 
 SCORABLE = ("hf", "peft", "gguf", "onnx", "lora")
-MAX_MODELS = 16
+MAX_MODELS = 24  # a compression study: base, exports, and each variant before and after healing, with exports
 # Lineage keys that name the model a model was made from (export source, adapter base, teacher, student).
 PARENT_KEYS = ("source", "base", "student", "teacher")
 LEARNING_KINDS = ("finetune", "distill", "prune")

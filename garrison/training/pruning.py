@@ -153,7 +153,7 @@ class Measurements:
     distance: list[float]  # per block: angular distance between its input and output
     mlp: list[Any]  # per block: mean |activation| of each MLP channel
     heads: list[Any]  # per block: mean L2 norm of each query head's output
-    hidden: Any  # mean |norm output| of each embedding channel, summed over the norms
+    hidden: Any  # mean |norm output| of each embedding channel, summed over the norms (None: no norm found)
     tokens: int
 
 
@@ -277,7 +277,8 @@ def measure(model: Any, batches: Sequence[list[int]], *, check: Callable[[], Non
             h.remove()
     per = max(1, tokens)
     return Measurements(distance=[d / per for d in distance], mlp=[sums[("mlp", i)] / per for i in range(n)],
-                        heads=[sums[("heads", i)] / per for i in range(n)], hidden=sums[("hidden", 0)] / per,
+                        heads=[sums[("heads", i)] / per for i in range(n)],
+                        hidden=sums[("hidden", 0)] / per if ("hidden", 0) in sums else None,
                         tokens=tokens)
 
 
@@ -414,6 +415,9 @@ def prune(source: Path, out: Path, texts: Iterable[str], *, depth: str = "", wid
         plan.removed_layers = sorted(candidates[:counts["depth"]])
         if len(plan.removed_layers) < counts["depth"]:
             raise InvalidRequest(f"depth {depth} leaves too few blocks", param="depth")
+    if counts["hidden"] and found.hidden is None:
+        raise InvalidRequest("this model has no hidden-sized norms to rank embedding channels on", param="hidden",
+                             code="prune_unsupported_model")
     model_keep = {"hidden": _keep_top(found.hidden, plan.hidden_size) if counts["hidden"] else None}
     block_keep: list[dict[str, Any]] = []
     for i in range(n_layers):
