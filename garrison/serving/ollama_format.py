@@ -10,7 +10,7 @@ faces share one set of checks, bounds and grammars.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ from garrison.engine.types import Finish, SamplingParams
 from garrison.errors import InvalidRequest
 from garrison.serving import openai_format as fmt
 from garrison.serving.openai_fields import check_fields
+from garrison.serving.tool_calls import ToolCall
 
 #: The version of Ollama's API this face follows (`/api/version`); clients compare it to decide on
 #: features (`think` arrived in 0.9).
@@ -218,12 +219,29 @@ def piece(kind: str, model: str, text: str, *, thinking: bool = False) -> dict[s
     return out
 
 
-def answer(kind: str, model: str, text: str, thinking: str | None) -> dict[str, Any]:
+def tool_call(call: ToolCall) -> dict[str, Any]:
+    """A parsed call as Ollama gives it: the arguments an object, not OpenAI's JSON text."""
+    try:
+        arguments = json.loads(call.arguments)
+    except ValueError:
+        arguments = {}
+    return {"function": {"name": call.name, "arguments": arguments if isinstance(arguments, dict) else {}}}
+
+
+def call_piece(model: str, call: ToolCall) -> dict[str, Any]:
+    """A streamed /api/chat object carrying one whole tool call (Ollama streams calls whole, not in pieces)."""
+    return {"model": model, "created_at": timestamp(),
+            "message": {"role": "assistant", "content": "", "tool_calls": [tool_call(call)]}, "done": False}
+
+
+def answer(kind: str, model: str, text: str, thinking: str | None,
+           calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
     """The last object (the whole answer when not streamed, empty text when it was)."""
     out: dict[str, Any] = {"model": model, "created_at": timestamp()}
     if kind == "chat":
         out["message"] = {"role": "assistant", "content": text,
-                          **({"thinking": thinking} if thinking else {})}
+                          **({"thinking": thinking} if thinking else {}),
+                          **({"tool_calls": [tool_call(c) for c in calls]} if calls else {})}
     else:
         out["response"] = text
         if thinking:

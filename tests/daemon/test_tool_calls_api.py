@@ -187,3 +187,37 @@ def test_tool_call_arguments_are_screened_as_response_text(tiny_tool_caller_gguf
         assert json.loads("".join(streamed)) == {"email": "[EMAIL]"}
     finally:
         daemon.stop()
+
+
+def test_ollama_chat_gives_calls_in_ollamas_shape_and_finishes_the_loop(served: Daemon) -> None:
+    """/api/chat parses calls as the OpenAI route does and gives them in Ollama's shape (arguments an object),
+    whole or streamed, as the `ollama` client's own response model reads them; the call and the tool's result
+    go back in Ollama's form. (Raw HTTP, not `ollama.Client`: the client rewrites tool schemas, dropping
+    `title` and `additionalProperties`, and the tiny model knows only the exact prompt it was taught.)"""
+    import httpx
+    import ollama
+
+    headers = {"Authorization": f"Bearer {served.key('infer')}"}
+    options = {"temperature": 0, "num_predict": 64}
+
+    def chat(messages: list[Any], stream: bool = False, tools: list[Any] | None = TOOLS) -> list[ollama.ChatResponse]:
+        body = {"model": "caller", "messages": messages, "options": options, "stream": stream,
+                **({"tools": tools} if tools else {})}
+        reply = httpx.post(served.url + "/api/chat", json=body, headers=headers, timeout=180)
+        assert reply.status_code == 200, reply.text
+        return [ollama.ChatResponse.model_validate_json(line) for line in reply.text.splitlines() if line]
+
+    first = chat(QUESTION)[0]
+    calls = first.message.tool_calls or []
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [("lookup_order", ARGUMENTS)]
+    assert not first.message.content and first.done and first.done_reason == "stop"
+    chunks = chat(QUESTION, stream=True)
+    streamed = [c for chunk in chunks for c in (chunk.message.tool_calls or [])]
+    assert [(c.function.name, dict(c.function.arguments)) for c in streamed] == [("lookup_order", ARGUMENTS)]
+    assert "".join(chunk.message.content or "" for chunk in chunks) == "" and chunks[-1].done
+    history = [*QUESTION, first.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_name": "lookup_order", "content": RESULT}]
+    second = chat(history)[0]
+    assert second.message.content == ANSWER and not second.message.tool_calls
+    # Without tools nothing is parsed out of the answer, whatever it holds.
+    assert not chat(QUESTION, tools=None)[0].message.tool_calls

@@ -14,27 +14,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from aiohttp import web
 
 from garrison import __version__
-from garrison.daemon.api.generation import close_choices, collect_all, deadline, embed, model_id, open_choices
+from garrison.daemon.api.generation import (
+    chat_prompt,
+    close_choices,
+    collect_all,
+    deadline,
+    embed,
+    model_id,
+    open_choices,
+)
 from garrison.daemon.http import json_response, principal, read_json
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.daemon.usage import usage_of
 from garrison.engine.protocols import GenerationEngine
-from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest
+from garrison.engine.types import ContextLengthExceeded, Finish, GenerationRequest, SamplingParams
 from garrison.errors import GarrisonError, InvalidRequest
 from garrison.models.gguf_info import GgufInfo, gguf_info
 from garrison.models.registry import ModelRecord
 from garrison.policies.access import allowed
 from garrison.serving import ollama_format as ofmt
 from garrison.serving import openai_format as fmt
+from garrison.serving import tool_calls
+from garrison.serving.chat_output import ChatOutput, Part, whole
 from garrison.serving.openai_fields import check_fields
-from garrison.serving.reasoning import ReasoningSplitter, ReasoningSyntax, reasoning_syntax, split_text
+from garrison.serving.tool_calls import ToolCall
 
 NDJSON = "application/x-ndjson"
 
@@ -45,17 +56,17 @@ def _body_model(body: dict[str, Any], request: web.Request) -> str:
 
 
 async def _prompt(engine: GenerationEngine, kind: str, body: dict[str, Any], messages: list[dict[str, Any]],
-                  raw_prompt: str | None, thinking: bool | None) -> tuple[list[int], ReasoningSyntax | None]:
-    """The prompt's tokens: the model's chat template (rendered off the loop) unless /api/generate is `raw`."""
+                  raw_prompt: str | None, thinking: bool | None, params: SamplingParams
+                  ) -> tuple[list[int], SamplingParams, Callable[[], ChatOutput] | None]:
+    """The prompt's tokens, and how the answer splits into thinking, content and tool calls: the chat path
+    the OpenAI routes take (the model's template, rendered off the loop, showing /api/chat's tools), unless
+    /api/generate is `raw`."""
     if raw_prompt is not None:
-        return await engine.tokenize(raw_prompt, add_special=True, parse_special=True), None
-    text = await asyncio.to_thread(partial(fmt.render_chat, engine.chat_template, messages,
-                                           bos_token=engine.bos_token, eos_token=engine.eos_token,
-                                           tools=fmt.chat_tools(body) if kind == "chat" else None,
-                                           kwargs=ofmt.template_kwargs(thinking)))
-    syntax = reasoning_syntax(engine.chat_template, text, {"reasoning_format": "none" if thinking is False
-                                                           else "auto"})
-    return await engine.tokenize(text, add_special=False, parse_special=True), syntax
+        return await engine.tokenize(raw_prompt, add_special=True, parse_special=True), params, None
+    tools = fmt.chat_tools(body) if kind == "chat" else None
+    tool_use = tool_calls.tool_request({"tools": tools}) if tools else None
+    reasoning = {"reasoning_format": "none" if thinking is False else "auto"}
+    return await chat_prompt(engine, reasoning, messages, tool_use, ofmt.template_kwargs(thinking), params)
 
 
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
@@ -88,14 +99,14 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         if empty:  # Ollama's way to load a model ahead of use: no messages, no prompt
             return json_response({**ofmt.answer(kind, model, "", None), "done": True, "done_reason": "load"})
         engine = loaded.generator
-        tokens, syntax = await _prompt(engine, kind, body, messages, raw_prompt, thinking)
+        tokens, params, outputs = await _prompt(engine, kind, body, messages, raw_prompt, thinking, params)
         req = GenerationRequest(prompt_tokens=tokens, params=params, deadline=deadline(request),
                                 lora_path=loaded.lora_path)
         evaluating = time.monotonic()
         try:
             choices = await open_choices(engine, [req], [""], request, privacy)
             if stream:
-                return await _stream(request, choices[0], kind, model, syntax, started, load_s, evaluating)
+                return await _stream(request, choices[0], kind, model, outputs, started, load_s, evaluating)
             first_at: list[float] = []
             choices[0].events = _timed(choices[0].events, first_at)
             collected = (await collect_all(choices))[0]
@@ -103,9 +114,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             exc.param = "messages" if kind == "chat" else "prompt"
             raise
     done = time.monotonic()
-    reasoning, text = split_text(syntax, collected.text) if syntax is not None else (None, collected.text)
+    reasoning, text, calls = whole(outputs(), collected.text) if outputs is not None else (None, collected.text, [])
     first = first_at[0] if first_at else done
-    return json_response({**ofmt.answer(kind, model, text, reasoning),
+    return json_response({**ofmt.answer(kind, model, text, reasoning, calls),
                           **ofmt.final_fields(collected.finish, total_s=done - started, load_s=load_s,
                                               prompt_s=first - evaluating, eval_s=done - first)})
 
@@ -118,24 +129,27 @@ async def _timed(events: Any, first_at: list[float]) -> Any:
         yield item
 
 
-async def _stream(request: web.Request, choice: Any, kind: str, model: str, syntax: ReasoningSyntax | None,
-                  started: float, load_s: float, evaluating: float) -> web.StreamResponse:
-    """NDJSON: one object per piece of text, then the closing one with `done: true` and the statistics.
-    An error after the head is sent as `{"error": ...}`, which Ollama's clients raise."""
+async def _stream(request: web.Request, choice: Any, kind: str, model: str,
+                  outputs: Callable[[], ChatOutput] | None, started: float, load_s: float,
+                  evaluating: float) -> web.StreamResponse:
+    """NDJSON: one object per piece of text (a tool call as one object once it is whole), then the closing one
+    with `done: true` and the statistics. An error after the head is sent as `{"error": ...}`, which Ollama's
+    clients raise."""
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-    splitter = ReasoningSplitter(syntax) if syntax is not None else None
+    splitter = outputs() if outputs is not None else None
     try:
         item = await anext(choice.events)  # an error before the first token still gets its status
         first = time.monotonic()
         await response.prepare(request)
         while True:
-            text = item.text
-            parts: list[tuple[str, str]] = [("content", text)] if splitter is None else [*splitter.feed(text)]
-            if isinstance(item, Finish) and splitter is not None:
-                parts += splitter.finish()
+            final = isinstance(item, Finish)
+            parts: list[Part] = [("content", item.text)] if splitter is None else \
+                splitter.finish(item.text) if final else splitter.feed(item.text)
             for part_kind, part in parts:
-                if part:
+                if isinstance(part, ToolCall):
+                    await response.write(ofmt.ndjson(ofmt.call_piece(model, part)))
+                elif part:
                     await response.write(ofmt.ndjson(ofmt.piece(kind, model, part,
                                                                 thinking=part_kind == "reasoning")))
             if isinstance(item, Finish):
@@ -363,7 +377,8 @@ _REFUSED = {"400": "offline_appliance or not_supported: models arrive by `garris
 ROUTES = (
     Route("POST", "/api/chat", chat, "infer",
           "Ollama's chat: the model's chat template, `options` for sampling, `format` json or a JSON schema, "
-          "`think` for reasoning apart; NDJSON stream unless `stream` is false.", "ollama",
+          "`think` for reasoning apart, `tools` with the model's calls read back in `message.tool_calls`; NDJSON "
+          "stream unless `stream` is false.", "ollama",
           body={"type": "object", "required": ["model"],
                 "properties": {**_COMMON, "messages": {"type": "array", "items": _MESSAGE},
                                "tools": {"type": "array", "items": {"type": "object"}}}},
