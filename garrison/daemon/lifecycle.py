@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ from garrison.jobs.runner import JobRunner, RunnerSettings
 from garrison.jobs.store import JobStore
 from garrison.logs import log_event, set_level, setup_logging
 from garrison.paths import StateLayout
-from garrison.policies.audit import anchor_at_shutdown
+from garrison.policies.audit import anchor_at_shutdown, append_audit
 from garrison.store.catalog import Catalog
 
 log = logging.getLogger("garrison.daemon")
@@ -137,6 +138,9 @@ def _reload(load: ConfigLoader, state: DaemonState, notifier: SystemdNotifier, l
         event = "policy.reload_refused" if exc.code == "invalid_policy" else "config.reload_failed"
         log_event(log, event, level=logging.ERROR, code=exc.code, key=exc.param, error=exc.message,
                   kept_config=state.config.source, kept_policy=state.policy.source)
+        _audit_reload(state, "refused", {"code": exc.code, "key": exc.param, "error": exc.message[:300],
+                                         "kept_policy": state.policy.source,
+                                         "kept_policy_sha256": state.policy.digest})
         notifier.send(READY=1, STATUS=f"reload refused, old configuration and policy kept: {exc.message}"[:200])
         return
     new = _running_values(state.config, new, serves_tls=live.tls is not None)
@@ -151,7 +155,21 @@ def _reload(load: ConfigLoader, state: DaemonState, notifier: SystemdNotifier, l
                           header_timeout_s=new.header_timeout_s)
     state.manager.reconfigure(manager_settings(new))
     log_event(log, "config.reloaded", source=new.source, changed=changed, policy=policy.source)
+    _audit_reload(state, "ok", {"config": new.source, "changed": changed, "policy": policy.source,
+                                "policy_sha256": policy.digest})
     notifier.send(READY=1, STATUS=f"serving on {state.config.base_url} (reloaded)")
+
+
+def _audit_reload(state: DaemonState, outcome: str, detail: dict[str, Any]) -> None:
+    """Which rules the appliance ran when is part of its record: every SIGHUP, applied or refused, is audited
+    (the sender of a signal is not known to its handler, so the actor is the signal). A failure to write is
+    logged, never a reason to keep the old rules."""
+    try:
+        with state.catalog.write() as conn:
+            append_audit(conn, actor="signal:SIGHUP", action="config.reload", resource="config", outcome=outcome,
+                         detail=detail)
+    except (GarrisonError, sqlite3.Error) as exc:
+        log_event(log, "audit.write_failed", level=logging.ERROR, action="config.reload", error=str(exc)[:300])
 
 
 async def _watchdog(notifier: SystemdNotifier, interval: float, stop: asyncio.Event) -> None:

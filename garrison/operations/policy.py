@@ -12,6 +12,7 @@ never applies half a policy.
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,16 +57,18 @@ class AppliancePolicy:
     rate_limits: RateLimitPolicy = field(default_factory=RateLimitPolicy)
     inference_privacy: InferencePrivacyPolicy = field(default_factory=InferencePrivacyPolicy)
     source: str = "built-in defaults"
+    digest: str = ""  # SHA-256 of the policy file's text: the audit trail records which policy ran when
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "built-in defaults") -> AppliancePolicy:
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "built-in defaults",
+                  digest: str = "") -> AppliancePolicy:
         known = frozenset().union(*(s.keys for s in SECTIONS))
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidRequest(f"unknown key(s) in the policy: {', '.join(unknown)}; expected "
                                  f"{', '.join(sorted(known))}", code="invalid_policy", param=unknown[0])
         parsed = {s.name: s.parse({k: v for k, v in data.items() if k in s.keys}) for s in SECTIONS}
-        return cls(**parsed, source=source)
+        return cls(**parsed, source=source, digest=digest)
 
     @classmethod
     def from_toml(cls, text: str, *, source: str = "built-in defaults") -> AppliancePolicy:
@@ -73,7 +76,7 @@ class AppliancePolicy:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequest(f"the policy is not valid TOML: {exc}", code="invalid_policy") from None
-        return cls.from_dict(doc, source=source)
+        return cls.from_dict(doc, source=source, digest=hashlib.sha256(text.encode()).hexdigest())
 
     @classmethod
     def from_file(cls, path: Path) -> AppliancePolicy:

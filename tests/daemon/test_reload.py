@@ -5,6 +5,7 @@ configuration and policy keep running. Real daemon, real notify socket, real HTT
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import signal
@@ -112,6 +113,14 @@ def test_sighup_applies_every_live_setting_and_the_policy(make_daemon: Any, tmp_
     assert _ingest(daemon, 3)["records_dropped"] == 1  # still "drop"
     assert daemon.request("POST", "/v1/chat/completions", BIG_BODY)[0] == 413  # still 0.5 MiB
     assert daemon.request("GET", "/v1/garrison/system")[1]["config_reloads"] == 1
+    # Both reloads are in the audit trail: which policy (by its text's SHA-256) ran from when, and the refusal.
+    trail = daemon.request("GET", "/v1/garrison/audit?limit=1000")[1]
+    reloads = [e for e in trail["data"] if e["action"] == "config.reload"]
+    assert [e["outcome"] for e in reloads] == ["ok", "refused"] and trail["chain_intact"]
+    applied = hashlib.sha256(b'[redaction.actions]\nemail = "drop"\n').hexdigest()
+    assert reloads[0]["detail"]["policy_sha256"] == applied and "max_request_mb" in reloads[0]["detail"]["changed"]
+    assert reloads[1]["detail"]["key"] == "colour" and reloads[1]["detail"]["kept_policy_sha256"] == applied
+    assert reloads[0]["actor"] == "signal:SIGHUP"
     assert daemon.stop() == 0
 
     # The same file refuses a start, naming the key.

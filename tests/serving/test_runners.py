@@ -232,6 +232,9 @@ def test_unloading_ends_the_runner_and_its_memory(tiny_llama_gguf: Path, tmp_pat
     assert psutil.Process(pid).ppid() == daemon.proc.pid  # type: ignore[union-attr]
     status, body = daemon.request("DELETE", "/v1/garrison/runners/m")
     assert status == 200 and body["stopped"] is True
+    stops = [e for e in daemon.request("GET", "/v1/garrison/audit")[1]["data"] if e["action"] == "runners.stop"]
+    assert [(e["resource"], e["detail"]) for e in stops] == [("model:m", {"stopped": True, "via": "api"})]
+    assert daemon.request("DELETE", "/v1/garrison/runners/m")[0] == 404  # nothing loaded: nothing audited
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert runners(daemon) == {}
     # The daemon itself never loaded llama.cpp or ONNX Runtime.

@@ -10,9 +10,9 @@ from garrison.daemon.http import json_response, principal
 from garrison.daemon.routing import Route
 from garrison.daemon.state import STATE
 from garrison.engine import cpu_kernels
-from garrison.errors import NotFound
 from garrison.models.names import check_model_id
-from garrison.policies.access import allowed, authorize
+from garrison.operations import runners as runner_ops
+from garrison.policies.access import allowed
 
 
 async def list_runners(request: web.Request) -> web.StreamResponse:
@@ -31,13 +31,9 @@ async def list_runners(request: web.Request) -> web.StreamResponse:
 
 async def stop_runner(request: web.Request) -> web.StreamResponse:
     """Unload a model now: its runner ends and its memory returns to the OS; a failed model may load again."""
+    state = request.app[STATE]
     name = check_model_id(request.match_info["model"])
-    authorize(principal(request), "admin", ("model", name))
-    manager = request.app[STATE].manager
-    was_known = name in manager.loaded or name in manager.health
-    stopped = await manager.unload(name, reason=f"stopped by {principal(request).actor}")
-    if not (stopped or was_known):
-        raise NotFound(f"model {name!r} is not loaded", code="model_not_loaded", param="model")
+    stopped = await runner_ops.stop_runner(state.manager, state.catalog, principal(request), name, via="api")
     return json_response({"model": name, "stopped": stopped})
 
 

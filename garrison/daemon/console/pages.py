@@ -46,6 +46,7 @@ from garrison.operations import evaluations as evaluation_ops
 from garrison.operations import jobs as job_ops
 from garrison.operations import keys as key_ops
 from garrison.operations import models as model_ops
+from garrison.operations import runners as runner_ops
 from garrison.operations.usage import usage_report
 from garrison.policies.access import allowed, authorize
 from garrison.policies.audit import verify_trail
@@ -258,8 +259,7 @@ async def unload_model(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     who = principal(request)
     record = await asyncio.to_thread(model_ops.get_model, state, who, request.match_info["name"], scope="admin")
-    authorize(who, "admin", ("model", record.name))
-    await state.manager.unload(record.name, reason=f"stopped by {who.actor} (console)")
+    await runner_ops.stop_runner(state.manager, state.catalog, who, record.name, via="console", missing_ok=True)
     return _redirect("/console/models", "unloaded")
 
 
