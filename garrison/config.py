@@ -255,7 +255,7 @@ SETTINGS: tuple[Setting, ...] = (
             Reload.LIVE, "for sign-ins from then on; sessions already open keep their expiry"),
     Setting("responses_retention_days", _bounded(float, 0.001, 3650), lambda _env: 30.0,
             "How long /v1/responses keeps a stored response (`store`, for `previous_response_id` and "
-            "GET /v1/responses/{id}); older ones are deleted and their keys destroyed.",
+            "GET /v1/responses/{id}); older ones are deleted and their keys destroyed (swept every minute).",
             Reload.LIVE, "for stored responses too, at the next read or sweep"),
 )
 

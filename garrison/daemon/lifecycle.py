@@ -28,6 +28,7 @@ from aiohttp import web
 
 from garrison.config import SETTINGS, Config, Reload
 from garrison.daemon.api.datasets import ingest_service
+from garrison.daemon.api.responses import response_store
 from garrison.daemon.app import create_app, load_policy, manager_settings
 from garrison.daemon.connections import ConnectionGate, GatedSite, raise_file_limit
 from garrison.daemon.notify import SystemdNotifier, watchdog_interval_s
@@ -38,6 +39,7 @@ from garrison.ingest.inbox import InboxWatcher
 from garrison.jobs.runner import JobRunner, RunnerSettings
 from garrison.jobs.store import JobStore
 from garrison.logs import log_event, set_level, setup_logging
+from garrison.operations.stored_responses import sweep_periodically
 from garrison.paths import StateLayout
 from garrison.policies.audit import anchor_at_shutdown, append_audit
 from garrison.store.catalog import Catalog
@@ -265,6 +267,7 @@ async def _serve(load: ConfigLoader, config: Config) -> int:
             tasks.append(asyncio.create_task(_watchdog(notifier, interval, watchdog_stop)))
         tasks.append(asyncio.create_task(state.manager.run_keep_alive(watchdog_stop)))
         tasks.append(asyncio.create_task(InboxWatcher(ingest_service(app)).run(job_stop)))
+        tasks.append(asyncio.create_task(sweep_periodically(lambda: response_store(app), watchdog_stop)))
 
         await asyncio.to_thread(_expire_previous_master_key, config, catalog)
         notifier.ready(f"serving on {config.base_url}")

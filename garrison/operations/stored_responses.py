@@ -14,8 +14,12 @@ to responses already stored.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -25,9 +29,12 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from garrison.errors import IntegrityError, NotFound
+from garrison.errors import GarrisonError, IntegrityError, NotFound
 from garrison.ingest.vault import Vault
+from garrison.logs import log_event
 from garrison.store.catalog import Catalog
+
+log = logging.getLogger("garrison.responses")
 
 PURPOSE = "response"
 _NONCE = 12
@@ -117,11 +124,30 @@ class ResponseStore:
         self._shred(expired + orphans)
         return len(expired)
 
-    def sweep_if_due(self) -> int:
-        """`expire`, at most once every SWEEP_EVERY_S (asked on every create)."""
+    def sweep_if_due(self, min_interval_s: float = SWEEP_EVERY_S) -> int:
+        """`expire`, at most once every `min_interval_s` (asked on every create, and by the daemon's timer)."""
         with self._sweep_lock:
             now = time.time()
-            if now - self._last_sweep < SWEEP_EVERY_S:
+            if now - self._last_sweep < min_interval_s:
                 return 0
             self._last_sweep = now
         return self.expire(now)
+
+
+async def sweep_periodically(store: Callable[[], ResponseStore], stop: asyncio.Event,
+                             every_s: float = SWEEP_EVERY_S) -> None:
+    """Expired responses are shredded on time even when nobody creates a new one (a sweep asked only on create
+    would keep them, sealed but present, for as long as the endpoint is idle). Off the event loop; a failed
+    sweep is logged and tried again at the next tick."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        if stop.is_set():
+            return
+        try:
+            swept = await asyncio.to_thread(store().sweep_if_due, every_s / 2)
+        except (GarrisonError, sqlite3.Error, OSError) as exc:
+            log_event(log, "responses.sweep_failed", level=logging.ERROR, error=str(exc)[:300])
+            continue
+        if swept:
+            log_event(log, "responses.expired", count=swept)

@@ -58,3 +58,23 @@ def test_a_body_moved_under_another_id_does_not_open(tmp_path: Path) -> None:
                      "WHERE id = 'resp_b'")
     with pytest.raises(IntegrityError):
         store.load("resp_b", "k1")
+
+
+async def test_the_timer_sweeps_without_a_create(tmp_path: Path) -> None:
+    """The daemon's timer shreds expired responses while nobody creates new ones, and stops when told."""
+    import asyncio
+
+    from garrison.operations.stored_responses import sweep_periodically
+
+    store = _store(tmp_path, [30.0])
+    store.save(_record("resp_old", time.time() - 31 * 86400))
+    store.save(_record("resp_new", time.time()))
+    stop = asyncio.Event()
+    task = asyncio.create_task(sweep_periodically(lambda: store, stop, every_s=0.05))
+    for _ in range(200):
+        if len(store.catalog.query("SELECT id FROM responses")) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert [r[0] for r in store.catalog.query("SELECT id FROM responses")] == ["resp_new"]
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
