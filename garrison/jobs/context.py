@@ -77,6 +77,18 @@ class JobContext:
         self.authorize(("dataset", name))
         return vault.open_reference(ref, param)
 
+    def own(self, name: str) -> None:
+        """The model this job just registered becomes the submitting key's: without it a restricted key could
+        not export, evaluate or serve its own fine-tune (nor could this job's own evaluation at the end)."""
+        from garrison.policies.access import granted
+        from garrison.policies.keys import KeyStore
+
+        who = self.principal
+        if who.models is None or granted(who, ("model", name)):
+            return
+        if KeyStore(self.store.catalog).grant_made_models(who.key_id, [name], job=self.job.id):
+            self._principal = None  # read again, with the new grant, at the next check
+
     def open_model(self, registry: ModelRegistry, name: str, param: str = "model") -> ModelRecord:
         """A registry entry, checked against the principal's model grants first."""
         from garrison.models.names import check_model_id

@@ -39,6 +39,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     if not registry.exists(name):
         registry.import_path(folder, name, lineage={"builder": builder, "builder_version": BUILDER_VERSION},
                              actor=ctx.principal.actor)
+        ctx.own(name)
     ctx.progress(2, 2, "done", force=True)
     return {"model": name, "hf_folder": str(folder), "builder_version": BUILDER_VERSION,
             "seconds": round(time.monotonic() - started, 2)}

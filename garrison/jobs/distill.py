@@ -125,6 +125,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         registry.remove(name, actor=ctx.principal.actor)
     record = registry.import_path(out, name, lineage=lineage, settings=dict(student.settings),
                                   actor=ctx.principal.actor)
+    ctx.own(name)
     shutil.rmtree(workdir / "merged", ignore_errors=True)
     exported: list[str] = []
     if p["export"]:

@@ -199,12 +199,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
     out = Path(result.output_dir)
     if config.method == "lora":
         record = registry.import_path(out, name, base=base.name, lineage=lineage, actor=ctx.principal.actor)
+        ctx.own(name)
         targets = [Target("gguf", "lora")] + ([Target("hf", "merged")] if p["export"] else [])
         run_adapter_export(ctx, registry, record, targets)
         fine_tuned = f"{name}:lora"
         merged_name = f"{name}:merged"
     else:
         record = registry.import_path(out, name, lineage=lineage, actor=ctx.principal.actor)
+        ctx.own(name)
         run_model_export(ctx, registry, record, [Target("gguf", "f16")])
         fine_tuned = f"{name}:f16"
         merged_name = name

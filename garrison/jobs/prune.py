@@ -94,6 +94,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                       actor=ctx.principal.actor)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    ctx.own(name)
     ctx.event("pruned", f"{name}: {plan.summary()}", plan=plan.to_json())
     exported: list[str] = []
     if p["export"]:

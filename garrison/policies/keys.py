@@ -192,6 +192,22 @@ class KeyStore:
                          detail={"role": role, "models": model_grants, "datasets": dataset_grants})
         return self.get(key_id), secret
 
+    def grant_made_models(self, key_id: str, names: list[str], *, job: str) -> list[str]:
+        """Add models a job made for this key to its grants (a key with every model granted needs none): a key
+        may use, export and evaluate what it fine-tuned or pruned, and no other restricted key gains it.
+        Returns the names added; audited as `keys.grant`."""
+        with self.catalog.write() as conn:
+            row = conn.execute("SELECT models FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None or row["models"] is None:
+                return []
+            current = list(json.loads(row["models"]))
+            added = [n for n in dict.fromkeys(names) if n not in current]
+            if added:
+                conn.execute("UPDATE api_keys SET models = ? WHERE id = ?", (json.dumps(current + added), key_id))
+                append_audit(conn, actor=f"key:{key_id}", action="keys.grant", resource=key_id, outcome="ok",
+                             detail={"models": added, "job": job, "reason": "made by the key's job"})
+        return added
+
     def get(self, key_id: str) -> KeyRecord:
         row = self.catalog.query_one("SELECT * FROM api_keys WHERE id = ?", (key_id,))
         if row is None:

@@ -160,3 +160,39 @@ def test_a_teacher_with_another_tokenizer_is_refused(world: dict[str, Any], tiny
     assert refused.returncode != 0 and "distill_tokenizer_mismatch" in refused.stderr, refused.stderr
     jobs = json.loads(run_cli(state, "jobs", "list", "--kind", "distill", "--json", env=env).stdout)
     assert all(j["params"]["teacher"] != "bpe" for j in (jobs if isinstance(jobs, list) else jobs["data"]))
+
+
+def test_a_restricted_key_owns_what_its_jobs_make(world: dict[str, Any]) -> None:
+    """A key granted only `tl` and `shop` prunes `tl`: the job evaluates and exports its result (which needs
+    the grant), and the key, and no other, can use it afterwards; the grant is audited."""
+    state, env = world["state"], world["env"]
+    d = Daemon(state, free_port(), env, world["root"] / "daemon-own.log").start()
+    try:
+        keys = {}
+        for name in ("maker", "other"):
+            status, body = d.request("POST", "/v1/garrison/keys", {"role": "operator", "name": name,
+                                                                     "models": ["tl"], "datasets": ["shop"]})
+            assert status == 201, body
+            keys[name] = body
+        status, job = d.request("POST", "/v1/garrison/jobs", key=keys["maker"]["key"], body={
+            "kind": "prune", "params": {"model": "tl", "depth": "1", "calibration": "shop", "suffix": "own",
+                                        "export": "gguf:q8_0"}})
+        assert status == 201, job
+        status, done = d.request("GET", f"/v1/garrison/jobs/{job['id']}?wait=280", key=keys["maker"]["key"],
+                                 timeout=300)
+        assert done["state"] == "succeeded", done
+        assert [r["model"] for r in done["result"]["rows"]] == ["tl", "tl-pruned-own", "tl-pruned-own:q8_0"]
+        seen = {name: {m["id"] for m in d.request("GET", "/v1/garrison/models", key=keys[name]["key"])[1]["data"]}
+                for name in keys}
+        assert {"tl-pruned-own", "tl-pruned-own:q8_0"} <= seen["maker"]
+        assert not any(m.startswith("tl-pruned-own") for m in seen["other"])
+        client = openai.OpenAI(base_url=d.url + "/v1", api_key=keys["maker"]["key"], max_retries=0)
+        answer = client.chat.completions.create(model="tl-pruned-own:q8_0", max_tokens=4, temperature=0,
+                                                messages=[{"role": "user", "content": "Which colour is item 3?"}])
+        assert answer.choices[0].message.content is not None
+        grants = [e for e in d.request("GET", "/v1/garrison/audit?limit=1000")[1]["data"]
+                  if e["action"] == "keys.grant"]
+        assert [(e["resource"], e["detail"]["models"], e["detail"]["job"]) for e in grants] == \
+            [(keys["maker"]["id"], ["tl-pruned-own"], job["id"])]
+    finally:
+        d.stop()
