@@ -258,6 +258,8 @@ _NOT_RESOURCES = {
     ("finetune", "export"): "export targets",
     ("prune", "depth"): "a count or percentage",
     ("prune", "width"): "a count or percentage",
+    ("prune", "heads"): "a count or percentage",
+    ("prune", "hidden"): "a count or percentage",
     ("prune", "suffix"): "part of the new model's name",
     ("prune", "export"): "export targets",
     ("distill", "method"): "full or lora",
