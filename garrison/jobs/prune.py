@@ -96,6 +96,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     ctx.own(name)
     ctx.event("pruned", f"{name}: {plan.summary()}", plan=plan.to_json())
+    for note in plan.notes:
+        ctx.event("note", note)
     exported: list[str] = []
     if p["export"]:
         ctx.progress(2, 4, f"exporting {name}", force=True)

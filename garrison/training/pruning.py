@@ -130,6 +130,7 @@ class PruningPlan:
     removed_heads: list[list[int]] = field(default_factory=list)  # per source block, query heads removed
     calibration: str = "builtin"
     calibration_tokens: int = 0
+    notes: list[str] = field(default_factory=list)  # what the operator should know about the result's exports
     method: dict[str, str] = field(default_factory=lambda: {"depth": "shortgpt-angular-distance",
                                                               "width": "minitron-mlp-activation",
                                                               "heads": "minitron-head-output-norm",
@@ -430,6 +431,7 @@ def prune(source: Path, out: Path, texts: Iterable[str], *, depth: str = "", wid
             plan.removed_heads.append(sorted(set(range(n_heads)) - set(q.tolist())))
         block_keep.append(keep)
     kept_blocks = [i for i in range(n_layers) if i not in set(plan.removed_layers)]
+    plan.notes = alignment_notes(plan)
     if counts["hidden"]:
         rescale_norms(model, plan.hidden_size)
     state = sliced_state(model.state_dict(), kept_blocks, block_keep, model_keep)
@@ -447,6 +449,24 @@ def prune(source: Path, out: Path, texts: Iterable[str], *, depth: str = "", wid
         if (source / extra).is_file() and not (out / extra).is_file():
             (out / extra).write_bytes((source / extra).read_bytes())
     return plan
+
+
+# llama.cpp's K-quants (Q2_K...Q6_K, so Q4_K_M) pack rows in blocks of 256 values: a matrix whose rows are not
+# a multiple of that falls back to an older type (larger, and measured slower in bench/decode_share.py).
+K_QUANT_BLOCK = 256
+
+
+def alignment_notes(plan: PruningPlan) -> list[str]:
+    """A pruned size that breaks K-quant alignment the source had: said, since it costs speed after export."""
+    notes = []
+    for what, before, after in (("hidden size", plan.source_hidden, plan.hidden_size),
+                                ("MLP size", plan.source_intermediate, plan.intermediate_size)):
+        if before % K_QUANT_BLOCK == 0 and after % K_QUANT_BLOCK:
+            lower, upper = after // K_QUANT_BLOCK * K_QUANT_BLOCK, (after // K_QUANT_BLOCK + 1) * K_QUANT_BLOCK
+            notes.append(f"the {what} {after} is not a multiple of {K_QUANT_BLOCK} (the source's {before} was): "
+                         f"K-quant exports such as Q4_K_M fall back to older types for the matrices that read it; "
+                         f"{' or '.join(str(n) for n in (lower, upper) if 0 < n < before)} would keep them")
+    return notes
 
 
 def _pruned_config(config: Any, plan: PruningPlan, kept_blocks: Sequence[int]) -> Any:

@@ -138,3 +138,17 @@ def test_heads_that_cannot_leave_even_groups_are_refused(tiny_llama_dir: Path, t
         prune(source, tmp_path / "out", PARAGRAPHS, calibration="builtin")
     assert nothing.value.code == "prune_nothing"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_size_that_breaks_k_quant_alignment_is_noted() -> None:
+    from garrison.training.pruning import PruningPlan, alignment_notes
+
+    plan = PruningPlan(source_layers=8, source_intermediate=2048, source_hidden=512, hidden_size=384,
+                       intermediate_size=1536)
+    [note] = alignment_notes(plan)
+    assert "hidden size 384 is not a multiple of 256" in note and note.endswith("256 would keep them")
+    # A source that was not aligned (the tiny models) has nothing to lose; an aligned result nothing to say.
+    assert alignment_notes(PruningPlan(source_layers=4, source_intermediate=384, source_hidden=128,
+                                       hidden_size=96, intermediate_size=288)) == []
+    assert alignment_notes(PruningPlan(source_layers=8, source_intermediate=2048, source_hidden=512,
+                                       hidden_size=512, intermediate_size=1536)) == []
