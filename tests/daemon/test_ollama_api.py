@@ -149,6 +149,8 @@ def test_list_show_ps_and_version(served: Served) -> None:
     assert shown.details and shown.details.quantization_level == "F16"
     assert shown.modelinfo and shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == 512 and shown.capabilities == ["completion"]
+    # Reading GGUF headers brought no tokenizer library (native code) into the daemon.
+    assert served.daemon.request("GET", "/v1/garrison/system")[1]["heavy_modules_loaded"] == []
     c.chat(model="tiny", messages=CHAT, options={"num_predict": 1})
     running = {m.model: m for m in c.ps().models}
     assert "tiny" in running and running["tiny"].size == tiny.size and running["tiny"].expires_at
