@@ -85,8 +85,28 @@ def converter_dir() -> Path:
     return Path(sys.prefix) / "share" / "garrison" / "llama.cpp"
 
 
+# gguf-py's package imports its vocabulary helpers, which load these native tokenizer libraries when they are
+# installed (they are, for training). Nothing Garrison does with gguf-py in-process needs them (the converter runs
+# as its own process), and the daemon, which reads GGUF headers, keeps native code out of its process.
+_TOKENIZER_LIBRARIES = ("sentencepiece", "mistral_common")
+
+
 def import_gguf_py() -> Any:
-    """gguf-py at the runtime's revision, installed beside llama.cpp's converter (not a pip dependency)."""
+    """gguf-py at the runtime's revision, installed beside llama.cpp's converter (not a pip dependency), imported
+    without the tokenizer libraries: `import sentencepiece` fails while it loads, which gguf-py expects and
+    tolerates, and works again afterwards for whoever needs it."""
+    hidden = [name for name in _TOKENIZER_LIBRARIES if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        return _import_gguf()
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+def _import_gguf() -> Any:
     try:
         import gguf
     except ImportError:

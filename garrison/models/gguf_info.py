@@ -8,7 +8,6 @@ change in place, so one read per file is cached.
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,27 +39,9 @@ def gguf_info(path: Path) -> GgufInfo:
     return _read(str(path))
 
 
-# gguf-py's package imports its vocabulary helpers, which load these native tokenizer libraries if they are
-# installed (they are, for training). Reading a header needs none of them, and the daemon, which reads headers
-# for /api/show, keeps native code out of its process: they are hidden while gguf-py is first imported.
-_TOKENIZER_LIBRARIES = ("sentencepiece", "mistral_common")
-
-
-def _gguf_without_tokenizers() -> Any:
-    hidden = [name for name in _TOKENIZER_LIBRARIES if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError, which gguf-py expects
-    try:
-        return import_gguf_py()
-    finally:
-        for name in hidden:
-            if sys.modules.get(name, 0) is None:
-                del sys.modules[name]
-
-
 @functools.lru_cache(maxsize=64)
 def _read(path: str) -> GgufInfo:
-    gguf = _gguf_without_tokenizers()
+    gguf = import_gguf_py()
     reader = gguf.GGUFReader(path)
     metadata: dict[str, Any] = {}
     for name, item in reader.fields.items():
