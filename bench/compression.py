@@ -112,14 +112,20 @@ def decode_speed(state: Path, names: list[str], rounds: int, tokens: int, thread
         if paths[name] is None or not paths[name].is_file():  # type: ignore[union-attr]
             folder = next((state / "models").glob(f"{name.replace(':', '--')}-*"))
             paths[name] = next(folder.glob("*.gguf"))
-    runs: dict[str, list[float]] = {n: [] for n in names}
+    runs = decode_rounds({n: p for n, p in paths.items() if p is not None}, rounds, tokens, threads)
+    return {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for n, v in runs.items()}
+
+
+def decode_rounds(paths: dict[str, Path], rounds: int, tokens: int, threads: int) -> dict[str, list[float]]:
+    """Decode tokens/s of each GGUF file, every round measuring each once in a fresh process, alternating."""
+    runs: dict[str, list[float]] = {n: [] for n in paths}
     for _ in range(rounds):
-        for name in names:
-            out = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, str(paths[name]), str(tokens), str(threads)],
+        for name, path in paths.items():
+            out = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, str(path), str(tokens), str(threads)],
                                  capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             runs[name].append(result["tokens"] / result["seconds"])
-    return {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for n, v in runs.items()}
+    return runs
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

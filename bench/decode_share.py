@@ -20,13 +20,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from compression import DECODE_SCRIPT, OUT
+from compression import OUT, decode_rounds
 
 
 def shapes(config: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -73,13 +71,7 @@ def build(config: dict[str, Any], tokenizer_dir: Path, change: dict[str, int], o
 
 
 def decode(paths: dict[str, Path], rounds: int, tokens: int, threads: int) -> dict[str, Any]:
-    runs: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, path in paths.items():
-            out = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, str(path), str(tokens), str(threads)],
-                                 capture_output=True, text=True, check=True)
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            runs[name].append(result["tokens"] / result["seconds"])
+    runs = decode_rounds(paths, rounds, tokens, threads)
     source = runs["source"]
     table: dict[str, Any] = {}
     for name, values in runs.items():

@@ -214,22 +214,20 @@ class _Tokenizers:
         return self.loaded[key]
 
 
-def trained_positions(records: Sequence[Any], use: TrainingUse, tokenizer: Any) -> set[int]:
-    """The record positions a training use learned from."""
+def use_positions(records: Sequence[Any], use: TrainingUse, tokenizer: Any) -> tuple[set[int], set[int]]:
+    """(record positions a training use learned from, positions it held out), by its role."""
     if use.role == "validation":
-        return set()
+        return set(), set(tokenize_indexed(tokenizer, records, use.max_seq_len))
     if use.role == "train":
-        return set(tokenize_indexed(tokenizer, records, use.max_seq_len))
-    trained, _ = validation_indices(tokenizer, records, fraction=use.fraction, seed=use.seed,
-                                    max_seq_len=use.max_seq_len)
-    return trained
+        return set(tokenize_indexed(tokenizer, records, use.max_seq_len)), set()
+    return validation_indices(tokenizer, records, fraction=use.fraction, seed=use.seed, max_seq_len=use.max_seq_len)
 
 
 def trained_fingerprints(records: Sequence[Any], uses: Sequence[TrainingUse], tokenizer_dir: Path) -> set[str]:
     """Fingerprints of every record `uses` (of one dataset version, `records`) learned from."""
     tokenizers = _Tokenizers(tokenizer_dir)
     return {record_fingerprint(records[i]) for use in uses
-            for i in trained_positions(records, use, tokenizers(use.tokenizer_dir))}
+            for i in use_positions(records, use, tokenizers(use.tokenizer_dir))[0]}
 
 
 def held_out_records(records: Sequence[Any], tokenizer_dir: Path, uses: Sequence[TrainingUse],
@@ -244,17 +242,12 @@ def held_out_records(records: Sequence[Any], tokenizer_dir: Path, uses: Sequence
     tokenizers = _Tokenizers(tokenizer_dir)
     splits = list(uses) or [TrainingUse(model="", job=None, role="split")]
     allowed: set[int] | None = None
+    learned = set(seen)
     for use in splits:
-        tok = tokenizers(use.tokenizer_dir)
-        if use.role == "validation":
-            held = set(tokenize_indexed(tok, records, use.max_seq_len))
-        elif use.role == "train":
-            held = set()
-        else:
-            _, held = validation_indices(tok, records, fraction=use.fraction, seed=use.seed,
-                                         max_seq_len=use.max_seq_len)
+        trained, held = use_positions(records, use, tokenizers(use.tokenizer_dir))
         allowed = held if allowed is None else allowed & held
-    learned = seen | trained_fingerprints(records, uses, tokenizer_dir)
+        if uses:  # the default split stands for a future fine-tune: nothing has learned from it yet
+            learned |= {record_fingerprint(records[i]) for i in trained}
     candidates = sorted(allowed or set())
     unseen = [i for i in candidates if record_fingerprint(records[i]) not in learned]
     chosen = unseen[:max_records] if max_records else unseen

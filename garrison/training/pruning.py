@@ -227,7 +227,8 @@ def measure(model: Any, batches: Sequence[list[int]], *, check: Callable[[], Non
     import torch
 
     layers = _decoder_layers(model)
-    n, hidden, head_dim = len(layers), int(model.config.hidden_size), _head_dim(model.config)
+    shape = Shape.of(model.config.to_dict())
+    n, hidden, head_dim = len(layers), shape.hidden, shape.head_dim
     distance = [0.0] * n
     sums: dict[tuple[str, int], Any] = {}
     hooks = []
@@ -281,10 +282,6 @@ def measure(model: Any, batches: Sequence[list[int]], *, check: Callable[[], Non
                         heads=[sums[("heads", i)] / per for i in range(n)],
                         hidden=sums[("hidden", 0)] / per if ("hidden", 0) in sums else None,
                         tokens=tokens)
-
-
-def _head_dim(config: Any) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def _keep_top(score: Any, keep: int) -> Any:
