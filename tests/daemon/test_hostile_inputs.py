@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Daemon, free_port, garrison_env, run_cli
@@ -275,3 +276,32 @@ def test_token_ids_past_32_bits_are_a_400(served: Daemon) -> None:
         path = "/v1/embeddings" if "input" in body else "/v1/completions"
         status, answer = served.request("POST", path, body, role="admin")
         assert status == 400, (body, answer)
+
+
+
+async def test_a_stream_of_several_choices_left_midway_closes_its_pending_reads() -> None:
+    """Fuzz finding: a stream of `n` > 1 choices left by an exception while one choice's next item was still
+    being read (a client gone mid-write) closed the choices with that read pending: 'aclose(): asynchronous
+    generator is already running', an unhandled error. The merge is now closed, its reads cancelled, first."""
+    import asyncio
+
+    from garrison.daemon.api.generation import Choice
+    from garrison.daemon.api.inference import merged_choices
+    from garrison.engine.types import TokenEvent
+
+    async def slow_events(index: int) -> Any:
+        for token in range(100):
+            await asyncio.sleep(0.01 * (index + 1))
+            yield TokenEvent(text="x", token_id=token)
+
+    choices = [Choice(index=i, prompt=0, stream=None, events=slow_events(i)) for i in range(2)]  # type: ignore[arg-type]
+    firsts = [await anext(c.events) for c in choices]
+    with pytest.raises(ConnectionResetError):
+        async with merged_choices(choices, firsts) as merged:
+            seen = 0
+            async for _choice, _item in merged:
+                seen += 1
+                if seen == 3:  # the first items came from `firsts`; now the slower choice's read is pending
+                    raise ConnectionResetError("the client left while the other choice's read was pending")
+    for choice in choices:
+        await choice.events.aclose()  # raised RuntimeError before the fix

@@ -98,6 +98,13 @@ async def _merged(choices: list[Choice], firsts: list[TokenEvent | Finish]
         await asyncio.gather(*live, return_exceptions=True)
 
 
+def merged_choices(choices: list[Choice], firsts: list[TokenEvent | Finish]
+                   ) -> contextlib.aclosing[AsyncGenerator[tuple[Choice, TokenEvent | Finish], None]]:
+    """`_merged`, closed when the block ends however it ends: its pending reads are cancelled there, before the
+    choices themselves are closed (closing a choice while a read of it is pending is a RuntimeError)."""
+    return contextlib.aclosing(_merged(choices, firsts))
+
+
 def _part_chunks(rid: str, model: str, created: int, parts: list[Part], output: ChatOutput,
                  event: TokenEvent | None) -> list[dict[str, Any]]:
     """Chunks for a chat answer's parts; the token's logprobs ride on the first text part."""
@@ -133,26 +140,27 @@ async def _stream(request: web.Request, choices: list[Choice], model: str, kind:
             elif choice.echo:
                 await response.write(fmt.sse(fmt.with_index(chunk(rid, model, created, choice.echo, None),
                                                             choice.index)))
-        async for choice, item in _merged(choices, firsts):
-            splitter = splitters[choice.index]
-            out: list[dict[str, Any]] = []
-            if isinstance(item, Finish):
-                finishes[choice.index] = item
-                reason: str = item.finish_reason
-                if splitter is None:
-                    out += [chunk(rid, model, created, item.text, None)] if item.text else []
-                else:
-                    out += _part_chunks(rid, model, created, splitter.finish(item.text), splitter, None)
-                    reason = splitter.finish_reason(item.finish_reason)
-                out.append(chunk(rid, model, created, None if kind == "chat" else "", reason))
-            elif splitter is None:
-                if item.text or item.logprob is not None:
-                    out.append(chunk(rid, model, created, item.text, None, item))
-            else:  # thinking and tool calls apart: a marker's tokens and a held tail send no text (logprobs go)
-                out += _part_chunks(rid, model, created, splitter.feed(item.text), splitter,
-                                    item if item.logprob is not None else None)
-            for data in out:
-                await response.write(fmt.sse(fmt.with_index(data, choice.index)))
+        async with merged_choices(choices, firsts) as merged:
+            async for choice, item in merged:
+                splitter = splitters[choice.index]
+                out: list[dict[str, Any]] = []
+                if isinstance(item, Finish):
+                    finishes[choice.index] = item
+                    reason: str = item.finish_reason
+                    if splitter is None:
+                        out += [chunk(rid, model, created, item.text, None)] if item.text else []
+                    else:
+                        out += _part_chunks(rid, model, created, splitter.finish(item.text), splitter, None)
+                        reason = splitter.finish_reason(item.finish_reason)
+                    out.append(chunk(rid, model, created, None if kind == "chat" else "", reason))
+                elif splitter is None:
+                    if item.text or item.logprob is not None:
+                        out.append(chunk(rid, model, created, item.text, None, item))
+                else:  # thinking and tool calls apart: a marker's tokens and a held tail send no text (logprobs go)
+                    out += _part_chunks(rid, model, created, splitter.feed(item.text), splitter,
+                                        item if item.logprob is not None else None)
+                for data in out:
+                    await response.write(fmt.sse(fmt.with_index(data, choice.index)))
         if include_usage:
             await response.write(fmt.sse({"id": rid, "object": chunk(rid, model, created, "", None)["object"],
                                           "created": created, "model": model, "choices": [],
